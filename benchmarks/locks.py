@@ -1,0 +1,315 @@
+"""Lock overhead: acquire+release pairs per second, ours against raw redis-py and others.
+
+Run ``python benchmarks/locks.py`` (about 55 s) or ``--quick`` (about 10 s); ``--json PATH``
+also writes the results. One private ``redis-server`` (``celery_unique.testing``) serves all.
+
+Every variant takes a free lock and releases it, again and again, for a fixed time, and the
+number of pairs per second is counted. Nothing contends: each task has its own lock name, so
+what differs between variants is client-side overhead (plus the work of each Lua script).
+
+* ``raw`` is the floor: EVALSHA of this library's own acquire.lua/release.lua straight on the
+  redis-py client, nothing around it. Ours runs the same scripts on the same client (the same
+  pool of at most 64 connections), so ``ratio to raw`` is the price of our Python layer:
+  1.00 is free, 0.90 costs 10 %.
+* ``ours backend`` is ``acquire_or_owner`` + ``release``; ``ours Lock`` builds a lock object
+  per pair and calls ``acquire(blocking=False)`` + ``release()``, as does each third-party
+  lock (redis-py's ``redis.lock.Lock``, python-redis-lock's ``redis_lock.Lock``).
+* Sync variants run in one thread; async ones at 1, 16 and 64 concurrent tasks, each compared
+  with raw async at the same concurrency.
+
+Each repetition runs every variant once, in turn, so drift hits them all alike; the table
+shows the median over repetitions. Client and server share this machine's CPUs, so absolute
+numbers mean little across machines; the ratios travel better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis_lock
+
+from celery_unique import AsyncRedisBackend, RedisBackend
+from celery_unique._scripts import ACQUIRE, RELEASE
+from celery_unique.testing import redis_server
+
+ASYNC_CONCURRENCY = (1, 16, 64)
+TTL = 30  # seconds; no lock lives anywhere near that long here
+WARMUP_PAIRS = 20  # before every timed run, shared among its tasks (at least one each)
+
+
+@dataclass
+class Variant:
+    """One thing to measure; ``run(seconds)`` returns (pairs done, seconds taken)."""
+
+    name: str
+    kind: str  # "sync" or "async"
+    concurrency: int
+    baseline: str  # the name of the raw variant this one is compared with
+    run: Callable[[float], Awaitable[tuple[int, float]]]
+    rates: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
+def _fail(what: str) -> RuntimeError:
+    return RuntimeError(f"{what}: a lock that should have been free was not (stale key?)")
+
+
+# --- sync -----------------------------------------------------------------------------------
+
+
+def _timed_sync(pair: Callable[[], None], seconds: float) -> tuple[int, float]:
+    for _ in range(WARMUP_PAIRS):
+        pair()
+    count = 0
+    clock = time.perf_counter
+    start = clock()
+    deadline = start + seconds
+    while clock() < deadline:
+        pair()
+        count += 1
+    return count, clock() - start
+
+
+def _sync_pairs(backend: RedisBackend) -> dict[str, Callable[[], None]]:
+    client: redis.Redis = backend.client
+    name = "bench-sync"
+    keys = backend._keys.lock(name)  # the very keys ours uses, so both run identical scripts
+    lock_key, fence_key, token, ttl_ms = keys.lock, keys.fence, uuid.uuid4().hex, TTL * 1000
+
+    def raw() -> None:
+        if client.evalsha(ACQUIRE.sha, 2, lock_key, fence_key, token, ttl_ms)[0] != 1:
+            raise _fail("raw")
+        client.evalsha(RELEASE.sha, 1, lock_key, token)
+
+    def ours_backend() -> None:
+        if not backend.acquire_or_owner(name, token, TTL).acquired:
+            raise _fail("ours backend")
+        backend.release(name, token)
+
+    def ours_lock() -> None:
+        lock = backend.lock(name, ttl=TTL)
+        if not lock.acquire(blocking=False):
+            raise _fail("ours Lock")
+        lock.release()
+
+    def redis_py_lock() -> None:
+        lock = client.lock("bench-redis-py", timeout=TTL)
+        if not lock.acquire(blocking=False):
+            raise _fail("redis.lock.Lock")
+        lock.release()
+
+    def python_redis_lock() -> None:
+        lock = redis_lock.Lock(client, "bench-python-redis-lock", expire=TTL)
+        if not lock.acquire(blocking=False):
+            raise _fail("redis_lock.Lock")
+        lock.release()
+
+    return {
+        "raw EVALSHA (sync)": raw,
+        "ours backend (sync)": ours_backend,
+        "ours Lock (sync)": ours_lock,
+        "redis-py redis.lock.Lock (sync)": redis_py_lock,
+        "python-redis-lock (sync)": python_redis_lock,
+    }
+
+
+def sync_variants(backend: RedisBackend) -> list[Variant]:
+    pairs = _sync_pairs(backend)
+    baseline = next(iter(pairs))
+
+    def variant(name: str, pair: Callable[[], None]) -> Variant:
+        async def run(seconds: float) -> tuple[int, float]:
+            return _timed_sync(pair, seconds)  # blocks the (otherwise idle) loop on purpose
+
+        return Variant(name, "sync", 1, baseline, run)
+
+    return [variant(name, pair) for name, pair in pairs.items()]
+
+
+# --- async ----------------------------------------------------------------------------------
+
+AsyncPair = Callable[[], Awaitable[None]]
+
+
+async def _timed_async(pairs: list[AsyncPair], seconds: float) -> tuple[int, float]:
+    async def warm(pair: AsyncPair) -> None:
+        for _ in range(max(1, WARMUP_PAIRS // len(pairs))):
+            await pair()
+
+    await asyncio.gather(*(warm(pair) for pair in pairs))
+    clock = time.perf_counter
+    start = clock()
+    deadline = start + seconds
+
+    async def loop(pair: AsyncPair) -> int:
+        count = 0
+        while clock() < deadline:
+            await pair()
+            count += 1
+        return count
+
+    counts = await asyncio.gather(*(loop(pair) for pair in pairs))
+    return sum(counts), clock() - start
+
+
+def _async_pair_makers(backend: AsyncRedisBackend) -> dict[str, Callable[[str], AsyncPair]]:
+    client: redis.asyncio.Redis = backend.client
+
+    def raw(name: str) -> AsyncPair:
+        keys = backend._keys.lock(name)
+        lock_key, fence_key, token, ttl_ms = keys.lock, keys.fence, uuid.uuid4().hex, TTL * 1000
+
+        async def pair() -> None:
+            reply = await client.evalsha(ACQUIRE.sha, 2, lock_key, fence_key, token, ttl_ms)
+            if reply[0] != 1:
+                raise _fail("raw async")
+            await client.evalsha(RELEASE.sha, 1, lock_key, token)
+
+        return pair
+
+    def ours_backend(name: str) -> AsyncPair:
+        token = uuid.uuid4().hex
+
+        async def pair() -> None:
+            if not (await backend.acquire_or_owner(name, token, TTL)).acquired:
+                raise _fail("ours backend async")
+            await backend.release(name, token)
+
+        return pair
+
+    def ours_lock(name: str) -> AsyncPair:
+        async def pair() -> None:
+            lock = backend.lock(name, ttl=TTL)
+            if not await lock.acquire(blocking=False):
+                raise _fail("ours AsyncLock")
+            await lock.release()
+
+        return pair
+
+    return {
+        "raw EVALSHA (async)": raw,
+        "ours backend (async)": ours_backend,
+        "ours AsyncLock (async)": ours_lock,
+    }
+
+
+def async_variants(backend: AsyncRedisBackend) -> list[Variant]:
+    makers = _async_pair_makers(backend)
+    baseline = next(iter(makers))
+    variants = []
+    for concurrency in ASYNC_CONCURRENCY:
+        for index, (label, make) in enumerate(makers.items()):
+            pairs = [make(f"bench-async-{index}-{i}") for i in range(concurrency)]
+
+            async def run(seconds: float, pairs: list[AsyncPair] = pairs) -> tuple[int, float]:
+                return await _timed_async(pairs, seconds)
+
+            variants.append(Variant(label, "async", concurrency, baseline, run))
+    return variants
+
+
+# --- driver ---------------------------------------------------------------------------------
+
+
+def _ratio(variant: Variant, variants: list[Variant]) -> float:
+    (base,) = (
+        v for v in variants if v.name == variant.baseline and v.concurrency == variant.concurrency
+    )
+    return variant.median / base.median
+
+
+async def measure(url: str, seconds: float, reps: int) -> tuple[list[Variant], str]:
+    backend = RedisBackend.from_url(url)
+    abackend = AsyncRedisBackend.from_url(url)
+    try:
+        for script in (ACQUIRE, RELEASE):
+            if backend.client.script_load(script.source) != script.sha:
+                raise RuntimeError(f"SCRIPT LOAD of {script.name} gave an unexpected SHA")
+        redis_version = str(backend.client.info("server")["redis_version"])
+        variants = sync_variants(backend) + async_variants(abackend)
+        for variant in variants:  # a longer first warm-up: fills the pools, settles caches
+            await variant.run(seconds / 2)
+        for rep in range(reps):
+            for variant in variants:
+                pairs, elapsed = await variant.run(seconds)
+                variant.rates.append(pairs / elapsed)
+            print(f"rep {rep + 1}/{reps} done", file=sys.stderr)
+        return variants, redis_version
+    finally:
+        await abackend.aclose()
+        backend.close()
+
+
+def table(variants: list[Variant]) -> str:
+    lines = [
+        "| variant | concurrency | median pairs/s | ratio to raw |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {v.name} | {v.concurrency} | {v.median:,.0f} | {_ratio(v, variants):.2f}x |"
+        for v in variants
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer repetitions")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
+    args = parser.parse_args(argv)
+    seconds, reps = (0.15, 3) if args.quick else (0.5, 7)
+
+    started = time.perf_counter()
+    with redis_server() as url:
+        variants, redis_version = asyncio.run(measure(url, seconds, reps))
+    total = time.perf_counter() - started
+
+    meta: dict[str, Any] = {
+        "redis_server": redis_version,
+        "python": platform.python_version(),
+        "redis_py": redis.__version__,
+        "python_redis_lock": getattr(redis_lock, "__version__", "?"),
+        "reps": reps,
+        "seconds_per_run": seconds,
+        "total_seconds": round(total, 1),
+    }
+    print(table(variants))
+    print()
+    print(
+        f"Redis {meta['redis_server']}, Python {meta['python']}, redis-py {meta['redis_py']}, "
+        f"python-redis-lock {meta['python_redis_lock']}; median of {reps} reps of "
+        f"{seconds:g} s each; total {total:.0f} s."
+    )
+    if args.json is not None:
+        results = [
+            {
+                "variant": v.name,
+                "kind": v.kind,
+                "concurrency": v.concurrency,
+                "median_pairs_per_s": round(v.median, 1),
+                "ratio_to_raw": round(_ratio(v, variants), 4),
+                "pairs_per_s": [round(rate, 1) for rate in v.rates],
+            }
+            for v in variants
+        ]
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

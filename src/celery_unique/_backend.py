@@ -1,0 +1,291 @@
+"""The two executors: :class:`RedisBackend` (``redis.Redis``) and :class:`AsyncRedisBackend`
+(``redis.asyncio.Redis``).
+
+They carry out the steps of the core's flows and nothing else: EVALSHA, and on NOSCRIPT
+(a restarted or flushed server) SCRIPT LOAD and one retry; redis-py errors become
+:class:`BackendError`/:class:`BackendUnavailable`, chained. Every decision is in ``_core``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Generic, TypeVar
+
+import redis
+import redis.asyncio
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from . import _core
+from ._core import Call, Eval, Flow, Sleep, Step
+from ._exceptions import BackendError, BackendUnavailable, ConfigurationError
+from ._keys import DEFAULT_PREFIX, KeySpace
+from ._lock import AsyncLock, Lock
+from ._models import Acquisition
+
+__all__ = ["AsyncRedisBackend", "RedisBackend"]
+
+T = TypeVar("T")
+L = TypeVar("L", Lock, AsyncLock)
+
+# from_url() defaults, each overridable by keyword. They bound every call: a dead server
+# answers within seconds instead of redis-py's ten retries, and a crowd of callers waits
+# for one of ``max_connections`` connections instead of failing with "Too many connections".
+_CLIENT_DEFAULTS: Mapping[str, Any] = {
+    "socket_connect_timeout": 2.0,
+    "socket_timeout": 5.0,
+    "max_connections": 64,
+    "timeout": 10.0,  # seconds to wait for a free pooled connection
+}
+
+
+def _client_kwargs(redis_kw: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {**_CLIENT_DEFAULTS, **redis_kw}
+    # A fresh Retry per client: redis-py mutates it while it counts attempts.
+    kwargs.setdefault("retry", Retry(EqualJitterBackoff(cap=0.5, base=0.05), 2))
+    return kwargs
+
+
+def _backend_error(exc: RedisError) -> BackendError:
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return BackendUnavailable(
+            f"Redis could not be reached ({type(exc).__name__}: {exc}); check that the server "
+            "is running and the URL, network and pool settings are right"
+        )
+    return BackendError(f"Redis answered with an error: {type(exc).__name__}: {exc}")
+
+
+class _BackendBase(Generic[L]):
+    """What both executors share: the client check, the key space and the lock factory."""
+
+    _client_types: ClassVar[tuple[type, ...]]
+    _other: ClassVar[str]
+    _lock_class: type[L]
+
+    def __init__(self, client: Any, *, key_prefix: str = DEFAULT_PREFIX) -> None:
+        if not isinstance(client, self._client_types):
+            wanted = " or ".join(f"{t.__module__}.{t.__qualname__}" for t in self._client_types)
+            raise ConfigurationError(
+                f"{type(self).__name__} needs a {wanted} client, got "
+                f"{type(client).__module__}.{type(client).__qualname__}; "
+                f"for that kind of client use {self._other}"
+            )
+        self._client = client
+        self._keys = KeySpace(key_prefix)
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client this backend runs on."""
+        return self._client
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix of every key this backend writes."""
+        return self._keys.prefix
+
+
+    def lock(
+        self,
+        name: str,
+        ttl: float,
+        *,
+        blocking: bool = True,
+        timeout: float | None = None,
+        auto_renew: bool = False,
+        token: str | None = None,
+        on_lost: Callable[[L], object] | None = None,
+    ) -> L:
+        """A lock named ``name``, held for ``ttl`` seconds once acquired.
+
+        ``blocking`` and ``timeout`` apply to ``with``/``async with``; ``auto_renew`` extends
+        it every ``ttl / 3`` while held and calls ``on_lost(lock)`` if it is lost anyway;
+        ``token`` names the owner (default: a random one). See :class:`Lock`.
+        """
+        return self._lock_class(
+            self,
+            name,
+            ttl,
+            blocking=blocking,
+            timeout=timeout,
+            auto_renew=auto_renew,
+            token=token,
+            on_lost=on_lost,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._client!r}, key_prefix={self.key_prefix!r})"
+
+
+class RedisBackend(_BackendBase[Lock]):
+    """Locks and limits on a synchronous ``redis.Redis`` (or ``redis.cluster.RedisCluster``).
+
+    ``RedisBackend.from_url("redis://localhost:6379/0")``, or ``RedisBackend(client)``.
+    """
+
+    _client_types = (redis.Redis, redis.RedisCluster)
+    _other = "AsyncRedisBackend"
+    _lock_class = Lock
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, key_prefix: str = DEFAULT_PREFIX, **redis_kw: Any
+    ) -> RedisBackend:
+        """A backend on a new client for ``url``; ``redis_kw`` go to redis-py's pool.
+
+        Defaults bound every call: 2 s to connect, 5 s per reply, two retries, and at most
+        64 connections that callers queue for (``max_connections``, ``timeout``).
+        """
+        pool = redis.BlockingConnectionPool.from_url(url, **_client_kwargs(redis_kw))
+        return cls(redis.Redis.from_pool(pool), key_prefix=key_prefix)
+
+    def acquire_or_owner(self, name: str, token: str, ttl: float) -> Acquisition:
+        """Acquire ``name`` for ``token``, or learn who holds it; one round trip."""
+        return self._run(_core.acquire_once(self._keys.lock(name), token, ttl))
+
+    def release(self, name: str, token: str) -> bool:
+        """Delete the lock if ``token`` owns it; ``True`` if it did. One round trip."""
+        return self._run(_core.release(self._keys.lock(name), token))
+
+    def extend(self, name: str, token: str, ttl: float) -> bool:
+        """Give the lock ``ttl`` seconds from now if ``token`` owns it. One round trip."""
+        return self._run(_core.extend(self._keys.lock(name), token, ttl))
+
+    def close(self) -> None:
+        """Close the client and its connections."""
+        self._client.close()
+
+    def __enter__(self) -> RedisBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self, flow: Flow[T], sleep: Callable[[float], object] = time.sleep) -> T:
+        """Carry out ``flow``; errors of a step are thrown into it, where it may handle them."""
+        try:
+            step = next(flow)
+            while True:
+                if isinstance(step, Sleep):
+                    sleep(step.seconds)
+                    step = flow.send(None)
+                    continue
+                try:
+                    reply = self._do(step)
+                except BackendError as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(reply)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+        finally:
+            flow.close()
+
+    def _do(self, step: Eval | Call) -> Any:
+        client = self._client
+        try:
+            if isinstance(step, Call):
+                return client.execute_command(*step.args)
+            script = step.script
+            try:
+                return client.execute_command(
+                    "EVALSHA", script.sha, len(step.keys), *step.keys, *step.args
+                )
+            except NoScriptError:
+                client.script_load(script.source)
+                return client.execute_command(
+                    "EVALSHA", script.sha, len(step.keys), *step.keys, *step.args
+                )
+        except RedisError as exc:
+            raise _backend_error(exc) from exc
+
+
+class AsyncRedisBackend(_BackendBase[AsyncLock]):
+    """Locks and limits on ``redis.asyncio.Redis`` (or ``redis.asyncio.RedisCluster``).
+
+    ``AsyncRedisBackend.from_url("redis://localhost:6379/0")``, or ``AsyncRedisBackend(client)``.
+    Importing it does not import Celery.
+    """
+
+    _client_types = (redis.asyncio.Redis, redis.asyncio.RedisCluster)
+    _other = "RedisBackend"
+    _lock_class = AsyncLock
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, key_prefix: str = DEFAULT_PREFIX, **redis_kw: Any
+    ) -> AsyncRedisBackend:
+        """A backend on a new client for ``url``; ``redis_kw`` go to redis-py's pool.
+
+        Defaults bound every call: 2 s to connect, 5 s per reply, two retries, and at most
+        64 connections that callers queue for (``max_connections``, ``timeout``).
+        """
+        pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_client_kwargs(redis_kw))
+        return cls(redis.asyncio.Redis.from_pool(pool), key_prefix=key_prefix)
+
+
+    async def acquire_or_owner(self, name: str, token: str, ttl: float) -> Acquisition:
+        """Acquire ``name`` for ``token``, or learn who holds it; one round trip."""
+        return await self._run(_core.acquire_once(self._keys.lock(name), token, ttl))
+
+    async def release(self, name: str, token: str) -> bool:
+        """Delete the lock if ``token`` owns it; ``True`` if it did. One round trip."""
+        return await self._run(_core.release(self._keys.lock(name), token))
+
+    async def extend(self, name: str, token: str, ttl: float) -> bool:
+        """Give the lock ``ttl`` seconds from now if ``token`` owns it. One round trip."""
+        return await self._run(_core.extend(self._keys.lock(name), token, ttl))
+
+    async def aclose(self) -> None:
+        """Close the client and its connections."""
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncRedisBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _run(self, flow: Flow[T]) -> T:
+        """Carry out ``flow``; errors of a step are thrown into it, where it may handle them."""
+        try:
+            step: Step = next(flow)
+            while True:
+                if isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
+                    step = flow.send(None)
+                    continue
+                try:
+                    reply = await self._do(step)
+                except BackendError as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(reply)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+        finally:
+            flow.close()
+
+    async def _do(self, step: Eval | Call) -> Any:
+        client = self._client
+        try:
+            if isinstance(step, Call):
+                return await client.execute_command(*step.args)
+            script = step.script
+            try:
+                return await client.execute_command(
+                    "EVALSHA", script.sha, len(step.keys), *step.keys, *step.args
+                )
+            except NoScriptError:
+                await client.script_load(script.source)
+                return await client.execute_command(
+                    "EVALSHA", script.sha, len(step.keys), *step.keys, *step.args
+                )
+        except RedisError as exc:
+            raise _backend_error(exc) from exc

@@ -1,0 +1,208 @@
+"""The sans-IO core: every decision the library makes, and no I/O.
+
+A *flow* is a generator that yields steps (:class:`Eval` a script, :class:`Call` a read-only
+command, :class:`Sleep`), is sent the raw reply of each, and returns a result. The two executors
+in ``_backend`` are short loops that carry steps out, one synchronously and one with ``await``;
+neither decides anything. Errors of the executor (``BackendError``) are thrown into the flow,
+so a flow that can ride out an outage (lock renewal) decides that here too.
+
+Durations are float seconds everywhere in Python and integer milliseconds only on the way to
+Lua; the conversion happens in this module alone. Replies may be ``bytes`` or ``str``
+(``decode_responses=True``): the parsers accept both.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ._exceptions import BackendError, ConfigurationError
+from ._keys import LockKeys
+from ._models import Acquisition
+from ._scripts import ACQUIRE, EXTEND, RELEASE, Script
+
+__all__ = [
+    "Call",
+    "Eval",
+    "Flow",
+    "Sleep",
+    "Step",
+    "acquire",
+    "acquire_once",
+    "check_timeout",
+    "decode",
+    "extend",
+    "owner",
+    "parse_acquire",
+    "release",
+    "renew",
+    "to_ms",
+]
+
+T = TypeVar("T")
+
+Clock = Callable[[], float]
+
+# Blocking acquire backs off from the first to the last delay, doubling, with jitter,
+# and never sleeps past the holder's remaining TTL or the caller's deadline.
+BACKOFF_FIRST = 0.01
+BACKOFF_MAX = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Eval:
+    """Run ``script`` with ``keys`` and ``args`` (EVALSHA; the executor handles NOSCRIPT)."""
+
+    script: Script
+    keys: tuple[str, ...]
+    args: tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Run one read-only Redis command, e.g. ``("GET", key)``."""
+
+    args: tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Wait ``seconds`` before the next step."""
+
+    seconds: float
+
+
+Step = Eval | Call | Sleep
+Flow = Generator[Step, Any, T]
+
+
+def to_ms(seconds: float, what: str = "ttl") -> int:
+    """Seconds (float) to the whole milliseconds Lua takes, rounding up; rejects nonsense."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ConfigurationError(f"{what} must be a number of seconds, got {seconds!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(
+            f"{what} must be a finite number of seconds > 0, got {seconds!r}: "
+            "locks always expire, so that a crashed owner cannot hold one for ever"
+        )
+    return max(1, math.ceil(seconds * 1000))
+
+
+def check_timeout(blocking: bool, timeout: float | None) -> None:
+    """Validate ``acquire(blocking, timeout)`` the way ``threading.Lock`` does."""
+    if timeout is None:
+        return
+    if not blocking:
+        raise ConfigurationError("timeout cannot be given with blocking=False")
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ConfigurationError(f"timeout must be a number of seconds, got {timeout!r}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ConfigurationError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+
+
+def decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _seconds(ms: int) -> float | None:
+    # PTTL answers -1 for a key without expiry (never set by this library) and -2 for none.
+    return ms / 1000 if ms >= 0 else None
+
+
+def parse_acquire(reply: list[Any]) -> Acquisition:
+    """``{1, token, ttl_ms, fence}`` or ``{0, owner, pttl_ms}`` -> :class:`Acquisition`."""
+    if int(reply[0]) == 1:
+        return Acquisition(True, decode(reply[1]), _seconds(int(reply[2])), int(reply[3]))
+    return Acquisition(False, decode(reply[1]), _seconds(int(reply[2])))
+
+
+def _acquire_step(keys: LockKeys, token: str, ttl_ms: int) -> Eval:
+    return Eval(ACQUIRE, (keys.lock, keys.fence), (token, ttl_ms))
+
+
+def acquire_once(keys: LockKeys, token: str, ttl: float) -> Flow[Acquisition]:
+    """One attempt: acquire, re-acquire (same token) or learn the owner; one round trip."""
+    return parse_acquire((yield _acquire_step(keys, token, to_ms(ttl))))
+
+
+def acquire(
+    keys: LockKeys,
+    token: str,
+    ttl: float,
+    *,
+    blocking: bool = True,
+    timeout: float | None = None,
+    clock: Clock,
+) -> Flow[Acquisition]:
+    """Acquire, waiting with capped, jittered backoff when ``blocking``.
+
+    A sleep never outlasts the holder's remaining TTL (the lock is free then) nor the
+    deadline; the last attempt is made at the deadline.
+    """
+    check_timeout(blocking, timeout)
+    step = _acquire_step(keys, token, to_ms(ttl))
+    deadline = None if timeout is None else clock() + timeout
+    backoff = BACKOFF_FIRST
+    while True:
+        result = parse_acquire((yield step))
+        if result.acquired or not blocking:
+            return result
+        now = clock()
+        if deadline is not None and now >= deadline:
+            return result
+        delay = backoff * (0.5 + random.random() / 2)
+        if result.ttl is not None:
+            delay = min(delay, result.ttl + 0.001)
+        if deadline is not None:
+            delay = min(delay, deadline - now)
+        yield Sleep(delay)
+        backoff = min(backoff * 2, BACKOFF_MAX)
+
+
+def release(keys: LockKeys, token: str) -> Flow[bool]:
+    """Delete the lock if ``token`` owns it; ``True`` if it did."""
+    return int((yield Eval(RELEASE, (keys.lock,), (token,)))) == 1
+
+
+def extend(keys: LockKeys, token: str, ttl: float) -> Flow[bool]:
+    """Set the lock's TTL to ``ttl`` from now if ``token`` owns it; ``True`` if it did."""
+    return int((yield Eval(EXTEND, (keys.lock,), (token, to_ms(ttl))))) == 1
+
+
+def owner(keys: LockKeys) -> Flow[str | None]:
+    """The token holding the lock, or ``None`` when it is free."""
+    reply = yield Call(("GET", keys.lock))
+    return None if reply is None else decode(reply)
+
+
+def renew(keys: LockKeys, token: str, ttl: float, *, clock: Clock) -> Flow[str]:
+    """Keep a held lock alive: extend it every ``ttl / 3`` until it is lost.
+
+    Returns why renewal stopped: ``"lost"`` (someone else owns it or it expired) or
+    ``"unreachable"`` (Redis did not answer for a whole TTL, so the lock has expired there).
+    A failed extend is retried sooner, while the lock still has time left.
+    """
+    ttl_ms = to_ms(ttl)
+    step = Eval(EXTEND, (keys.lock,), (token, ttl_ms))
+    interval = ttl / 3
+    valid_until = clock() + ttl
+    delay = interval
+    while True:
+        yield Sleep(delay)
+        sent = clock()
+        try:
+            renewed = int((yield step)) == 1
+        except BackendError:
+            left = valid_until - clock()
+            if left <= 0:
+                return "unreachable"
+            delay = min(interval / 4, left / 2)
+            continue
+        if not renewed:
+            return "lost"
+        # The new TTL runs from when Redis ran the script, which is after ``sent``.
+        valid_until = sent + ttl
+        delay = interval

@@ -1,0 +1,133 @@
+"""The public surface: exports, docstrings, sync/async parity, error tree, import cost."""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import subprocess
+import sys
+
+import pytest
+import redis
+import redis.asyncio
+
+import celery_unique
+from celery_unique import (
+    AsyncLock,
+    AsyncRedisBackend,
+    BackendError,
+    BackendUnavailable,
+    CeleryUniqueError,
+    ConfigurationError,
+    DuplicateTaskError,
+    Lock,
+    LockError,
+    LockNotOwnedError,
+    LockTimeout,
+    RateLimitExceeded,
+    RedisBackend,
+)
+
+
+def test_all_lists_every_public_name_and_each_has_a_docstring() -> None:
+    public = {
+        name
+        for name, value in vars(celery_unique).items()
+        if not name.startswith("_") and not inspect.ismodule(value) and name != "annotations"
+    }
+    assert set(celery_unique.__all__) == public
+    for name in celery_unique.__all__:
+        assert inspect.getdoc(getattr(celery_unique, name)), f"{name} has no docstring"
+
+
+def test_importing_the_async_backend_does_not_import_celery() -> None:
+    code = (
+        "import sys; from celery_unique import AsyncRedisBackend; "
+        "assert 'celery' not in sys.modules, sorted(m for m in sys.modules if 'celery' in m)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _public(cls: type) -> dict[str, inspect.Signature | None]:
+    members: dict[str, inspect.Signature | None] = {}
+    for name, value in inspect.getmembers(cls):
+        if name.startswith("_") and name not in {"__enter__", "__exit__"}:
+            continue
+        name = {"aclose": "close", "__aenter__": "__enter__", "__aexit__": "__exit__"}.get(
+            name, name
+        )
+        if callable(value) and not isinstance(value, type):
+            sig = inspect.signature(value)
+            # compare shapes, not annotations that name the flavour's own classes
+            members[name] = sig.replace(
+                parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                return_annotation=sig.empty,
+            )
+        else:
+            members[name] = None
+    return members
+
+
+@pytest.mark.parametrize(("sync", "async_"), [(Lock, AsyncLock), (RedisBackend, AsyncRedisBackend)])
+def test_sync_and_async_twins_have_the_same_names_and_parameters(
+    sync: type, async_: type
+) -> None:
+    sync_members, async_members = _public(sync), _public(async_)
+    for name in ("__enter__", "__exit__"):
+        async_members.setdefault(name, sync_members.get(name))
+        sync_members.setdefault(name, async_members.get(name))
+    assert sync_members == async_members
+
+
+@pytest.mark.parametrize(
+    "method", ["acquire", "release", "extend", "owner", "locked", "__aenter__", "__aexit__"]
+)
+def test_async_lock_methods_are_coroutines(method: str) -> None:
+    assert inspect.iscoroutinefunction(getattr(AsyncLock, method))
+    assert not inspect.iscoroutinefunction(getattr(Lock, method.replace("__a", "__")))
+
+
+def test_error_tree() -> None:
+    assert issubclass(ConfigurationError, CeleryUniqueError)
+    assert issubclass(ConfigurationError, ValueError)
+    assert issubclass(ConfigurationError, TypeError)
+    assert issubclass(LockTimeout, LockError)
+    assert issubclass(LockNotOwnedError, LockError)
+    assert issubclass(BackendUnavailable, BackendError)
+    for error in (LockError, DuplicateTaskError, RateLimitExceeded, BackendError):
+        assert issubclass(error, CeleryUniqueError)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        DuplicateTaskError("dup", task_id="abc", ttl=12.5),
+        LockTimeout("busy", key="k", owner="o", ttl=1.0),
+        LockNotOwnedError("lost", key="k"),
+        RateLimitExceeded("slow down", retry_after=0.5),
+    ],
+)
+def test_errors_survive_pickling_with_their_attributes(error: CeleryUniqueError) -> None:
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert vars(copy) == vars(error)
+
+
+def test_a_client_of_the_wrong_flavour_is_refused_clearly() -> None:
+    with pytest.raises(ConfigurationError, match="use AsyncRedisBackend"):
+        RedisBackend(redis.asyncio.Redis())
+    with pytest.raises(TypeError, match="use RedisBackend"):
+        AsyncRedisBackend(redis.Redis())
+    with pytest.raises(ConfigurationError, match="redis.client.Redis"):
+        RedisBackend("redis://localhost")
+
+
+def test_a_lock_with_a_bad_ttl_or_timeout_is_refused_before_any_io() -> None:
+    backend = RedisBackend(redis.Redis(port=1))
+    with pytest.raises(ConfigurationError, match="ttl"):
+        backend.lock("x", ttl=0)
+    with pytest.raises(ConfigurationError, match="ttl"):
+        backend.lock("x", ttl=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="timeout"):
+        backend.lock("x", ttl=1, blocking=False, timeout=3)

@@ -1,0 +1,188 @@
+"""The sans-IO core, driven by hand: no Redis, an injected clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from celery_unique import Acquisition, BackendUnavailable, ConfigurationError
+from celery_unique._core import (
+    BACKOFF_MAX,
+    Call,
+    Eval,
+    Flow,
+    Sleep,
+    acquire,
+    acquire_once,
+    extend,
+    owner,
+    parse_acquire,
+    release,
+    renew,
+    to_ms,
+)
+from celery_unique._keys import KeySpace
+from celery_unique._scripts import ACQUIRE, EXTEND, RELEASE
+
+KEYS = KeySpace("p:").lock("job")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def finish(flow: Flow[Any], reply: object) -> Any:
+    with pytest.raises(StopIteration) as done:
+        flow.send(reply)
+    return done.value.value
+
+
+def test_acquire_once_builds_one_eval_and_parses_both_reply_kinds() -> None:
+    flow = acquire_once(KEYS, "tok", 1.5)
+    step = next(flow)
+    assert step == Eval(ACQUIRE, ("p:lock:{job}", "p:fence:{job}"), ("tok", 1500))
+    assert finish(flow, [1, b"tok", 1500, 17]) == Acquisition(True, "tok", 1.5, 17)
+
+    flow = acquire_once(KEYS, "tok", 1.5)
+    next(flow)
+    assert finish(flow, [0, "other", 250]) == Acquisition(False, "other", 0.25, None)
+
+
+def test_parse_acquire_reports_a_key_without_expiry_as_unknown_ttl() -> None:
+    assert parse_acquire([0, b"x", -1]) == Acquisition(False, "x", None)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "ms"), [(1, 1000), (0.0001, 1), (2.5, 2500), (0.0015, 2), (3600, 3_600_000)]
+)
+def test_to_ms_rounds_up_to_whole_milliseconds(seconds: float, ms: int) -> None:
+    assert to_ms(seconds) == ms
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), None, "10", True])
+def test_to_ms_rejects_what_is_not_a_finite_positive_duration(bad: Any) -> None:
+    with pytest.raises(ConfigurationError, match="ttl"):
+        to_ms(bad)
+
+
+def test_non_blocking_acquire_makes_exactly_one_attempt() -> None:
+    flow = acquire(KEYS, "tok", 10, blocking=False, clock=FakeClock())
+    assert isinstance(next(flow), Eval)
+    assert finish(flow, [0, "other", 5000]).acquired is False
+
+
+@pytest.mark.parametrize(
+    ("blocking", "timeout"), [(False, 1.0), (True, -1.0), (True, float("nan")), (True, "1")]
+)
+def test_acquire_rejects_bad_timeouts(blocking: bool, timeout: Any) -> None:
+    with pytest.raises(ConfigurationError, match="timeout"):
+        next(acquire(KEYS, "tok", 10, blocking=blocking, timeout=timeout, clock=FakeClock()))
+
+
+def test_blocking_acquire_backs_off_and_stops_at_the_deadline() -> None:
+    clock = FakeClock()
+    flow = acquire(KEYS, "tok", 10, timeout=2.0, clock=clock)
+    step = next(flow)
+    attempts, sleeps = 0, []
+    while True:
+        assert isinstance(step, Eval)
+        attempts += 1
+        try:
+            step = flow.send([0, "other", 60_000])
+        except StopIteration as done:
+            result = done.value
+            break
+        assert isinstance(step, Sleep)
+        sleeps.append(step.seconds)
+        clock.now += step.seconds
+        step = flow.send(None)
+    assert result == Acquisition(False, "other", 60.0)
+    assert sum(sleeps) == pytest.approx(2.0)
+    # Doubling backoff: far fewer attempts than a busy loop, never a sleep over the cap.
+    assert attempts < 25
+    assert max(sleeps) <= BACKOFF_MAX
+    assert sleeps[0] < sleeps[4]
+
+
+def test_blocking_acquire_never_sleeps_past_the_holders_ttl() -> None:
+    clock = FakeClock()
+    flow = acquire(KEYS, "tok", 10, clock=clock)
+    next(flow)
+    for _ in range(8):  # let the backoff grow
+        step = flow.send([0, "other", 60_000])
+        assert isinstance(step, Sleep)
+        flow.send(None)
+    step = flow.send([0, "other", 3])  # the holder's lock ends in 3 ms
+    assert isinstance(step, Sleep)
+    assert step.seconds <= 0.004
+    assert isinstance(flow.send(None), Eval)
+    assert finish(flow, [1, "tok", 10_000, 5]).acquired
+
+
+def test_release_extend_and_owner_steps() -> None:
+    flow = release(KEYS, "tok")
+    assert next(flow) == Eval(RELEASE, ("p:lock:{job}",), ("tok",))
+    assert finish(flow, 1) is True
+    flow = extend(KEYS, "tok", 2)
+    assert next(flow) == Eval(EXTEND, ("p:lock:{job}",), ("tok", 2000))
+    assert finish(flow, 0) is False
+    flow2 = owner(KEYS)
+    assert next(flow2) == Call(("GET", "p:lock:{job}"))
+    assert finish(flow2, b"tok") == "tok"
+    flow2 = owner(KEYS)
+    next(flow2)
+    assert finish(flow2, None) is None
+
+
+def test_renew_extends_every_third_of_the_ttl_until_the_lock_is_lost() -> None:
+    clock = FakeClock()
+    flow = renew(KEYS, "tok", 3.0, clock=clock)
+    for _ in range(3):
+        step = next(flow) if clock.now == 1000.0 else flow.send(1)
+        assert step == Sleep(1.0)
+        clock.now += 1.0
+        assert flow.send(None) == Eval(EXTEND, ("p:lock:{job}",), ("tok", 3000))
+    assert finish(flow, 0) == "lost"
+
+
+def test_renew_rides_out_errors_while_the_lock_can_still_be_valid() -> None:
+    clock = FakeClock()
+    flow = renew(KEYS, "tok", 3.0, clock=clock)
+    assert next(flow) == Sleep(1.0)
+    clock.now += 1.0
+    flow.send(None)
+    step = flow.throw(BackendUnavailable("down"))
+    assert isinstance(step, Sleep)
+    assert step.seconds < 1.0  # retried sooner than the normal interval
+    waited = 0.0
+    result = None
+    while result is None:
+        assert isinstance(step, Sleep)
+        clock.now += step.seconds
+        waited += step.seconds
+        assert isinstance(flow.send(None), Eval)
+        try:
+            step = flow.throw(BackendUnavailable("down"))
+        except StopIteration as done:
+            result = done.value
+    # It gives up only once the lock's TTL (counted from the last good extend) has run out.
+    assert result == "unreachable"
+    assert clock.now >= 1000.0 + 3.0
+
+
+def test_renew_recovers_when_redis_comes_back() -> None:
+    clock = FakeClock()
+    flow = renew(KEYS, "tok", 3.0, clock=clock)
+    next(flow)
+    clock.now += 1.0
+    flow.send(None)
+    step = flow.throw(BackendUnavailable("down"))
+    assert isinstance(step, Sleep)
+    clock.now += step.seconds
+    flow.send(None)
+    assert flow.send(1) == Sleep(1.0)  # back to the normal rhythm
