@@ -99,9 +99,7 @@ def flavour(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def make_backend(
-    flavour: str, redis_url: str, prefix: str
-) -> AsyncIterator[MakeBackend]:
+async def make_backend(flavour: str, redis_url: str, prefix: str) -> AsyncIterator[MakeBackend]:
     """Builds backends of this test's flavour, seen through the async surface."""
     made: list[RedisBackend | AsyncRedisBackend] = []
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
+import anyio
 import redis
 import redis.asyncio
 from redis.backoff import EqualJitterBackoff
@@ -75,7 +76,7 @@ class _BackendBase(Generic[L]):
                 f"{type(client).__module__}.{type(client).__qualname__}; "
                 f"for that kind of client use {self._other}"
             )
-        self._client = client
+        self._client: Any = client
         self._keys = KeySpace(key_prefix)
 
     @property
@@ -87,7 +88,6 @@ class _BackendBase(Generic[L]):
     def key_prefix(self) -> str:
         """The prefix of every key this backend writes."""
         return self._keys.prefix
-
 
     def lock(
         self,
@@ -107,7 +107,7 @@ class _BackendBase(Generic[L]):
         ``token`` names the owner (default: a random one). See :class:`Lock`.
         """
         return self._lock_class(
-            self,
+            self,  # type: ignore[arg-type]  # each subclass pairs itself with its lock class
             name,
             ttl,
             blocking=blocking,
@@ -228,7 +228,6 @@ class AsyncRedisBackend(_BackendBase[AsyncLock]):
         pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_client_kwargs(redis_kw))
         return cls(redis.asyncio.Redis.from_pool(pool), key_prefix=key_prefix)
 
-
     async def acquire_or_owner(self, name: str, token: str, ttl: float) -> Acquisition:
         """Acquire ``name`` for ``token``, or learn who holds it; one round trip."""
         return await self._run(_core.acquire_once(self._keys.lock(name), token, ttl))
@@ -251,8 +250,12 @@ class AsyncRedisBackend(_BackendBase[AsyncLock]):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def _run(self, flow: Flow[T]) -> T:
-        """Carry out ``flow``; errors of a step are thrown into it, where it may handle them."""
+    async def _run(self, flow: Flow[T], *, see_through: bool = False) -> T:
+        """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.
+
+        With ``see_through``, a cancellation that lands while a command is in flight waits for
+        its reply before it is raised, so the caller knows the command ran (see ``_complete``).
+        """
         try:
             step: Step = next(flow)
             while True:
@@ -261,7 +264,7 @@ class AsyncRedisBackend(_BackendBase[AsyncLock]):
                     step = flow.send(None)
                     continue
                 try:
-                    reply = await self._do(step)
+                    reply = await (self._complete(step) if see_through else self._do(step))
                 except BackendError as exc:
                     step = flow.throw(exc)
                 else:
@@ -271,6 +274,21 @@ class AsyncRedisBackend(_BackendBase[AsyncLock]):
             return result
         finally:
             flow.close()
+
+    async def _complete(self, step: Eval | Call) -> Any:
+        # Once a command is on the wire Redis runs it, read or not. A caller cancelled before
+        # the reply could not tell whether it now holds a lock, and a cleanup sent on another
+        # connection might even overtake it. So the command is seen through (bounded by the
+        # socket timeout) and the cancellation is raised after it.
+        inner = asyncio.ensure_future(self._do(step))
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([inner])
+            if not inner.cancelled():
+                inner.exception()  # retrieved: it is the cancellation that matters now
+            raise
 
     async def _do(self, step: Eval | Call) -> Any:
         client = self._client

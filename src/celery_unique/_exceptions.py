@@ -53,9 +53,7 @@ class LockError(CeleryUniqueError):
 class LockTimeout(LockError):
     """The lock could not be acquired in time; ``owner`` holds it for ``ttl`` more seconds."""
 
-    def __init__(
-        self, message: str, *, key: str, owner: str | None, ttl: float | None
-    ) -> None:
+    def __init__(self, message: str, *, key: str, owner: str | None, ttl: float | None) -> None:
         super().__init__(message, key=key)
         self.owner = owner
         self.ttl = ttl

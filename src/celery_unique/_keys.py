@@ -41,9 +41,7 @@ class KeySpace:
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str):
-            raise ConfigurationError(
-                f"key_prefix must be a str, got {type(self.prefix).__name__}"
-            )
+            raise ConfigurationError(f"key_prefix must be a str, got {type(self.prefix).__name__}")
         if "{" in self.prefix or "}" in self.prefix:
             # A brace here would become the key's hash tag and scatter one lock's keys
             # over several cluster slots.

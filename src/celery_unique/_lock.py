@@ -51,7 +51,7 @@ class _LockBase(Generic[B]):
     ) -> None:
         _core.to_ms(ttl)
         _core.check_timeout(blocking, timeout)
-        self._backend = backend
+        self._backend: B = backend
         self._keys = backend._keys.lock(name)
         self.name = name
         self.ttl = float(ttl)
@@ -71,7 +71,11 @@ class _LockBase(Generic[B]):
 
     def _acquire_flow(self, blocking: bool, timeout: float | None) -> Flow[Acquisition]:
         return _core.acquire(
-            self._keys, self.token, self.ttl, blocking=blocking, timeout=timeout,
+            self._keys,
+            self.token,
+            self.ttl,
+            blocking=blocking,
+            timeout=timeout,
             clock=time.monotonic,
         )
 
@@ -243,13 +247,17 @@ class AsyncLock(_LockBase["AsyncRedisBackend"]):
 
     _renewal: asyncio.Task[None] | None = None
 
-    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+    # timeout= mirrors Lock.acquire (and threading.Lock): it answers False, it does not raise.
+    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Take the lock; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
         was_held = self._held
         try:
-            result = await self._backend._run(self._acquire_flow(blocking, timeout))
+            result = await self._backend._run(
+                self._acquire_flow(blocking, timeout), see_through=True
+            )
         except BaseException:
-            # Cancelled (or failed) after the script may have run: free what we may have taken.
+            # Cancelled (or failed) once the script may have run: free what we may have taken.
+            # The in-flight acquire was seen through first, so this release cannot overtake it.
             if not was_held:
                 await self._release_quietly()
             raise

