@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-__all__ = ["find_redis_server", "free_port", "redis_server"]
+__all__ = ["find_redis_server", "free_port", "redis_cluster", "redis_server"]
 
 
 def find_redis_server() -> str:
@@ -50,6 +51,25 @@ def free_port() -> int:
         return port
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_cluster_port() -> int:
+    # A cluster node also listens on port + 10000 (its bus), so both must be free and the
+    # port at most 55535: the kernel's ephemeral range does not guarantee either.
+    for _ in range(200):
+        port = random.randrange(20000, 45000)
+        if _port_is_free(port) and _port_is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 def _ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
@@ -61,16 +81,23 @@ def _ping(port: int) -> bool:
 
 @contextmanager
 def redis_server(
-    *, binary: str | None = None, args: Sequence[str] = (), startup_timeout: float = 10.0
+    *,
+    binary: str | None = None,
+    args: Sequence[str] = (),
+    startup_timeout: float = 10.0,
+    cluster_node: bool = False,
 ) -> Iterator[str]:
     """Run a private ``redis-server`` for the duration of the block; yields its URL.
 
-    ``args`` are extra server options, e.g. ``("--cluster-enabled", "yes")``. The process is
-    stopped (and killed if it does not stop) on exit, and only that process.
+    ``args`` are extra server options; ``cluster_node=True`` starts a Redis Cluster node (see
+    :func:`redis_cluster`). The process is stopped (and killed if need be) on exit, and only
+    that process.
     """
     binary = binary or find_redis_server()
     for _attempt in range(5):
-        port = free_port()
+        port = _free_cluster_port() if cluster_node else free_port()
+        if cluster_node:
+            args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000", *args)
         workdir = tempfile.mkdtemp(prefix="celery-unique-redis-")
         command = [
             binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -95,6 +122,35 @@ def redis_server(
     finally:
         _stop(process)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def redis_cluster(masters: int = 3, *, startup_timeout: float = 20.0) -> Iterator[str]:
+    """Run a private Redis Cluster of ``masters`` nodes, slots split evenly; yields one node's URL.
+
+    ``redis.cluster.RedisCluster.from_url(url)`` discovers the other nodes from it.
+    """
+    import redis  # the server helper above needs no client; the cluster set-up does
+
+    with ExitStack() as stack:
+        urls = [stack.enter_context(redis_server(cluster_node=True)) for _ in range(masters)]
+        clients = [stack.enter_context(redis.Redis.from_url(url)) for url in urls]
+        bounds = [round(i * 16384 / masters) for i in range(masters + 1)]
+        for client, low, high in zip(clients, bounds, bounds[1:], strict=False):
+            client.execute_command("CLUSTER ADDSLOTS", *range(low, high))
+        first_port = clients[0].connection_pool.connection_kwargs["port"]
+        for client in clients[1:]:
+            client.execute_command("CLUSTER MEET", "127.0.0.1", first_port)
+        deadline = time.monotonic() + startup_timeout
+        while not all(
+            client.execute_command("CLUSTER INFO").get("cluster_state") == "ok"
+            and len(client.execute_command("CLUSTER NODES")) == masters
+            for client in clients
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the local Redis Cluster did not come up in time")
+            time.sleep(0.05)
+        yield urls[0]
 
 
 def _stop(process: subprocess.Popen[bytes]) -> str:
