@@ -1,7 +1,7 @@
 """Distributed locks, live: what goes wrong without one, and what celery_unique.Lock guarantees.
 
 Run ``python demo/locks.py`` (or ``nox -s demo``); it starts a private ``redis-server``
-(``celery_unique.testing``) and takes about ten seconds. It shows, in four parts:
+(``celery_unique.testing``) and takes under ten seconds. It shows, in four parts:
 
 1. Without a lock, 8 processes doing read-modify-write increments of one Redis key lose updates.
 2. With ``backend.lock("counter", ...)`` around each increment the count is exact, and the
@@ -16,6 +16,7 @@ Every claim is checked; the exit code is 1 if any check failed, so this is a smo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import sys
 import time
@@ -23,7 +24,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier, Event
 from typing import NamedTuple
@@ -49,6 +49,7 @@ CRASH_LOCK = "report:42"
 CRASH_TTL = 2.0
 CRASH_SLACK = 0.5  # on top of the TTL: the waiter's polling and a busy machine
 COROUTINES = 200
+ASYNC_CONNECTIONS = 8  # far fewer than coroutines: they queue for the pool
 STARTED = time.monotonic()
 
 
@@ -95,6 +96,9 @@ def count_with_lock(url: str, worker: int, start: Barrier) -> None:
             value = increment(client, LOCKED_KEY)
             # Pushed inside the section, so the log is in the order the sections ran.
             client.rpush(LOG_KEY, f"{lock.fence} {worker} {value}")
+        # Other work between increments; without it the releasing process would mostly
+        # take the lock straight back while the others sleep between their attempts.
+        time.sleep(RACE_WINDOW)
 
 
 def race(url: str, target: Callable[[str, int, Barrier], None], key: str) -> bool:
@@ -109,16 +113,15 @@ def race(url: str, target: Callable[[str, int, Barrier], None], key: str) -> boo
     # Interpreters take a while to start: the barrier lines them up so that they overlap.
     start.wait(timeout=30)
     say(f"{WORKERS} processes started together, {INCREMENTS} increments each")
-    client = redis.Redis.from_url(url)
-    pending = workers
-    while pending:
-        ended = wait([process.sentinel for process in pending])
-        for process in [process for process in pending if process.sentinel in ended]:
-            process.join()
-            count = int(client.get(key) or 0)
-            say(f"  {process.name} finished (exit code {process.exitcode}), counter = {count}")
-        pending = [process for process in pending if process.sentinel not in ended]
-    client.close()
+    with redis.Redis.from_url(url) as client:
+        pending = workers
+        while pending:
+            ended = wait([process.sentinel for process in pending])
+            for process in [process for process in pending if process.sentinel in ended]:
+                process.join()
+                count = int(client.get(key) or 0)
+                say(f"  {process.name} finished (exit code {process.exitcode}), counter = {count}")
+            pending = [process for process in pending if process.sentinel not in ended]
     return all(process.exitcode == 0 for process in workers)
 
 
@@ -155,8 +158,9 @@ def with_lock(url: str) -> list[Check]:
     per_worker = Counter(entry.worker for entry in log)
     say("acquisitions per process: " + ", ".join(f"{w}: {per_worker[w]}" for w in range(WORKERS)))
     # Consecutive sections by different processes: the lock really changed hands.
-    handoffs = sum(a.worker != b.worker for a, b in zip(log, log[1:]))
+    handoffs = sum(a.worker != b.worker for a, b in itertools.pairwise(log))
     say(f"the lock changed hands between processes {handoffs} times")
+    # A fence is max(previous + 1, Redis clock in microseconds), hence the large numbers.
     say(f"fences: {log[0].fence} ... {log[-1].fence}" if log else "fences: none logged")
     return [
         Check("with the lock: all processes ran to the end", clean),
@@ -167,7 +171,7 @@ def with_lock(url: str) -> list[Check]:
         ),
         Check(
             "with the lock: fences strictly increase in the order the sections ran",
-            len(log) == expected and all(a.fence < b.fence for a, b in zip(log, log[1:])),
+            len(log) == expected and all(a.fence < b.fence for a, b in itertools.pairwise(log)),
         ),
         Check(
             f"with the lock: each process got its {INCREMENTS} acquisitions",
@@ -210,14 +214,17 @@ def take_over(url: str, go: Event, done: Event, reports: Queue[Holding]) -> None
 def crashed_holder(url: str) -> list[Check]:
     heading(f'3. a crashed holder of "{CRASH_LOCK}" (ttl={CRASH_TTL:g} s)')
     backend = RedisBackend.from_url(url)
-    reports: Queue[Holding] = CTX.Queue()
+    # A queue each: a put is written by a background thread under a lock shared by all the
+    # queue's writers, and a SIGKILL can land before that thread lets go of it.
+    held: Queue[Holding] = CTX.Queue()
+    taken: Queue[Holding] = CTX.Queue()
     go, done = CTX.Event(), CTX.Event()
     # The successor starts first, so that it is ready and waiting for ``go`` by the crash.
-    successor = CTX.Process(target=take_over, args=(url, go, done, reports), daemon=True)
+    successor = CTX.Process(target=take_over, args=(url, go, done, taken), daemon=True)
     successor.start()
-    holder = CTX.Process(target=hold_until_killed, args=(url, reports), daemon=True)
+    holder = CTX.Process(target=hold_until_killed, args=(url, held), daemon=True)
     holder.start()
-    dead = reports.get(timeout=30)
+    dead = held.get(timeout=30)
     say(f"process {holder.pid} holds the lock (fence {dead.fence})")
     holder.kill()
     holder.join()
@@ -226,21 +233,23 @@ def crashed_holder(url: str) -> list[Check]:
     say(f"right after the crash the dead process still owns the lock: {still_held}")
     go.set()
     say(f"process {successor.pid} now blocks in acquire ...")
-    new = reports.get(timeout=30)
+    new = taken.get(timeout=30)
     say(f"process {successor.pid} got the lock after {new.waited:.2f} s (fence {new.fence})")
     stale_released = backend.release(CRASH_LOCK, dead.token)
     say(f"backend.release({CRASH_LOCK!r}, <dead token>) -> {stale_released}")
     owner_kept = backend.lock(CRASH_LOCK, ttl=1).owner() == new.token
+    say(f"process {successor.pid} still owns the lock: {owner_kept}")
     done.set()
     successor.join(timeout=30)
+    say(f"process {successor.pid} released it and exited (exit code {successor.exitcode})")
     backend.close()
     return [
-        Check("crash: the dead holder kept the lock until its TTL ran out", still_held),
+        Check("crash: the lock stayed held after its owner died", still_held),
         Check(
             f"crash: the next process got it {new.waited:.2f} s later (ttl {CRASH_TTL:g} s)",
             new.waited <= CRASH_TTL + CRASH_SLACK,
         ),
-        Check("crash: the dead owner's token cannot release the new owner's lock", not stale_released),
+        Check("crash: the dead owner's token cannot release the new lock", not stale_released),
         Check("crash: the new owner still holds it after that attempt", owner_kept),
         Check(
             "crash: the new owner's fence is higher than the dead one's",
@@ -275,11 +284,14 @@ async def enter(abackend: AsyncRedisBackend, section: Section) -> None:
 
 
 async def coroutines(url: str) -> list[Check]:
-    heading(f'4. {COROUTINES} coroutines, async with abackend.lock("shared"), 8 connections')
+    heading(f'4. {COROUTINES} coroutines, async with abackend.lock("shared"), one backend')
     section = Section()
-    async with AsyncRedisBackend.from_url(url, max_connections=8) as abackend:
+    async with AsyncRedisBackend.from_url(url, max_connections=ASYNC_CONNECTIONS) as abackend:
         await asyncio.gather(*(enter(abackend, section) for _ in range(COROUTINES)))
-    say(f"{section.runs} ran the section; at most {section.most_inside} at a time")
+    say(
+        f"{section.runs} ran the section over {ASYNC_CONNECTIONS} connections; "
+        f"at most {section.most_inside} inside at a time"
+    )
     return [
         Check(f"async: all {COROUTINES} coroutines ran the section", section.runs == COROUTINES),
         Check("async: never more than one inside at a time", section.most_inside == 1),
