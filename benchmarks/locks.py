@@ -9,17 +9,22 @@ what differs between variants is client-side overhead (plus the work of each Lua
 
 * ``raw`` is the floor: EVALSHA of this library's own acquire.lua/release.lua straight on the
   redis-py client, nothing around it. Ours runs the same scripts on the same client (the same
-  pool of at most 64 connections), so ``ratio to raw`` is the price of our Python layer:
+  pool of at most 64 connections), so its ``ratio to raw`` is the price of our Python layer:
   1.00 is free, 0.90 costs 10 %.
 * ``ours backend`` is ``acquire_or_owner`` + ``release``; ``ours Lock`` builds a lock object
   per pair and calls ``acquire(blocking=False)`` + ``release()``, as does each third-party
-  lock (redis-py's ``redis.lock.Lock``, python-redis-lock's ``redis_lock.Lock``).
+  lock (redis-py's ``redis.lock.Lock``, python-redis-lock's ``redis_lock.Lock``). Those send
+  other commands (redis-py acquires with a plain SET NX, no fence), so their ratio also
+  reflects different server-side work, not only client overhead.
 * Sync variants run in one thread; async ones at 1, 16 and 64 concurrent tasks, each compared
   with raw async at the same concurrency.
 
-Each repetition runs every variant once, in turn, so drift hits them all alike; the table
-shows the median over repetitions. Client and server share this machine's CPUs, so absolute
-numbers mean little across machines; the ratios travel better.
+Each repetition runs every variant once, next to its baseline and in an order that turns
+from one repetition to the next. ``median pairs/s`` is the median over repetitions;
+``ratio to raw`` is the median of per-repetition ratios (each run against the baseline's run
+in the same repetition), which shrugs off slow drift in machine load. Client and server share
+this machine's CPUs, so absolute numbers mean little elsewhere; the ratios travel better.
+Differences of a few percent are within the noise of a busy machine (see the load average).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import sys
@@ -57,13 +63,21 @@ class Variant:
     name: str
     kind: str  # "sync" or "async"
     concurrency: int
-    baseline: str  # the name of the raw variant this one is compared with
     run: Callable[[float], Awaitable[tuple[int, float]]]
-    rates: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)  # pairs/s, one per repetition
+    ratios: list[float] = field(default_factory=list)  # to the raw baseline, per repetition
 
     @property
     def median(self) -> float:
         return statistics.median(self.rates)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+
+# A group is a raw baseline followed by the variants compared with it.
+Group = list[Variant]
 
 
 def _fail(what: str) -> RuntimeError:
@@ -129,17 +143,14 @@ def _sync_pairs(backend: RedisBackend) -> dict[str, Callable[[], None]]:
     }
 
 
-def sync_variants(backend: RedisBackend) -> list[Variant]:
-    pairs = _sync_pairs(backend)
-    baseline = next(iter(pairs))
-
+def sync_group(backend: RedisBackend) -> Group:
     def variant(name: str, pair: Callable[[], None]) -> Variant:
         async def run(seconds: float) -> tuple[int, float]:
             return _timed_sync(pair, seconds)  # blocks the (otherwise idle) loop on purpose
 
-        return Variant(name, "sync", 1, baseline, run)
+        return Variant(name, "sync", 1, run)
 
-    return [variant(name, pair) for name, pair in pairs.items()]
+    return [variant(name, pair) for name, pair in _sync_pairs(backend).items()]
 
 
 # --- async ----------------------------------------------------------------------------------
@@ -209,32 +220,26 @@ def _async_pair_makers(backend: AsyncRedisBackend) -> dict[str, Callable[[str], 
     }
 
 
-def async_variants(backend: AsyncRedisBackend) -> list[Variant]:
+def async_groups(backend: AsyncRedisBackend) -> list[Group]:
     makers = _async_pair_makers(backend)
-    baseline = next(iter(makers))
-    variants = []
+    groups = []
     for concurrency in ASYNC_CONCURRENCY:
+        group = []
         for index, (label, make) in enumerate(makers.items()):
             pairs = [make(f"bench-async-{index}-{i}") for i in range(concurrency)]
 
             async def run(seconds: float, pairs: list[AsyncPair] = pairs) -> tuple[int, float]:
                 return await _timed_async(pairs, seconds)
 
-            variants.append(Variant(label, "async", concurrency, baseline, run))
-    return variants
+            group.append(Variant(label, "async", concurrency, run))
+        groups.append(group)
+    return groups
 
 
 # --- driver ---------------------------------------------------------------------------------
 
 
-def _ratio(variant: Variant, variants: list[Variant]) -> float:
-    (base,) = (
-        v for v in variants if v.name == variant.baseline and v.concurrency == variant.concurrency
-    )
-    return variant.median / base.median
-
-
-async def measure(url: str, seconds: float, reps: int) -> tuple[list[Variant], str]:
+async def measure(url: str, seconds: float, reps: int) -> tuple[list[Group], str]:
     backend = RedisBackend.from_url(url)
     abackend = AsyncRedisBackend.from_url(url)
     try:
@@ -242,15 +247,22 @@ async def measure(url: str, seconds: float, reps: int) -> tuple[list[Variant], s
             if backend.client.script_load(script.source) != script.sha:
                 raise RuntimeError(f"SCRIPT LOAD of {script.name} gave an unexpected SHA")
         redis_version = str(backend.client.info("server")["redis_version"])
-        variants = sync_variants(backend) + async_variants(abackend)
-        for variant in variants:  # a longer first warm-up: fills the pools, settles caches
-            await variant.run(seconds / 2)
+        groups = [sync_group(backend), *async_groups(abackend)]
+        for group in groups:  # a longer first warm-up: fills the pools, settles caches
+            for variant in group:
+                await variant.run(seconds / 2)
         for rep in range(reps):
-            for variant in variants:
-                pairs, elapsed = await variant.run(seconds)
-                variant.rates.append(pairs / elapsed)
+            for group in groups:
+                # Each variant runs next to its baseline; the order turns every repetition.
+                shift = rep % len(group)
+                for variant in group[shift:] + group[:shift]:
+                    pairs, elapsed = await variant.run(seconds)
+                    variant.rates.append(pairs / elapsed)
+                raw = group[0].rates[-1]
+                for variant in group:
+                    variant.ratios.append(variant.rates[-1] / raw)
             print(f"rep {rep + 1}/{reps} done", file=sys.stderr)
-        return variants, redis_version
+        return groups, redis_version
     finally:
         await abackend.aclose()
         backend.close()
@@ -262,23 +274,27 @@ def table(variants: list[Variant]) -> str:
         "|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {v.name} | {v.concurrency} | {v.median:,.0f} | {_ratio(v, variants):.2f}x |"
-        for v in variants
+        f"| {v.name} | {v.concurrency} | {v.median:,.0f} | {v.ratio:.2f}x |" for v in variants
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer repetitions")
+    parser.add_argument("--quick", action="store_true", help="0.15 s runs, 3 repetitions")
+    parser.add_argument("--seconds", type=float, help="length of one run (default 0.5)")
+    parser.add_argument("--reps", type=int, help="repetitions (default 7)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
     args = parser.parse_args(argv)
     seconds, reps = (0.15, 3) if args.quick else (0.5, 7)
+    seconds, reps = args.seconds or seconds, args.reps or reps
 
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with redis_server() as url:
-        variants, redis_version = asyncio.run(measure(url, seconds, reps))
+        groups, redis_version = asyncio.run(measure(url, seconds, reps))
     total = time.perf_counter() - started
+    variants = [variant for group in groups for variant in group]
 
     meta: dict[str, Any] = {
         "redis_server": redis_version,
@@ -288,13 +304,16 @@ def main(argv: list[str] | None = None) -> None:
         "reps": reps,
         "seconds_per_run": seconds,
         "total_seconds": round(total, 1),
+        "cpus": os.cpu_count(),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(table(variants))
     print()
     print(
         f"Redis {meta['redis_server']}, Python {meta['python']}, redis-py {meta['redis_py']}, "
         f"python-redis-lock {meta['python_redis_lock']}; median of {reps} reps of "
-        f"{seconds:g} s each; total {total:.0f} s."
+        f"{seconds:g} s each; total {total:.0f} s; {meta['cpus']} CPUs, load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after."
     )
     if args.json is not None:
         results = [
@@ -303,8 +322,9 @@ def main(argv: list[str] | None = None) -> None:
                 "kind": v.kind,
                 "concurrency": v.concurrency,
                 "median_pairs_per_s": round(v.median, 1),
-                "ratio_to_raw": round(_ratio(v, variants), 4),
+                "ratio_to_raw": round(v.ratio, 4),
                 "pairs_per_s": [round(rate, 1) for rate in v.rates],
+                "ratios": [round(ratio, 4) for ratio in v.ratios],
             }
             for v in variants
         ]
