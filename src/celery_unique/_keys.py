@@ -7,6 +7,7 @@ instead and kept in full after the tag, so distinct names still give distinct ke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -52,5 +53,11 @@ class KeySpace:
     def lock(self, name: str) -> LockKeys:
         if not isinstance(name, str):
             raise ConfigurationError(f"a lock name must be a str, got {type(name).__name__}")
-        tag = hash_tag(name)
-        return LockKeys(f"{self.prefix}lock:{tag}", f"{self.prefix}fence:{tag}")
+        return _lock_keys(self.prefix, name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lock_keys(prefix: str, name: str) -> LockKeys:
+    # Cached: the same few names are locked over and over, and this sits on every call.
+    tag = hash_tag(name)
+    return LockKeys(f"{prefix}lock:{tag}", f"{prefix}fence:{tag}")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -58,7 +58,8 @@ class _LockBase(Generic[B]):
         self.blocking = blocking
         self.timeout = timeout
         self.auto_renew = auto_renew
-        self.token = token if token is not None else uuid.uuid4().hex
+        # 128 random bits, like uuid4 but a fifth of its cost on this hot path.
+        self.token = token if token is not None else os.urandom(16).hex()
         self.on_lost = on_lost
         self.fence: int | None = None
         self.lost = False
