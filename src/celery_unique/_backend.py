@@ -33,6 +33,7 @@ __all__ = ["AsyncRedisBackend", "RedisBackend"]
 
 T = TypeVar("T")
 L = TypeVar("L", Lock, AsyncLock)
+Backend = TypeVar("Backend", bound="_BackendBase[Any]")
 
 # from_url() defaults, each overridable by keyword. They bound every call: a dead server
 # answers within seconds instead of redis-py's ten retries, and a crowd of callers waits
@@ -65,8 +66,22 @@ class _BackendBase(Generic[L]):
     """What both executors share: the client check, the key space and the lock factory."""
 
     _client_types: ClassVar[tuple[type, ...]]
+    _pool_class: ClassVar[Any]  # the flavour's redis-py BlockingConnectionPool
     _other: ClassVar[str]
     _lock_class: type[L]
+
+    @classmethod
+    def from_url(
+        cls: type[Backend], url: str, *, key_prefix: str = DEFAULT_PREFIX, **redis_kw: Any
+    ) -> Backend:
+        """A backend on a new client for ``url``; ``redis_kw`` go to redis-py's pool.
+
+        Defaults bound every call: 2 s to connect, 5 s per reply, two retries, and at most
+        64 connections that callers queue for (``max_connections``, ``timeout``).
+        """
+        pool = cls._pool_class.from_url(url, **_client_kwargs(redis_kw))
+        client_class: Any = cls._client_types[0]
+        return cls(client_class.from_pool(pool), key_prefix=key_prefix)
 
     def __init__(self, client: Any, *, key_prefix: str = DEFAULT_PREFIX) -> None:
         if not isinstance(client, self._client_types):
@@ -128,20 +143,9 @@ class RedisBackend(_BackendBase[Lock]):
     """
 
     _client_types = (redis.Redis, redis.RedisCluster)
+    _pool_class = redis.BlockingConnectionPool
     _other = "AsyncRedisBackend"
     _lock_class = Lock
-
-    @classmethod
-    def from_url(
-        cls, url: str, *, key_prefix: str = DEFAULT_PREFIX, **redis_kw: Any
-    ) -> RedisBackend:
-        """A backend on a new client for ``url``; ``redis_kw`` go to redis-py's pool.
-
-        Defaults bound every call: 2 s to connect, 5 s per reply, two retries, and at most
-        64 connections that callers queue for (``max_connections``, ``timeout``).
-        """
-        pool = redis.BlockingConnectionPool.from_url(url, **_client_kwargs(redis_kw))
-        return cls(redis.Redis.from_pool(pool), key_prefix=key_prefix)
 
     def acquire_or_owner(self, name: str, token: str, ttl: float) -> Acquisition:
         """Acquire ``name`` for ``token``, or learn who holds it; one round trip."""
@@ -213,20 +217,9 @@ class AsyncRedisBackend(_BackendBase[AsyncLock]):
     """
 
     _client_types = (redis.asyncio.Redis, redis.asyncio.RedisCluster)
+    _pool_class = redis.asyncio.BlockingConnectionPool
     _other = "RedisBackend"
     _lock_class = AsyncLock
-
-    @classmethod
-    def from_url(
-        cls, url: str, *, key_prefix: str = DEFAULT_PREFIX, **redis_kw: Any
-    ) -> AsyncRedisBackend:
-        """A backend on a new client for ``url``; ``redis_kw`` go to redis-py's pool.
-
-        Defaults bound every call: 2 s to connect, 5 s per reply, two retries, and at most
-        64 connections that callers queue for (``max_connections``, ``timeout``).
-        """
-        pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_client_kwargs(redis_kw))
-        return cls(redis.asyncio.Redis.from_pool(pool), key_prefix=key_prefix)
 
     async def acquire_or_owner(self, name: str, token: str, ttl: float) -> Acquisition:
         """Acquire ``name`` for ``token``, or learn who holds it; one round trip."""

@@ -109,6 +109,12 @@ class _LockBase(Generic[B]):
             key=self.name,
         )
 
+    def _lost_on_exit(self, lost: LockNotOwnedError, body_error: BaseException | None) -> None:
+        if body_error is None:
+            raise lost
+        # The block's own error matters more; do not hide it behind this one.
+        logger.error("lock %r was no longer held when its block raised", self.name)
+
     def _renewal_stopped(self, reason: str) -> None:
         self._held = False
         self.lost = True
@@ -190,11 +196,8 @@ class Lock(_LockBase["RedisBackend"]):
     ) -> None:
         try:
             self.release()
-        except LockNotOwnedError:
-            if exc is None:
-                raise
-            # Do not hide the body's own error behind this one.
-            logger.error("lock %r was no longer held when its block raised", self.name)
+        except LockNotOwnedError as lost:
+            self._lost_on_exit(lost, exc)
 
     def _release_quietly(self) -> None:
         try:
@@ -301,10 +304,8 @@ class AsyncLock(_LockBase["AsyncRedisBackend"]):
     ) -> None:
         try:
             await self._shielded(self.release())
-        except LockNotOwnedError:
-            if exc is None:
-                raise
-            logger.error("lock %r was no longer held when its block raised", self.name)
+        except LockNotOwnedError as lost:
+            self._lost_on_exit(lost, exc)
 
     async def _release_quietly(self) -> None:
         try:
