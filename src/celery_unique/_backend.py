@@ -147,13 +147,21 @@ class RedisBackend(_BackendBase[Lock]):
     _other = "AsyncRedisBackend"
     _lock_class = Lock
 
-    def acquire_or_owner(self, name: str, token: str, ttl: float) -> Acquisition:
-        """Acquire ``name`` for ``token``, or learn who holds it; one round trip."""
-        return self._run(_core.acquire_once(self._keys.lock(name), token, ttl))
+    def acquire_or_owner(
+        self, name: str, token: str, ttl: float, *, previous: str | None = None
+    ) -> Acquisition:
+        """Acquire ``name`` for ``token``, or learn who holds it; one round trip.
 
-    def release(self, name: str, token: str) -> bool:
-        """Delete the lock if ``token`` owns it; ``True`` if it did. One round trip."""
-        return self._run(_core.release(self._keys.lock(name), token))
+        With ``previous``, a lock held by that token passes to ``token`` (a hand-over).
+        """
+        return self._run(_core.acquire_once(self._keys.lock(name), token, ttl, previous))
+
+    def release(self, name: str, token: str, *, owner_prefix: str | None = None) -> bool:
+        """Delete the lock if ``token`` owns it; ``True`` if it did. One round trip.
+
+        With ``owner_prefix``, an owner whose token starts with it counts as the caller too.
+        """
+        return self._run(_core.release(self._keys.lock(name), token, owner_prefix))
 
     def extend(self, name: str, token: str, ttl: float) -> bool:
         """Give the lock ``ttl`` seconds from now if ``token`` owns it. One round trip."""
@@ -221,13 +229,21 @@ class AsyncRedisBackend(_BackendBase[AsyncLock]):
     _other = "RedisBackend"
     _lock_class = AsyncLock
 
-    async def acquire_or_owner(self, name: str, token: str, ttl: float) -> Acquisition:
-        """Acquire ``name`` for ``token``, or learn who holds it; one round trip."""
-        return await self._run(_core.acquire_once(self._keys.lock(name), token, ttl))
+    async def acquire_or_owner(
+        self, name: str, token: str, ttl: float, *, previous: str | None = None
+    ) -> Acquisition:
+        """Acquire ``name`` for ``token``, or learn who holds it; one round trip.
 
-    async def release(self, name: str, token: str) -> bool:
-        """Delete the lock if ``token`` owns it; ``True`` if it did. One round trip."""
-        return await self._run(_core.release(self._keys.lock(name), token))
+        With ``previous``, a lock held by that token passes to ``token`` (a hand-over).
+        """
+        return await self._run(_core.acquire_once(self._keys.lock(name), token, ttl, previous))
+
+    async def release(self, name: str, token: str, *, owner_prefix: str | None = None) -> bool:
+        """Delete the lock if ``token`` owns it; ``True`` if it did. One round trip.
+
+        With ``owner_prefix``, an owner whose token starts with it counts as the caller too.
+        """
+        return await self._run(_core.release(self._keys.lock(name), token, owner_prefix))
 
     async def extend(self, name: str, token: str, ttl: float) -> bool:
         """Give the lock ``ttl`` seconds from now if ``token`` owns it. One round trip."""

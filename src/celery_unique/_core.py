@@ -119,13 +119,17 @@ def parse_acquire(reply: list[Any]) -> Acquisition:
     return Acquisition(False, decode(reply[1]), _seconds(int(reply[2])))
 
 
-def _acquire_step(keys: LockKeys, token: str, ttl_ms: int) -> Eval:
-    return Eval(ACQUIRE, (keys.lock, keys.fence), (token, ttl_ms))
+def _acquire_step(keys: LockKeys, token: str, ttl_ms: int, previous: str | None = None) -> Eval:
+    args: tuple[str | int, ...] = (token, ttl_ms) if previous is None else (token, ttl_ms, previous)
+    return Eval(ACQUIRE, (keys.lock, keys.fence), args)
 
 
-def acquire_once(keys: LockKeys, token: str, ttl: float) -> Flow[Acquisition]:
-    """One attempt: acquire, re-acquire (same token) or learn the owner; one round trip."""
-    return parse_acquire((yield _acquire_step(keys, token, to_ms(ttl))))
+def acquire_once(
+    keys: LockKeys, token: str, ttl: float, previous: str | None = None
+) -> Flow[Acquisition]:
+    """One attempt: acquire, re-acquire (same token), take over from ``previous`` if it holds
+    the lock, or learn the owner; one round trip."""
+    return parse_acquire((yield _acquire_step(keys, token, to_ms(ttl), previous)))
 
 
 def acquire(
@@ -162,9 +166,10 @@ def acquire(
         backoff = min(backoff * 2, BACKOFF_MAX)
 
 
-def release(keys: LockKeys, token: str) -> Flow[bool]:
-    """Delete the lock if ``token`` owns it; ``True`` if it did."""
-    return int((yield Eval(RELEASE, (keys.lock,), (token,)))) == 1
+def release(keys: LockKeys, token: str, owner_prefix: str | None = None) -> Flow[bool]:
+    """Delete the lock if ``token`` owns it (or an owner starting with ``owner_prefix``)."""
+    args = (token,) if owner_prefix is None else (token, owner_prefix)
+    return int((yield Eval(RELEASE, (keys.lock,), args))) == 1
 
 
 def extend(keys: LockKeys, token: str, ttl: float) -> Flow[bool]:

@@ -110,3 +110,22 @@ def test_a_held_lock_costs_under_200_bytes(r: redis.Redis) -> None:
     total = int(r.memory_usage(keys.lock) or 0) + int(r.memory_usage(keys.fence) or 0)
     r.delete(keys.lock, keys.fence)
     assert total <= 200, total
+
+
+def test_acquire_hands_over_from_the_named_predecessor_only(
+    r: redis.Redis, keys: LockKeys
+) -> None:
+    k = [keys.lock, keys.fence]
+    fence = run(r, ACQUIRE, k, "queued", 5000)[3]
+    assert run(r, ACQUIRE, k, "run-1", 1000, "someone-else")[:2] == [0, "queued"]
+    taken = run(r, ACQUIRE, k, "run-1", 1000, "queued")
+    assert taken[:3] == [1, "run-1", 1000]
+    assert taken[3] > fence  # a new holder, a new fence
+    assert run(r, ACQUIRE, k, "run-2", 1000, "queued")[:2] == [0, "run-1"]
+
+
+def test_release_by_owner_prefix_frees_any_run_of_a_task(r: redis.Redis, keys: LockKeys) -> None:
+    run(r, ACQUIRE, [keys.lock, keys.fence], "task-1\x1frun-a", 5000)
+    assert run(r, RELEASE, [keys.lock], "task-1", "task-2\x1f") == 0
+    assert run(r, RELEASE, [keys.lock], "task-1", "task-1\x1f") == 1
+    assert r.exists(keys.lock) == 0
