@@ -13,6 +13,8 @@ Importing this package does not import Celery; the task classes load it when fir
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._backend import AsyncRedisBackend, RedisBackend
 from ._exceptions import (
     BackendError,
@@ -27,6 +29,24 @@ from ._exceptions import (
 )
 from ._lock import AsyncLock, Lock
 from ._models import Acquisition
+
+# The Celery task classes load Celery, so they are imported on first use only: an asyncio
+# web app that just wants AsyncRedisBackend does not pay for Celery.
+_LAZY = {"UniqueTask": "._tasks", "clear_locks": "._tasks"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from ._tasks import UniqueTask, clear_locks
 
 __all__ = [
     "Acquisition",
@@ -43,6 +63,8 @@ __all__ = [
     "LockTimeout",
     "RateLimitExceeded",
     "RedisBackend",
+    "UniqueTask",
+    "clear_locks",
 ]
 
 __version__ = "0.1.0.dev0"

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["DEFAULT_PREFIX", "KeySpace", "LockKeys", "hash_tag"]
+__all__ = ["DEFAULT_PREFIX", "ArgumentKey", "KeySpace", "LockKeys", "canonical_json", "hash_tag"]
 
 DEFAULT_PREFIX = "cu:"
 
@@ -61,3 +65,88 @@ def _lock_keys(prefix: str, name: str) -> LockKeys:
     # Cached: the same few names are locked over and over, and this sits on every call.
     tag = hash_tag(name)
     return LockKeys(f"{prefix}lock:{tag}", f"{prefix}fence:{tag}")
+
+
+def canonical_json(value: object, encoder: type[json.JSONEncoder] | None = None) -> str:
+    """One spelling per value: sorted keys, no spaces; tuples and lists alike."""
+    return json.dumps(value, cls=encoder, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+UniqueOn = Sequence[str] | Callable[..., object] | None
+
+
+class ArgumentKey:
+    """Derives a task's unique key from a call: its name plus a digest of its arguments.
+
+    Arguments are bound to the task's signature first, so positional, keyword and defaulted
+    spellings of one call give one key. ``unique_on`` picks argument names (``[]``: the name
+    alone) or is a callable taking the task's arguments and returning a JSON-able value.
+    Argument values never appear in the key: only their digest does.
+    """
+
+    def __init__(
+        self,
+        task_name: str,
+        func: Callable[..., object],
+        unique_on: UniqueOn = None,
+        encoder: type[json.JSONEncoder] | None = None,
+    ) -> None:
+        self.task_name = task_name
+        self._signature = inspect.signature(func)
+        self._unique_on = unique_on
+        self._encoder = encoder
+        if unique_on is None or callable(unique_on):
+            return
+        if isinstance(unique_on, str) or not all(isinstance(n, str) for n in unique_on):
+            raise ConfigurationError(
+                f"unique_on of task {task_name!r} must be a list of argument names, [] or a "
+                f"callable, got {unique_on!r}"
+            )
+        unknown = [n for n in unique_on if n not in self._signature.parameters]
+        if unknown:
+            raise ConfigurationError(
+                f"unique_on of task {task_name!r} names {unknown}, which are not arguments of "
+                f"the task; it takes {list(self._signature.parameters)}"
+            )
+
+    def __call__(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        unique_on = self._unique_on
+        if callable(unique_on):
+            value: object = unique_on(*args, **kwargs)
+        else:
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+            if unique_on is not None:
+                arguments = {name: arguments[name] for name in unique_on}
+            value = arguments
+        try:
+            payload = canonical_json(value, self._encoder)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(self._not_serialisable(value)) from exc
+        digest = hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
+        return f"task:{self.task_name}:{digest}"
+
+    def prefix(self) -> str:
+        """The start every key of this task shares (for clearing its locks)."""
+        return f"task:{self.task_name}:"
+
+    def _serialisable(self, value: object) -> bool:
+        try:
+            canonical_json(value, self._encoder)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    def _not_serialisable(self, value: object) -> str:
+        # Name the argument and its type, never its value (it may be a secret).
+        culprit = "the value returned by unique_on"
+        if isinstance(value, dict):
+            bad = next((n for n, item in value.items() if not self._serialisable(item)), None)
+            if bad is not None:
+                culprit = f"argument {bad!r} ({type(value[bad]).__name__})"
+        return (
+            f"cannot build the unique key of task {self.task_name!r}: {culprit} is not "
+            "JSON-serialisable; set unique_json_encoder to a json.JSONEncoder subclass that "
+            "handles it, or leave it out with unique_on"
+        )

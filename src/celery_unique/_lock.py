@@ -199,6 +199,16 @@ class Lock(_LockBase["RedisBackend"]):
         except LockNotOwnedError as lost:
             self._lost_on_exit(lost, exc)
 
+    def _adopt(self, result: Acquisition) -> None:
+        """Hold a lock acquired for this token elsewhere (a framework's hand-over)."""
+        if self._record(result) and self.auto_renew and self._renewal is None:
+            self._start_renewal()
+
+    def _detach(self) -> None:
+        """Stop renewing and forget the lock without releasing it (it was handed on)."""
+        self._stop_renewal()
+        self._held = False
+
     def _release_quietly(self) -> None:
         try:
             self._backend._run(_core.release(self._keys, self.token))
