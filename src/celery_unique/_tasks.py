@@ -15,6 +15,7 @@ holds goes through three owners, all in one Redis key:
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import logging
 import os
@@ -99,6 +100,13 @@ def _setting(task: Task, option: str, conf_key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def _static_option(task: Task, option: str) -> Any:
+    # Options given to @app.task become class attributes; a function there (unique_on=lambda)
+    # would come back bound to the task. Read it as stored.
+    value = inspect.getattr_static(task, option, None)
+    return value.__func__ if isinstance(value, staticmethod | classmethod) else value
+
+
 def _encoder(value: object) -> type[json.JSONEncoder] | None:
     if value is None:
         return None
@@ -150,7 +158,7 @@ class _Unique:
             key=ArgumentKey(
                 task.name,
                 task.run,
-                getattr(task, "unique_on", None),
+                _static_option(task, "unique_on"),
                 _encoder(task.app.conf.get("unique_json_encoder")),
             ),
             ttl=ttl,

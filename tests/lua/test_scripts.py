@@ -112,9 +112,7 @@ def test_a_held_lock_costs_under_200_bytes(r: redis.Redis) -> None:
     assert total <= 200, total
 
 
-def test_acquire_hands_over_from_the_named_predecessor_only(
-    r: redis.Redis, keys: LockKeys
-) -> None:
+def test_acquire_hands_over_from_the_named_predecessor_only(r: redis.Redis, keys: LockKeys) -> None:
     k = [keys.lock, keys.fence]
     fence = run(r, ACQUIRE, k, "queued", 5000)[3]
     assert run(r, ACQUIRE, k, "run-1", 1000, "someone-else")[:2] == [0, "queued"]

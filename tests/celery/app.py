@@ -1,0 +1,174 @@
+"""The Celery app under test: imported by the in-process worker fixture and, for tests that
+must kill a worker, by ``celery -A tests.celery.app worker`` in a subprocess.
+
+Tasks record what really ran in Redis (``runs:<tag>``, and the most that ran at once in
+``peak:<tag>``), so the tests count executions instead of inferring them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import Ignore, Reject
+
+from celery_unique import UniqueTask
+
+app = Celery("celery_unique_tests")
+app.conf.update(
+    broker_connection_retry_on_startup=True,
+    task_acks_late=False,
+    worker_hijack_root_logger=False,
+    result_expires=600,
+    unique_key_prefix="cut:",
+)
+
+
+def configure(url: str) -> None:
+    """Point the app at the test Redis (broker, results and locks)."""
+    app.conf.update(broker_url=url, result_backend=url)
+
+
+if os.environ.get("CELERY_UNIQUE_TEST_REDIS_URL"):
+    configure(os.environ["CELERY_UNIQUE_TEST_REDIS_URL"])
+
+_clients: dict[str, redis.Redis] = {}
+
+_ENTER = """
+local now = redis.call('INCR', KEYS[1])
+redis.call('INCR', KEYS[2])
+if now > tonumber(redis.call('GET', KEYS[3]) or '0') then redis.call('SET', KEYS[3], now) end
+redis.call('EXPIRE', KEYS[1], 600); redis.call('EXPIRE', KEYS[2], 600)
+redis.call('EXPIRE', KEYS[3], 600)
+return now
+"""
+
+
+def store() -> redis.Redis:
+    url = str(app.conf.broker_url)
+    if url not in _clients:
+        _clients[url] = redis.Redis.from_url(url)
+    return _clients[url]
+
+
+class Run:
+    """Counts a run of ``tag`` and how many of its runs overlap."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def __enter__(self) -> Run:
+        t = self.tag
+        store().eval(_ENTER, 3, f"running:{t}", f"runs:{t}", f"peak:{t}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        store().decr(f"running:{self.tag}")
+
+
+def runs(tag: str) -> int:
+    return int(store().get(f"runs:{tag}") or 0)
+
+
+def peak(tag: str) -> int:
+    return int(store().get(f"peak:{tag}") or 0)
+
+
+@app.task(base=UniqueTask, name="t.slow")
+def slow(tag: str, seconds: float = 0.3, extra: Any = None) -> str:
+    with Run(tag):
+        time.sleep(seconds)
+    return tag
+
+
+@app.task(base=UniqueTask, name="t.fails")
+def fails(tag: str) -> None:
+    with Run(tag):
+        raise ValueError("boom")
+
+
+@app.task(base=UniqueTask, name="t.ignores")
+def ignores(tag: str) -> None:
+    with Run(tag):
+        raise Ignore()
+
+
+@app.task(base=UniqueTask, name="t.rejects")
+def rejects(tag: str) -> None:
+    with Run(tag):
+        raise Reject("no", requeue=False)
+
+
+@app.task(base=UniqueTask, bind=True, name="t.retrying", max_retries=5)
+def retrying(self: UniqueTask, tag: str, times: int = 2, delay: float = 0.3) -> int:
+    with Run(tag):
+        if self.request.retries < times:
+            raise self.retry(countdown=delay)
+    return int(self.request.retries)
+
+
+@app.task(
+    base=UniqueTask,
+    bind=True,
+    name="t.autoretrying",
+    autoretry_for=(KeyError,),
+    max_retries=5,
+    default_retry_delay=0.2,
+)
+def autoretrying(self: UniqueTask, tag: str) -> int:
+    with Run(tag):
+        if self.request.retries < 2:
+            raise KeyError("not yet")
+    return int(self.request.retries)
+
+
+@app.task(base=UniqueTask, name="t.customer", unique_on=["customer_id"])
+def customer(customer_id: int, fmt: str = "pdf", tag: str = "") -> str:
+    with Run(tag):
+        time.sleep(0.3)
+    return fmt
+
+
+@app.task(base=UniqueTask, name="t.name_only", unique_on=[])
+def name_only(tag: str) -> None:
+    with Run(tag):
+        time.sleep(0.3)
+
+
+@app.task(base=UniqueTask, name="t.by_callable", unique_on=lambda a, b, tag: [a % 10, tag])
+def by_callable(a: int, b: int, tag: str) -> None:
+    with Run(tag):
+        time.sleep(0.3)
+
+
+@app.task(base=UniqueTask, name="t.started", unique_until="started")
+def started(tag: str, seconds: float = 0.5) -> None:
+    with Run(tag):
+        time.sleep(seconds)
+
+
+@app.task(base=UniqueTask, name="t.expired", unique_until="expired", unique_ttl=30)
+def expired(tag: str) -> None:
+    with Run(tag):
+        pass
+
+
+@app.task(base=UniqueTask, name="t.raising", on_duplicate="raise")
+def raising(tag: str) -> None:
+    with Run(tag):
+        time.sleep(0.3)
+
+
+@app.task(base=UniqueTask, name="t.short_lease", unique_lease=2)
+def short_lease(tag: str, seconds: float = 60) -> None:
+    with Run(tag):
+        time.sleep(seconds)
+
+
+@app.task(base=UniqueTask, name="t.hard_limit", time_limit=1, unique_lease=60)
+def hard_limit(tag: str) -> None:
+    with Run(tag):
+        time.sleep(30)
