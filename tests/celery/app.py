@@ -63,6 +63,7 @@ class Run:
     def __enter__(self) -> Run:
         t = self.tag
         store().eval(_ENTER, 3, f"running:{t}", f"runs:{t}", f"peak:{t}")
+        store().set(f"pid:{t}", os.getpid(), ex=600)  # which process runs it, to kill it
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -71,6 +72,10 @@ class Run:
 
 def runs(tag: str) -> int:
     return int(store().get(f"runs:{tag}") or 0)
+
+
+def pid(tag: str) -> int:
+    return int(store().get(f"pid:{tag}") or 0)
 
 
 def peak(tag: str) -> int:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import tempfile
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from subprocess import STDOUT, Popen, TimeoutExpired
 from typing import Any
 
 import pytest
@@ -23,3 +31,56 @@ def worker(celery_app: Any) -> Iterator[Any]:
         celery_app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30
     ) as running:
         yield running
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def worker_process(redis_url: str, *, concurrency: int = 1) -> Iterator[tuple[Popen[bytes], str]]:
+    """A prefork worker in a subprocess (its own process group) on a queue of its own."""
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "CELERY_UNIQUE_TEST_REDIS_URL": redis_url}
+    with tempfile.TemporaryFile() as log:
+        process = Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tests.celery.app",
+                "worker",
+                "--pool=prefork",
+                f"--concurrency={concurrency}",
+                "-Q",
+                queue,
+                "-n",
+                f"{queue}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-l",
+                "warning",
+            ],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=log,
+            stderr=STDOUT,
+        )
+        try:
+            ready = test_app.slow.apply_async((uuid.uuid4().hex, 0.0), queue=queue)
+            try:
+                ready.get(timeout=60)
+            except Exception:
+                log.seek(0)
+                raise RuntimeError(f"worker did not start: {log.read().decode()[-3000:]}") from None
+            yield process, queue
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(15)
+                except TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()

@@ -45,7 +45,7 @@ def lock_key(task: UniqueTask, *args: Any, **kwargs: Any) -> str:
 
 def owner(client: redis.Redis, task: UniqueTask, *args: Any, **kwargs: Any) -> str | None:
     value = client.get(lock_key(task, *args, **kwargs))
-    return None if value is None else value.decode()
+    return value.decode() if isinstance(value, bytes) else value
 
 
 # -- duplicates ----------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_a_non_serialisable_argument_fails_at_call_time_and_publishes_nothing(
     tag: str, client: redis.Redis
 ) -> None:
     queued = client.llen("celery")
-    with pytest.raises(ConfigurationError, match="'extra'.*unique_json_encoder"):
+    with pytest.raises(ConfigurationError, match=r"'extra'.*unique_json_encoder"):
         t.slow.delay(tag, extra=object())
     assert client.llen("celery") == queued
     time.sleep(0.3)

@@ -1,0 +1,93 @@
+"""Workers that die or kill their tasks: the lock must not outlive them (subprocess workers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from subprocess import Popen
+
+import pytest
+import redis
+
+from celery_unique._tasks import RUN_SEPARATOR
+from tests.celery import app as t
+from tests.celery.conftest import worker_process
+
+pytestmark = pytest.mark.usefixtures("celery_app")
+
+
+def key_of(task: object, *args: object) -> str:
+    return f"cut:lock:{{{task.unique_key(args)}}}"  # type: ignore[attr-defined]
+
+
+def wait_for_run(tag: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while t.runs(tag) < 1:
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.02)
+
+
+def seconds_until_gone(client: redis.Redis, key: str, timeout: float = 60) -> float:
+    started = time.monotonic()
+    while client.exists(key):
+        assert time.monotonic() - started < timeout, "the lock was never freed"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def shared_worker(redis_url: str, celery_app: object) -> Iterator[tuple[Popen[bytes], str]]:
+    with worker_process(redis_url, concurrency=2) as running:
+        yield running
+
+
+def test_sigkill_of_the_whole_worker_frees_the_lock_within_one_lease(
+    redis_url: str, client: redis.Redis
+) -> None:
+    tag = uuid.uuid4().hex
+    with worker_process(redis_url) as (process, queue):
+        t.short_lease.apply_async((tag,), queue=queue)  # lease 2 s, body 60 s
+        wait_for_run(tag)
+        key = key_of(t.short_lease, tag, 60)
+        time.sleep(3)  # longer than the lease: only renewal can have kept it
+        held = client.get(key)
+        assert held is not None and RUN_SEPARATOR.encode() in held
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        assert seconds_until_gone(client, key) <= 2.0 + 0.5
+
+
+def test_a_hard_time_limit_frees_the_lock_at_once(
+    shared_worker: tuple[Popen[bytes], str], client: redis.Redis
+) -> None:
+    _, queue = shared_worker
+    tag = uuid.uuid4().hex
+    result = t.hard_limit.apply_async((tag,), queue=queue)  # time_limit 1 s, lease 60 s
+    wait_for_run(tag)
+    assert seconds_until_gone(client, key_of(t.hard_limit, tag)) < 10  # not the 60 s lease
+    assert result.state == "FAILURE"
+
+
+def test_revoke_with_terminate_frees_the_lock_at_once(
+    shared_worker: tuple[Popen[bytes], str], client: redis.Redis
+) -> None:
+    _, queue = shared_worker
+    tag = uuid.uuid4().hex
+    result = t.slow.apply_async((tag, 60), queue=queue)
+    wait_for_run(tag)
+    result.revoke(terminate=True, signal="SIGKILL")
+    assert seconds_until_gone(client, key_of(t.slow, tag, 60)) < 10  # not the 30 s lease
+
+
+def test_a_lost_worker_child_frees_the_lock_at_once(
+    shared_worker: tuple[Popen[bytes], str], client: redis.Redis
+) -> None:
+    _, queue = shared_worker
+    tag = uuid.uuid4().hex
+    t.slow.apply_async((tag, 60), queue=queue)
+    wait_for_run(tag)
+    os.kill(t.pid(tag), signal.SIGKILL)  # the pool child only; the main process sees it die
+    assert seconds_until_gone(client, key_of(t.slow, tag, 60)) < 10
