@@ -336,3 +336,34 @@ def test_eager_mode_runs_inline_and_leaves_no_lock(redis_url: str, client: redis
     assert eager.delay(21).get() == 42
     assert ran == [21, 21]
     assert client.keys("eager:lock:*") == []
+
+
+# -- every way of publishing goes through the lock ------------------------------------------
+
+
+def test_signatures_chains_and_explicit_ids_all_take_the_lock(tag: str) -> None:
+    from celery import chain
+
+    first = t.slow.apply_async((tag, 0.3), task_id=f"mine-{tag}")
+    assert first.id == f"mine-{tag}"
+    assert t.slow.s(tag, 0.3).delay().id == first.id
+    assert t.slow.si(tag, 0.3).apply_async().id == first.id
+    other = uuid.uuid4().hex
+    # A chain's second step is published by the worker once the first is done.
+    chained = chain(t.slow.si(other, 0.0), t.slow.si(other, 0.0)).apply_async()
+    first.get(timeout=10)
+    chained.get(timeout=10)
+    assert t.runs(tag) == 1
+    assert t.runs(other) == 2
+
+
+def test_a_duplicate_group_member_publishes_nothing(tag: str) -> None:
+    from celery import group
+
+    grouped = group(t.slow.s(tag, 0.3), t.slow.s(tag, 0.3)).apply_async()
+    grouped.results[0].get(timeout=10)
+    time.sleep(0.3)
+    assert t.runs(tag) == 1
+    # Celery builds a GroupResult from ids it chose before publishing, so the duplicate
+    # member's entry names a task that was never sent (documented limitation).
+    assert grouped.results[1].state == "PENDING"
