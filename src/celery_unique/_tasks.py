@@ -49,6 +49,8 @@ RUN_SEPARATOR = "\x1f"
 KEY_HEADER = "celery_unique_key"
 #: Message header (epoch seconds) until which ``unique_until="expired"`` keeps the lock.
 HOLD_HEADER = "celery_unique_hold_until"
+#: Message header marking a copy deferred because another delivery of it was running.
+DEFERRED_HEADER = "celery_unique_deferred"
 
 DEFAULT_TTL = 3600.0
 DEFAULT_LEASE = 30.0
@@ -346,6 +348,10 @@ class UniqueTask(Task):  # type: ignore[misc]
         if not got.acquired:
             self._not_ours(task_id, got)
         lock._adopt(got)
+        if getattr(request, DEFERRED_HEADER, None) and self.AsyncResult(task_id).successful():
+            # The delivery this copy waited for has run the instance to success meanwhile.
+            self._finish(key, lock)
+            raise Ignore()
         _RUNNING[task_id] = lock
         try:
             retval = super().__call__(*args, **kwargs)
@@ -381,7 +387,12 @@ class UniqueTask(Task):  # type: ignore[misc]
         )
         request = self.request
         self.signature_from_request(
-            request, request.args, request.kwargs, countdown=countdown, retries=request.retries
+            request,
+            request.args,
+            request.kwargs,
+            countdown=countdown,
+            retries=request.retries,  # a deferral is not a retry: it uses none up
+            headers={**(request.headers or {}), DEFERRED_HEADER: True},
         ).apply_async()
         raise Retry("already running elsewhere", when=countdown)
 

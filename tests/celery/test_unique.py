@@ -240,17 +240,19 @@ def test_unique_until_expired_keeps_the_key_after_success(tag: str, client: redi
     t.expired.clear_locks()
 
 
-def test_a_second_delivery_never_runs_beside_the_first(tag: str) -> None:
-    first = t.slow.delay(tag, 1.0)
+def test_a_second_delivery_never_runs_beside_the_first_nor_after_it(tag: str) -> None:
+    first = t.short_lease.delay(tag, 1.0)  # a 2 s lease keeps the deferral short
     wait_until(lambda: t.runs(tag) == 1)
     # What a broker's redelivery looks like: the same message, same id, published again.
-    key = t.slow.unique_key((tag, 1.0))
-    super(UniqueTask, t.slow).apply_async(
+    key = t.short_lease.unique_key((tag, 1.0))
+    super(UniqueTask, t.short_lease).apply_async(
         (tag, 1.0), task_id=first.id, headers={"celery_unique_key": key}
     )
     first.get(timeout=10)
-    time.sleep(0.5)
-    assert t.peak(tag) == 1
+    time.sleep(4.5)  # past the lease and jitter the second delivery was deferred by
+    assert t.peak(tag) == 1  # never beside the first...
+    assert t.runs(tag) == 1  # ...and not again once the first had succeeded
+    assert first.state == "SUCCESS"
 
 
 def test_direct_calls_take_no_lock(tag: str, client: redis.Redis) -> None:
