@@ -46,6 +46,10 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Start Redis and show locks racing across processes."""
-    session.install(".[server]")
-    session.run("python", "demo/locks.py", *session.posargs)
+    """Start Redis and a Celery worker and fire a burst of duplicate requests at it.
+
+    ``nox -s demo -- locks`` shows the distributed locks on their own instead.
+    """
+    session.install(".[server]", "celery[redis]")
+    name = session.posargs[0] if session.posargs else "unique"
+    session.run("python", f"demo/{name}.py")
