@@ -344,7 +344,18 @@ class UniqueTask(Task):  # type: ignore[misc]
             key, ttl=unique.lease, token=f"{task_id}{RUN_SEPARATOR}{os.urandom(8).hex()}",
             auto_renew=True,
         )  # fmt: skip
-        got = unique.backend.acquire_or_owner(key, lock.token, unique.lease, previous=task_id)
+        try:
+            got = unique.backend.acquire_or_owner(key, lock.token, unique.lease, previous=task_id)
+        except BackendUnavailable:
+            if not unique.fail_open:
+                raise
+            logger.warning(
+                "Redis unreachable: running %s[%s] without its unique lock (unique_fail_open)",
+                self.name,
+                task_id,
+                exc_info=True,
+            )
+            return super().__call__(*args, **kwargs)
         if not got.acquired:
             self._not_ours(task_id, got)
         lock._adopt(got)
