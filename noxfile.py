@@ -12,7 +12,8 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.default_venv_backend = "venv"
 
 # Peers the benchmarks compare against; installed into the bench session only.
-BENCH_PEERS = ["python-redis-lock"]
+LOCK_PEERS = ["python-redis-lock"]
+TASK_PEERS = ["celery-singleton==0.3.1", "celery-once==3.0.1", "celery-heimdall==1.0.1"]
 
 
 @nox.session
@@ -33,15 +34,19 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library, its tests, benchmarks and demo."""
-    session.install(".[test]", "mypy", "nox", *BENCH_PEERS)
+    session.install(".[test]", "mypy", "nox", *LOCK_PEERS)
     session.run("mypy", *session.posargs)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Compare this library with its peers on one Redis; prints medians and ratios."""
-    session.install(".[server]", *BENCH_PEERS)
+    """Compare this library with its peers on one Redis; prints medians and ratios.
+
+    ``nox -s bench -- --quick`` for a short run.
+    """
+    session.install(".[server]", "celery[redis]", *LOCK_PEERS, *TASK_PEERS)
     session.run("python", "benchmarks/locks.py", *session.posargs)
+    session.run("python", "benchmarks/apply_async.py", *session.posargs)
 
 
 @nox.session
