@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from . import _core
-from ._core import Call, Eval, Flow, Sleep, Step
+from ._core import Call, Eval, Flow, Op, Sleep, Step
 from ._exceptions import BackendError, BackendUnavailable, ConfigurationError
 from ._keys import DEFAULT_PREFIX, KeySpace
 from ._lock import AsyncLock, Lock
@@ -154,18 +154,18 @@ class RedisBackend(_BackendBase[Lock]):
 
         With ``previous``, a lock held by that token passes to ``token`` (a hand-over).
         """
-        return self._run(_core.acquire_once(self._keys.lock(name), token, ttl, previous))
+        return self._one(_core.acquire_once(self._keys.lock(name), token, ttl, previous))
 
     def release(self, name: str, token: str, *, owner_prefix: str | None = None) -> bool:
         """Delete the lock if ``token`` owns it; ``True`` if it did. One round trip.
 
         With ``owner_prefix``, an owner whose token starts with it counts as the caller too.
         """
-        return self._run(_core.release(self._keys.lock(name), token, owner_prefix))
+        return self._one(_core.release(self._keys.lock(name), token, owner_prefix))
 
     def extend(self, name: str, token: str, ttl: float) -> bool:
         """Give the lock ``ttl`` seconds from now if ``token`` owns it. One round trip."""
-        return self._run(_core.extend(self._keys.lock(name), token, ttl))
+        return self._one(_core.extend(self._keys.lock(name), token, ttl))
 
     def close(self) -> None:
         """Close the client and its connections."""
@@ -176,6 +176,10 @@ class RedisBackend(_BackendBase[Lock]):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _one(self, op: Op[T]) -> T:
+        """Carry out a one-round-trip operation."""
+        return op.parse(self._do(op.step))
 
     def _run(self, flow: Flow[T], sleep: Callable[[float], object] = time.sleep) -> T:
         """Carry out ``flow``; errors of a step are thrown into it, where it may handle them."""
@@ -236,18 +240,18 @@ class AsyncRedisBackend(_BackendBase[AsyncLock]):
 
         With ``previous``, a lock held by that token passes to ``token`` (a hand-over).
         """
-        return await self._run(_core.acquire_once(self._keys.lock(name), token, ttl, previous))
+        return await self._one(_core.acquire_once(self._keys.lock(name), token, ttl, previous))
 
     async def release(self, name: str, token: str, *, owner_prefix: str | None = None) -> bool:
         """Delete the lock if ``token`` owns it; ``True`` if it did. One round trip.
 
         With ``owner_prefix``, an owner whose token starts with it counts as the caller too.
         """
-        return await self._run(_core.release(self._keys.lock(name), token, owner_prefix))
+        return await self._one(_core.release(self._keys.lock(name), token, owner_prefix))
 
     async def extend(self, name: str, token: str, ttl: float) -> bool:
         """Give the lock ``ttl`` seconds from now if ``token`` owns it. One round trip."""
-        return await self._run(_core.extend(self._keys.lock(name), token, ttl))
+        return await self._one(_core.extend(self._keys.lock(name), token, ttl))
 
     async def aclose(self) -> None:
         """Close the client and its connections."""
@@ -258,6 +262,10 @@ class AsyncRedisBackend(_BackendBase[AsyncLock]):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    async def _one(self, op: Op[T]) -> T:
+        """Carry out a one-round-trip operation."""
+        return op.parse(await self._do(op.step))
 
     async def _run(self, flow: Flow[T], *, see_through: bool = False) -> T:
         """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.

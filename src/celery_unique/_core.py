@@ -1,10 +1,12 @@
 """The sans-IO core: every decision the library makes, and no I/O.
 
-A *flow* is a generator that yields steps (:class:`Eval` a script, :class:`Call` a read-only
-command, :class:`Sleep`), is sent the raw reply of each, and returns a result. The two executors
-in ``_backend`` are short loops that carry steps out, one synchronously and one with ``await``;
-neither decides anything. Errors of the executor (``BackendError``) are thrown into the flow,
-so a flow that can ride out an outage (lock renewal) decides that here too.
+An operation of one round trip is an :class:`Op`: the step to send (:class:`Eval` a script,
+:class:`Call` a read-only command) and the function that reads its reply. An operation of
+several is a *flow*: a generator that yields steps (and :class:`Sleep`), is sent the raw reply
+of each, and returns a result. The two executors in ``_backend`` carry them out, one
+synchronously and one with ``await``; neither decides anything. Errors of the executor
+(``BackendError``) are thrown into a flow, so a flow that can ride out an outage (lock
+renewal) decides that here too.
 
 Durations are float seconds everywhere in Python and integer milliseconds only on the way to
 Lua; the conversion happens in this module alone. Replies may be ``bytes`` or ``str``
@@ -17,7 +19,7 @@ import math
 import random
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ._exceptions import BackendError, ConfigurationError
 from ._keys import LockKeys
@@ -28,6 +30,7 @@ __all__ = [
     "Call",
     "Eval",
     "Flow",
+    "Op",
     "Sleep",
     "Step",
     "acquire",
@@ -79,6 +82,22 @@ Step = Eval | Call | Sleep
 Flow = Generator[Step, Any, T]
 
 
+@dataclass(frozen=True, slots=True)
+class Op(Generic[T]):
+    """One round trip: the step to send and how to read its reply."""
+
+    step: Eval | Call
+    parse: Callable[[Any], T]
+
+
+def _flag(reply: Any) -> bool:
+    return int(reply) == 1
+
+
+def _owner(reply: bytes | str | None) -> str | None:
+    return None if reply is None else decode(reply)
+
+
 def to_ms(seconds: float, what: str = "ttl") -> int:
     """Seconds (float) to the whole milliseconds Lua takes, rounding up; rejects nonsense."""
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
@@ -126,10 +145,10 @@ def _acquire_step(keys: LockKeys, token: str, ttl_ms: int, previous: str | None 
 
 def acquire_once(
     keys: LockKeys, token: str, ttl: float, previous: str | None = None
-) -> Flow[Acquisition]:
+) -> Op[Acquisition]:
     """One attempt: acquire, re-acquire (same token), take over from ``previous`` if it holds
-    the lock, or learn the owner; one round trip."""
-    return parse_acquire((yield _acquire_step(keys, token, to_ms(ttl), previous)))
+    the lock, or learn the owner."""
+    return Op(_acquire_step(keys, token, to_ms(ttl), previous), parse_acquire)
 
 
 def acquire(
@@ -166,21 +185,20 @@ def acquire(
         backoff = min(backoff * 2, BACKOFF_MAX)
 
 
-def release(keys: LockKeys, token: str, owner_prefix: str | None = None) -> Flow[bool]:
+def release(keys: LockKeys, token: str, owner_prefix: str | None = None) -> Op[bool]:
     """Delete the lock if ``token`` owns it (or an owner starting with ``owner_prefix``)."""
     args = (token,) if owner_prefix is None else (token, owner_prefix)
-    return int((yield Eval(RELEASE, (keys.lock,), args))) == 1
+    return Op(Eval(RELEASE, (keys.lock,), args), _flag)
 
 
-def extend(keys: LockKeys, token: str, ttl: float) -> Flow[bool]:
+def extend(keys: LockKeys, token: str, ttl: float) -> Op[bool]:
     """Set the lock's TTL to ``ttl`` from now if ``token`` owns it; ``True`` if it did."""
-    return int((yield Eval(EXTEND, (keys.lock,), (token, to_ms(ttl))))) == 1
+    return Op(Eval(EXTEND, (keys.lock,), (token, to_ms(ttl))), _flag)
 
 
-def owner(keys: LockKeys) -> Flow[str | None]:
+def owner(keys: LockKeys) -> Op[str | None]:
     """The token holding the lock, or ``None`` when it is free."""
-    reply = yield Call(("GET", keys.lock))
-    return None if reply is None else decode(reply)
+    return Op(Call(("GET", keys.lock)), _owner)
 
 
 def renew(keys: LockKeys, token: str, ttl: float, *, clock: Clock) -> Flow[str]:
@@ -190,8 +208,7 @@ def renew(keys: LockKeys, token: str, ttl: float, *, clock: Clock) -> Flow[str]:
     ``"unreachable"`` (Redis did not answer for a whole TTL, so the lock has expired there).
     A failed extend is retried sooner, while the lock still has time left.
     """
-    ttl_ms = to_ms(ttl)
-    step = Eval(EXTEND, (keys.lock,), (token, ttl_ms))
+    step = extend(keys, token, ttl).step
     interval = ttl / 3
     valid_until = clock() + ttl
     delay = interval
@@ -199,7 +216,7 @@ def renew(keys: LockKeys, token: str, ttl: float, *, clock: Clock) -> Flow[str]:
         yield Sleep(delay)
         sent = clock()
         try:
-            renewed = int((yield step)) == 1
+            renewed = _flag((yield step))
         except BackendError:
             left = valid_until - clock()
             if left <= 0:

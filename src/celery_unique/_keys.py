@@ -95,6 +95,15 @@ class ArgumentKey:
         self._signature = inspect.signature(func)
         self._unique_on = unique_on
         self._encoder = encoder
+        # One encoder, built once: json.dumps with options builds a new one per call.
+        self._dumps = (encoder or json.JSONEncoder)(
+            sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode
+        # The common signature (plain named parameters) binds without inspect's machinery.
+        params = list(self._signature.parameters.values())
+        plain = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        self._names = tuple(p.name for p in params) if plain else None
+        self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
         if unique_on is None or callable(unique_on):
             return
         if isinstance(unique_on, str) or not all(isinstance(n, str) for n in unique_on):
@@ -114,18 +123,37 @@ class ArgumentKey:
         if callable(unique_on):
             value: object = unique_on(*args, **kwargs)
         else:
-            bound = self._signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = bound.arguments
+            arguments = self._bind(args, kwargs)
             if unique_on is not None:
                 arguments = {name: arguments[name] for name in unique_on}
             value = arguments
         try:
-            payload = canonical_json(value, self._encoder)
+            payload = self._dumps(value)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(self._not_serialisable(value)) from exc
         digest = hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
         return f"task:{self.task_name}:{digest}"
+
+    def _bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Arguments by name, defaults filled in: ``Signature.bind`` + ``apply_defaults``."""
+        names = self._names
+        if names is None or len(args) > len(names) or not kwargs.keys() <= set(names):
+            bound = self._signature.bind(*args, **kwargs)  # raises the usual TypeError
+            bound.apply_defaults()
+            return dict(bound.arguments)
+        arguments = dict(zip(names, args, strict=False))
+        for name, value in kwargs.items():
+            if name in arguments:
+                raise TypeError(f"{self.task_name}() got multiple values for argument {name!r}")
+            arguments[name] = value
+        if len(arguments) < len(names):
+            for name in names:
+                if name not in arguments:
+                    if name not in self._defaults:
+                        raise TypeError(f"{self.task_name}() missing argument {name!r}")
+                    arguments[name] = self._defaults[name]
+        # In signature order, like Signature.bind, though canonical JSON sorts anyway.
+        return {name: arguments[name] for name in names}
 
     def prefix(self) -> str:
         """The start every key of this task shares (for clearing its locks)."""

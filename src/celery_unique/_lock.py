@@ -164,20 +164,20 @@ class Lock(_LockBase["RedisBackend"]):
     def release(self) -> None:
         """Release the lock; :class:`LockNotOwnedError` if this owner no longer holds it."""
         self._stop_renewal()
-        if not self._backend._run(_core.release(self._keys, self.token)):
+        if not self._backend._one(_core.release(self._keys, self.token)):
             raise self._not_owned("release")
         self._held = False
 
     def extend(self, ttl: float | None = None) -> None:
         """Reset the TTL to ``ttl`` (default: the lock's) from now; raises if not the owner."""
-        if not self._backend._run(
+        if not self._backend._one(
             _core.extend(self._keys, self.token, self.ttl if ttl is None else ttl)
         ):
             raise self._not_owned("extend")
 
     def owner(self) -> str | None:
         """The token of the current holder, or ``None`` when the lock is free."""
-        return self._backend._run(_core.owner(self._keys))
+        return self._backend._one(_core.owner(self._keys))
 
     def locked(self) -> bool:
         """Whether anyone holds the lock."""
@@ -211,7 +211,7 @@ class Lock(_LockBase["RedisBackend"]):
 
     def _release_quietly(self) -> None:
         try:
-            self._backend._run(_core.release(self._keys, self.token))
+            self._backend._one(_core.release(self._keys, self.token))
         except Exception:
             logger.warning("could not free lock %r after an interrupted acquire", self.name)
 
@@ -282,20 +282,20 @@ class AsyncLock(_LockBase["AsyncRedisBackend"]):
     async def release(self) -> None:
         """Release the lock; :class:`LockNotOwnedError` if this owner no longer holds it."""
         await self._stop_renewal()
-        if not await self._backend._run(_core.release(self._keys, self.token)):
+        if not await self._backend._one(_core.release(self._keys, self.token)):
             raise self._not_owned("release")
         self._held = False
 
     async def extend(self, ttl: float | None = None) -> None:
         """Reset the TTL to ``ttl`` (default: the lock's) from now; raises if not the owner."""
-        if not await self._backend._run(
+        if not await self._backend._one(
             _core.extend(self._keys, self.token, self.ttl if ttl is None else ttl)
         ):
             raise self._not_owned("extend")
 
     async def owner(self) -> str | None:
         """The token of the current holder, or ``None`` when the lock is free."""
-        return await self._backend._run(_core.owner(self._keys))
+        return await self._backend._one(_core.owner(self._keys))
 
     async def locked(self) -> bool:
         """Whether anyone holds the lock."""
@@ -319,7 +319,7 @@ class AsyncLock(_LockBase["AsyncRedisBackend"]):
 
     async def _release_quietly(self) -> None:
         try:
-            await self._shielded(self._backend._run(_core.release(self._keys, self.token)))
+            await self._shielded(self._backend._one(_core.release(self._keys, self.token)))
         except Exception:
             logger.warning("could not free lock %r after an interrupted acquire", self.name)
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from celery import Celery, Task, signals
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
-from celery.result import AsyncResult
+from celery.result import AsyncResult, EagerResult
 from celery.utils import uuid
 from kombu.utils.imports import symbol_by_name
 
@@ -313,7 +313,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             if got is not None and got.acquired:
                 self._release_quietly(key, task_id)
             raise
-        if self.app.conf.task_always_eager and unique.until != "expired":
+        if isinstance(result, EagerResult) and unique.until != "expired":
             # Ran inline already (no worker, no hand-over): the instance is done.
             self._release_quietly(key, task_id)
         return result

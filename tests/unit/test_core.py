@@ -43,14 +43,12 @@ def finish(flow: Flow[Any], reply: object) -> Any:
 
 
 def test_acquire_once_builds_one_eval_and_parses_both_reply_kinds() -> None:
-    flow = acquire_once(KEYS, "tok", 1.5)
-    step = next(flow)
-    assert step == Eval(ACQUIRE, ("p:lock:{job}", "p:fence:{job}"), ("tok", 1500))
-    assert finish(flow, [1, b"tok", 1500, 17]) == Acquisition(True, "tok", 1.5, 17)
-
-    flow = acquire_once(KEYS, "tok", 1.5)
-    next(flow)
-    assert finish(flow, [0, "other", 250]) == Acquisition(False, "other", 0.25, None)
+    op = acquire_once(KEYS, "tok", 1.5)
+    assert op.step == Eval(ACQUIRE, ("p:lock:{job}", "p:fence:{job}"), ("tok", 1500))
+    assert op.parse([1, b"tok", 1500, 17]) == Acquisition(True, "tok", 1.5, 17)
+    assert op.parse([0, "other", 250]) == Acquisition(False, "other", 0.25, None)
+    handover = acquire_once(KEYS, "run", 2, previous="tok")
+    assert handover.step.args == ("run", 2000, "tok")
 
 
 def test_parse_acquire_reports_a_key_without_expiry_as_unknown_ttl() -> None:
@@ -125,18 +123,17 @@ def test_blocking_acquire_never_sleeps_past_the_holders_ttl() -> None:
 
 
 def test_release_extend_and_owner_steps() -> None:
-    flow = release(KEYS, "tok")
-    assert next(flow) == Eval(RELEASE, ("p:lock:{job}",), ("tok",))
-    assert finish(flow, 1) is True
-    flow = extend(KEYS, "tok", 2)
-    assert next(flow) == Eval(EXTEND, ("p:lock:{job}",), ("tok", 2000))
-    assert finish(flow, 0) is False
-    flow2 = owner(KEYS)
-    assert next(flow2) == Call(("GET", "p:lock:{job}"))
-    assert finish(flow2, b"tok") == "tok"
-    flow2 = owner(KEYS)
-    next(flow2)
-    assert finish(flow2, None) is None
+    op = release(KEYS, "tok")
+    assert op.step == Eval(RELEASE, ("p:lock:{job}",), ("tok",))
+    assert op.parse(1) is True
+    assert release(KEYS, "tok", "tok:").step == Eval(RELEASE, ("p:lock:{job}",), ("tok", "tok:"))
+    op = extend(KEYS, "tok", 2)
+    assert op.step == Eval(EXTEND, ("p:lock:{job}",), ("tok", 2000))
+    assert op.parse(0) is False
+    who = owner(KEYS)
+    assert who.step == Call(("GET", "p:lock:{job}"))
+    assert who.parse(b"tok") == "tok"
+    assert who.parse(None) is None
 
 
 def test_renew_extends_every_third_of_the_ttl_until_the_lock_is_lost() -> None:
