@@ -6,7 +6,7 @@ import logging
 import pickle
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -274,16 +274,34 @@ def test_clear_locks_uses_scan_and_frees_everything(tag: str, client: redis.Redi
 # -- configuration and failure --------------------------------------------------------------
 
 
-def _app(**conf: Any) -> Celery:
-    app = Celery(f"cfg{uuid.uuid4().hex[:6]}")
-    app.conf.update(broker_connection_retry_on_startup=True, **conf)
-    return app
+MakeApp = Callable[..., Celery]
+
+
+@pytest.fixture
+def make_app() -> Iterator[MakeApp]:
+    """Throwaway Celery apps, closed afterwards with their lock backends (no stray sockets)."""
+    from celery_unique._tasks import _BACKENDS
+
+    made: list[Celery] = []
+
+    def make(**conf: Any) -> Celery:
+        app = Celery(f"cfg{uuid.uuid4().hex[:6]}")
+        app.conf.update(broker_connection_retry_on_startup=True, **conf)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        backend = _BACKENDS.pop(app, None)
+        if backend is not None:
+            backend.close()
+        app.close()
 
 
 def test_an_unreachable_redis_raises_backend_unavailable_and_publishes_nothing(
-    redis_url: str, client: redis.Redis
+    redis_url: str, client: redis.Redis, make_app: MakeApp
 ) -> None:
-    app = _app(broker_url=redis_url, unique_backend_url=f"redis://127.0.0.1:{free_port()}/0")
+    app = make_app(broker_url=redis_url, unique_backend_url=f"redis://127.0.0.1:{free_port()}/0")
 
     @app.task(base=UniqueTask, name="cfg.down")
     def down(x: int) -> None: ...
@@ -297,10 +315,10 @@ def test_an_unreachable_redis_raises_backend_unavailable_and_publishes_nothing(
 
 
 def test_fail_open_publishes_without_the_lock_and_warns(
-    redis_url: str, client: redis.Redis, caplog: pytest.LogCaptureFixture
+    redis_url: str, client: redis.Redis, caplog: pytest.LogCaptureFixture, make_app: MakeApp
 ) -> None:
     queue = f"q{uuid.uuid4().hex}"
-    app = _app(
+    app = make_app(
         broker_url=redis_url,
         unique_backend_url=f"redis://127.0.0.1:{free_port()}/0",
         unique_fail_open=True,
@@ -316,17 +334,23 @@ def test_fail_open_publishes_without_the_lock_and_warns(
     client.delete(queue)
 
 
-def test_the_backend_defaults_to_the_redis_result_backend_then_the_broker(redis_url: str) -> None:
+def test_the_backend_defaults_to_the_redis_result_backend_then_the_broker(
+    redis_url: str, make_app: MakeApp
+) -> None:
     from celery_unique._tasks import backend_for
 
-    assert "127.0.0.1" in repr(backend_for(_app(result_backend=redis_url, broker_url="memory://")))
-    assert "127.0.0.1" in repr(backend_for(_app(broker_url=redis_url)))
+    assert "127.0.0.1" in repr(
+        backend_for(make_app(result_backend=redis_url, broker_url="memory://"))
+    )
+    assert "127.0.0.1" in repr(backend_for(make_app(broker_url=redis_url)))
     with pytest.raises(ConfigurationError, match="unique_backend_url"):
-        backend_for(_app(broker_url="memory://"))
+        backend_for(make_app(broker_url="memory://"))
 
 
-def test_eager_mode_runs_inline_and_leaves_no_lock(redis_url: str, client: redis.Redis) -> None:
-    app = _app(broker_url=redis_url, task_always_eager=True, unique_key_prefix="eager:")
+def test_eager_mode_runs_inline_and_leaves_no_lock(
+    redis_url: str, client: redis.Redis, make_app: MakeApp
+) -> None:
+    app = make_app(broker_url=redis_url, task_always_eager=True, unique_key_prefix="eager:")
     ran: list[int] = []
 
     @app.task(base=UniqueTask, name="cfg.eager")
@@ -371,11 +395,13 @@ def test_a_duplicate_group_member_publishes_nothing(tag: str) -> None:
     assert grouped.results[1].state == "PENDING"
 
 
-def test_fail_open_runs_the_task_through_a_worker_without_redis_locks(redis_url: str) -> None:
+def test_fail_open_runs_the_task_through_a_worker_without_redis_locks(
+    redis_url: str, make_app: MakeApp
+) -> None:
     from celery.contrib.testing.worker import start_worker
 
     tag = uuid.uuid4().hex
-    app = _app(
+    app = make_app(
         broker_url=redis_url,
         result_backend=redis_url,
         unique_backend_url=f"redis://127.0.0.1:{free_port()}/0",
