@@ -57,4 +57,4 @@ def demo(session: nox.Session) -> None:
     """
     session.install(".[server]", "celery[redis]")
     name = session.posargs[0] if session.posargs else "unique"
-    session.run("python", f"demo/{name}.py")
+    session.run("python", "-m", f"demo.{name}")

@@ -1,6 +1,7 @@
 """Distributed locks, live: what goes wrong without one, and what celery_unique.Lock guarantees.
 
-Run ``python demo/locks.py`` (or ``nox -s demo``); it starts a private ``redis-server``
+Run ``python -m demo.locks`` from the repository root (or ``nox -s demo -- locks``); it
+starts a private ``redis-server``
 (``celery_unique.testing``) and takes under ten seconds. It shows, in four parts:
 
 1. Without a lock, 8 processes doing read-modify-write increments of one Redis key lose updates.
@@ -32,6 +33,7 @@ import redis
 
 from celery_unique import AsyncRedisBackend, RedisBackend
 from celery_unique.testing import redis_server
+from demo._report import Check, heading, say, summary
 
 # spawn, not fork: every worker is a fresh interpreter with its own connections, like a
 # process on another host would be.
@@ -50,21 +52,6 @@ CRASH_TTL = 2.0
 CRASH_SLACK = 0.5  # on top of the TTL: the waiter's polling and a busy machine
 COROUTINES = 200
 ASYNC_CONNECTIONS = 8  # far fewer than coroutines: they queue for the pool
-STARTED = time.monotonic()
-
-
-class Check(NamedTuple):
-    claim: str
-    ok: bool
-
-
-def say(message: str) -> None:
-    """Print one progress line, stamped with the seconds since the demo started."""
-    print(f"[{time.monotonic() - STARTED:5.2f}s] {message}", flush=True)
-
-
-def heading(title: str) -> None:
-    print(f"\n=== {title} ===", flush=True)
 
 
 # --- parts 1 and 2: processes racing on one counter ------------------------------------------
@@ -306,13 +293,7 @@ def main() -> int:
         say(f"private redis-server up at {url}")
         checks = without_lock(url) + with_lock(url) + crashed_holder(url)
         checks += asyncio.run(coroutines(url))
-    heading("summary")
-    for check in checks:
-        print(f"  {'✓' if check.ok else '✗'} {check.claim}")
-    failed = sum(not check.ok for check in checks)
-    verdict = "all checks passed" if not failed else f"{failed} check(s) FAILED"
-    print(f"\n{verdict} in {time.monotonic() - STARTED:.1f} s", flush=True)
-    return 1 if failed else 0
+    return summary(checks)
 
 
 if __name__ == "__main__":

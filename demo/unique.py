@@ -1,6 +1,7 @@
 """Unique Celery tasks, live: a burst of identical requests, and the report runs once.
 
-Run ``python demo/unique.py`` (or ``nox -s demo``). It starts a private ``redis-server``
+Run ``python -m demo.unique`` from the repository root (or ``nox -s demo``). It starts a
+private ``redis-server``
 (``celery_unique.testing``) and a real Celery worker (``celery -A demo.unique worker``,
 prefork, 4 processes), stops both at the end, and takes about 10 seconds. It shows, in
 three parts:
@@ -45,6 +46,7 @@ from celery import Celery, Task, signals
 
 from celery_unique import DuplicateTaskError, RedisBackend, UniqueTask, clear_locks
 from celery_unique.testing import redis_server
+from demo._report import Check, heading, say, summary
 
 # The worker runs in another process and learns the broker from its environment.
 REDIS_URL_ENV = "CELERY_UNIQUE_DEMO_REDIS_URL"
@@ -61,7 +63,6 @@ TICK = 0.5  # seconds between live lines
 # spawn, not fork: every caller process is a fresh interpreter with its own connections,
 # like a web server process on another host would be.
 CTX = multiprocessing.get_context("spawn")
-STARTED = time.monotonic()
 
 # What happens, recorded in Redis so that every process (callers, worker) adds to it.
 ASKED = "demo:asked"  # requests made
@@ -166,20 +167,6 @@ def _count_published(sender: str | None = None, **_: Any) -> None:
 
 
 # --- output ----------------------------------------------------------------------------------
-
-
-class Check(NamedTuple):
-    claim: str
-    ok: bool
-
-
-def say(message: str) -> None:
-    """Print one progress line, stamped with the seconds since the demo started."""
-    print(f"[{time.monotonic() - STARTED:5.2f}s] {message}", flush=True)
-
-
-def heading(title: str) -> None:
-    print(f"\n=== {title} ===", flush=True)
 
 
 def short(task_id: str) -> str:
@@ -592,16 +579,6 @@ def demo(url: str, worker: subprocess.Popen[bytes]) -> list[Check]:
     checks += second_wave(url, first_id)
     checks += raising()
     return checks + leftovers(store())
-
-
-def summary(checks: Sequence[Check]) -> int:
-    heading("summary")
-    for check in checks:
-        print(f"  {'✓' if check.ok else '✗'} {check.claim}")
-    failed = sum(not check.ok for check in checks)
-    verdict = "all checks passed" if not failed else f"{failed} check(s) FAILED"
-    print(f"\n{verdict} in {time.monotonic() - STARTED:.1f} s", flush=True)
-    return 1 if failed else 0
 
 
 def show_log(log: IO[bytes]) -> None:
