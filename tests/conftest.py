@@ -59,7 +59,7 @@ class Threaded:
     Factories (``lock``) are called directly, like their async twins, and wrapped in turn.
     """
 
-    _FACTORIES = frozenset({"lock"})
+    _FACTORIES = frozenset({"lock", "rate_limiter"})
 
     def __init__(self, target: Any) -> None:
         self._target = target

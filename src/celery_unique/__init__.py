@@ -27,8 +27,10 @@ from ._exceptions import (
     LockTimeout,
     RateLimitExceeded,
 )
+from ._limits import RateLimit
 from ._lock import AsyncLock, Lock
-from ._models import Acquisition
+from ._models import Acquisition, Decision
+from ._ratelimit import AsyncRateLimiter, RateLimiter
 
 # The Celery task classes load Celery, so they are imported on first use only: an asyncio
 # web app that just wants AsyncRedisBackend does not pay for Celery.
@@ -51,17 +53,21 @@ if TYPE_CHECKING:
 __all__ = [
     "Acquisition",
     "AsyncLock",
+    "AsyncRateLimiter",
     "AsyncRedisBackend",
     "BackendError",
     "BackendUnavailable",
     "CeleryUniqueError",
     "ConfigurationError",
+    "Decision",
     "DuplicateTaskError",
     "Lock",
     "LockError",
     "LockNotOwnedError",
     "LockTimeout",
+    "RateLimit",
     "RateLimitExceeded",
+    "RateLimiter",
     "RedisBackend",
     "UniqueTask",
     "clear_locks",

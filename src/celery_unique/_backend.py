@@ -28,12 +28,14 @@ from ._exceptions import BackendError, BackendUnavailable, ConfigurationError
 from ._keys import DEFAULT_PREFIX, KeySpace
 from ._lock import AsyncLock, Lock
 from ._models import Acquisition
+from ._ratelimit import AsyncRateLimiter, LimitSpec, RateLimiter
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
 
 T = TypeVar("T")
 L = TypeVar("L", Lock, AsyncLock)
-Backend = TypeVar("Backend", bound="_BackendBase[Any]")
+R = TypeVar("R", RateLimiter, AsyncRateLimiter)
+Backend = TypeVar("Backend", bound="_BackendBase[Any, Any]")
 
 # from_url() defaults, each overridable by keyword. They bound every call: a dead server
 # answers within seconds instead of redis-py's ten retries, and a crowd of callers waits
@@ -62,13 +64,14 @@ def _backend_error(exc: RedisError) -> BackendError:
     return BackendError(f"Redis answered with an error: {type(exc).__name__}: {exc}")
 
 
-class _BackendBase(Generic[L]):
+class _BackendBase(Generic[L, R]):
     """What both executors share: the client check, the key space and the lock factory."""
 
     _client_types: ClassVar[tuple[type, ...]]
     _pool_class: ClassVar[Any]  # the flavour's redis-py BlockingConnectionPool
     _other: ClassVar[str]
     _lock_class: type[L]
+    _limiter_class: type[R]
 
     @classmethod
     def from_url(
@@ -132,11 +135,16 @@ class _BackendBase(Generic[L]):
             on_lost=on_lost,
         )
 
+    def rate_limiter(self, limits: LimitSpec) -> R:
+        """A limiter for one limit or several (``"10/s"``, ``RateLimit(...)``, or a list of
+        them, all of which must admit a request); see :class:`RateLimiter`."""
+        return self._limiter_class(self, limits)  # type: ignore[arg-type]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._client!r}, key_prefix={self.key_prefix!r})"
 
 
-class RedisBackend(_BackendBase[Lock]):
+class RedisBackend(_BackendBase[Lock, RateLimiter]):
     """Locks and limits on a synchronous ``redis.Redis`` (or ``redis.cluster.RedisCluster``).
 
     ``RedisBackend.from_url("redis://localhost:6379/0")``, or ``RedisBackend(client)``.
@@ -146,6 +154,7 @@ class RedisBackend(_BackendBase[Lock]):
     _pool_class = redis.BlockingConnectionPool
     _other = "AsyncRedisBackend"
     _lock_class = Lock
+    _limiter_class = RateLimiter
 
     def acquire_or_owner(
         self, name: str, token: str, ttl: float, *, previous: str | None = None
@@ -221,7 +230,7 @@ class RedisBackend(_BackendBase[Lock]):
             raise _backend_error(exc) from exc
 
 
-class AsyncRedisBackend(_BackendBase[AsyncLock]):
+class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
     """Locks and limits on ``redis.asyncio.Redis`` (or ``redis.asyncio.RedisCluster``).
 
     ``AsyncRedisBackend.from_url("redis://localhost:6379/0")``, or ``AsyncRedisBackend(client)``.
@@ -232,6 +241,7 @@ class AsyncRedisBackend(_BackendBase[AsyncLock]):
     _pool_class = redis.asyncio.BlockingConnectionPool
     _other = "RedisBackend"
     _lock_class = AsyncLock
+    _limiter_class = AsyncRateLimiter
 
     async def acquire_or_owner(
         self, name: str, token: str, ttl: float, *, previous: str | None = None

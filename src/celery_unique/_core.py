@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ._exceptions import BackendError, ConfigurationError
+from ._exceptions import BackendError, ConfigurationError, RateLimitExceeded
 from ._keys import LockKeys
-from ._models import Acquisition
-from ._scripts import ACQUIRE, EXTEND, RELEASE, Script
+from ._limits import RateLimit
+from ._models import Acquisition, Decision
+from ._scripts import ACQUIRE, EXTEND, RELEASE, TOKEN_BUCKET, Script
 
 __all__ = [
     "Call",
@@ -38,11 +39,13 @@ __all__ = [
     "check_timeout",
     "decode",
     "extend",
+    "hit",
     "owner",
     "parse_acquire",
     "release",
     "renew",
     "to_ms",
+    "wait",
 ]
 
 T = TypeVar("T")
@@ -228,3 +231,57 @@ def renew(keys: LockKeys, token: str, ttl: float, *, clock: Clock) -> Flow[str]:
         # The new TTL runs from when Redis ran the script, which is after ``sent``.
         valid_until = sent + ttl
         delay = interval
+
+
+def check_cost(cost: int, limits: Sequence[RateLimit]) -> None:
+    """A cost must be a whole number of tokens that every limit's burst can ever hold."""
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+        raise ConfigurationError(f"cost must be a whole number of tokens >= 1, got {cost!r}")
+    smallest = min(limit.burst for limit in limits)
+    if cost > smallest:
+        raise ConfigurationError(
+            f"cost {cost} exceeds the burst of a limit ({smallest}): it could never be admitted"
+        )
+
+
+def parse_decision(reply: list[Any]) -> Decision:
+    """``{allowed, remaining, retry_after_us}`` -> :class:`Decision`."""
+    return Decision(int(reply[0]) == 1, int(reply[1]), int(reply[2]) / 1_000_000)
+
+
+def hit(keys: Sequence[str], limits: Sequence[RateLimit], cost: int = 1) -> Op[Decision]:
+    """Take ``cost`` tokens from every limit's bucket, or from none; one round trip."""
+    check_cost(cost, limits)
+    args: list[str | int] = [cost]
+    for limit in limits:
+        args += (limit._n, limit._period_us, limit.burst)
+    return Op(Eval(TOKEN_BUCKET, tuple(keys), tuple(args)), parse_decision)
+
+
+def wait(
+    keys: Sequence[str],
+    limits: Sequence[RateLimit],
+    cost: int = 1,
+    *,
+    timeout: float | None = None,
+    clock: Clock,
+) -> Flow[Decision]:
+    """Hit until admitted, sleeping for what the bucket says (plus a little jitter so that
+    waiters do not all come back at the same instant); :class:`RateLimitExceeded` when the
+    next admission lies beyond ``timeout``."""
+    if timeout is not None:
+        check_timeout(True, timeout)
+    op = hit(keys, limits, cost)
+    deadline = None if timeout is None else clock() + timeout
+    while True:
+        decision = op.parse((yield op.step))
+        if decision.allowed:
+            return decision
+        delay = decision.retry_after * (1 + random.random() / 20) + 0.001
+        if deadline is not None and clock() + decision.retry_after > deadline:
+            raise RateLimitExceeded(
+                f"the rate limit would admit this request in {decision.retry_after:.3f} s, "
+                "after the timeout: wait longer or lower the request rate",
+                retry_after=decision.retry_after,
+            )
+        yield Sleep(delay)

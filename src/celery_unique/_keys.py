@@ -59,6 +59,13 @@ class KeySpace:
             raise ConfigurationError(f"a lock name must be a str, got {type(name).__name__}")
         return _lock_keys(self.prefix, name)
 
+    def rate(self, name: str, specs: Sequence[str]) -> tuple[str, ...]:
+        """One bucket key per limit spec, all in the slot of ``name``."""
+        if not isinstance(name, str):
+            raise ConfigurationError(f"a rate limit key must be a str, got {type(name).__name__}")
+        tag = hash_tag(name)
+        return tuple(f"{self.prefix}rate:{tag}:{spec}" for spec in specs)
+
 
 @functools.lru_cache(maxsize=4096)
 def _lock_keys(prefix: str, name: str) -> LockKeys:

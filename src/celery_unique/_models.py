@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Acquisition"]
+__all__ = ["Acquisition", "Decision"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,3 +21,17 @@ class Acquisition:
     owner: str
     ttl: float | None
     fence: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one rate-limit check.
+
+    ``allowed`` says whether the tokens were taken. ``remaining`` is how many tokens the
+    tightest limit has left (after this request, when allowed). ``retry_after`` is how many
+    seconds to wait before the same request would be admitted (``0.0`` when allowed).
+    """
+
+    allowed: bool
+    remaining: int
+    retry_after: float

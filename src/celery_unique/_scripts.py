@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["ACQUIRE", "EXTEND", "RELEASE", "Script"]
+__all__ = ["ACQUIRE", "EXTEND", "RELEASE", "TOKEN_BUCKET", "Script"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +36,4 @@ def _read(filename: str) -> str:
 ACQUIRE = Script.load("acquire")
 RELEASE = Script.load("release")
 EXTEND = Script.load("extend")
+TOKEN_BUCKET = Script.load("token_bucket")

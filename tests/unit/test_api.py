@@ -14,6 +14,7 @@ import redis.asyncio
 import celery_unique
 from celery_unique import (
     AsyncLock,
+    AsyncRateLimiter,
     AsyncRedisBackend,
     BackendError,
     BackendUnavailable,
@@ -24,6 +25,7 @@ from celery_unique import (
     LockError,
     LockNotOwnedError,
     LockTimeout,
+    RateLimiter,
     RateLimitExceeded,
     RedisBackend,
 )
@@ -70,7 +72,10 @@ def _public(cls: type) -> dict[str, inspect.Signature | None]:
     return members
 
 
-@pytest.mark.parametrize(("sync", "async_"), [(Lock, AsyncLock), (RedisBackend, AsyncRedisBackend)])
+@pytest.mark.parametrize(
+    ("sync", "async_"),
+    [(Lock, AsyncLock), (RedisBackend, AsyncRedisBackend), (RateLimiter, AsyncRateLimiter)],
+)
 def test_sync_and_async_twins_have_the_same_names_and_parameters(sync: type, async_: type) -> None:
     sync_members, async_members = _public(sync), _public(async_)
     for name in ("__enter__", "__exit__"):
