@@ -22,9 +22,9 @@ import os
 import random
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NoReturn
 
 from celery import Celery, Task, signals
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
@@ -35,10 +35,12 @@ from kombu.utils.imports import symbol_by_name
 from ._backend import RedisBackend
 from ._exceptions import BackendError, BackendUnavailable, ConfigurationError, DuplicateTaskError
 from ._keys import ArgumentKey, UniqueOn
+from ._limits import RateLimit
 from ._lock import Lock
 from ._models import Acquisition
+from ._ratelimit import RateLimiter, as_limits
 
-__all__ = ["UniqueTask", "clear_locks"]
+__all__ = ["RateLimitedTask", "UniqueTask", "clear_locks", "defer"]
 
 logger = logging.getLogger("celery_unique")
 
@@ -396,16 +398,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         logger.warning(
             "%s[%s] is already running elsewhere: deferred by %.1f s", self.name, task_id, countdown
         )
-        request = self.request
-        self.signature_from_request(
-            request,
-            request.args,
-            request.kwargs,
-            countdown=countdown,
-            retries=request.retries,  # a deferral is not a retry: it uses none up
-            headers={**(request.headers or {}), DEFERRED_HEADER: True},
-        ).apply_async()
-        raise Retry("already running elsewhere", when=countdown)
+        defer(self, countdown, "already running elsewhere", {DEFERRED_HEADER: True})
 
     def _finish(self, key: str, lock: Lock, *, requeued: bool = False) -> None:
         """The run is over (or requeued): release, or hand back to the queued instance."""
@@ -439,6 +432,124 @@ class UniqueTask(Task):  # type: ignore[misc]
             logger.warning(
                 "could not free the unique lock of %s[%s]", self.name, task_id, exc_info=True
             )
+
+
+def defer(
+    task: Task, countdown: float, reason: str, headers: Mapping[str, Any] | None = None
+) -> NoReturn:
+    """Put the running instance back in the queue for ``countdown`` seconds and stop this run.
+
+    Same task id, same retry count (a deferral is not a retry: it uses none of
+    ``max_retries`` up), options untouched. Published through ``apply_async``, so a unique
+    task hands its lock back to the queued instance.
+    """
+    request = task.request
+    task.signature_from_request(
+        request,
+        request.args,
+        request.kwargs,
+        countdown=countdown,
+        retries=request.retries,
+        headers={**(request.headers or {}), **(headers or {})},
+    ).apply_async()
+    raise Retry(reason, when=countdown)
+
+
+class RateLimitedTask(Task):  # type: ignore[misc]
+    """A Celery task whose runs are limited fleet-wide, through a token bucket in Redis.
+
+    ::
+
+        @app.task(base=RateLimitedTask, global_rate_limit="2/m", rate_limit_key=["customer_id"])
+        def call_partner_api(customer_id): ...
+
+    Celery's own ``rate_limit`` is counted per worker; this one is shared by every worker.
+
+    * ``global_rate_limit``: ``"N/s"``-style string, :class:`RateLimit`, a list of them (all
+      must admit), or a callable taking the task's arguments and returning one (or ``None``
+      for no limit);
+    * ``rate_limit_key``: ``None`` (one bucket per task), a list of argument names (a bucket
+      per their values), or a callable taking the task's arguments and returning the bucket
+      name (which tasks may share, e.g. ``"partner-api"``).
+
+    The check happens when a run starts. An instance over the limit is deferred by the wait
+    the bucket names plus jitter: same task id, same retry count, options untouched; with
+    :class:`UniqueTask` (``class T(UniqueTask, RateLimitedTask)``) it keeps its unique lock.
+    """
+
+    global_rate_limit: ClassVar[Any] = None
+    rate_limit_key: ClassVar[Any] = None
+
+    _rate_settings: _Rated | None = None
+
+    @property
+    def _rated(self) -> _Rated:
+        settings = self._rate_settings
+        if settings is None:
+            settings = self._rate_settings = _Rated.resolve(self)
+        return settings
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if not (request.called_directly or request.is_eager):
+            rated = self._rated
+            limits = rated.limits(args, kwargs)
+            if limits is not None:
+                decision = rated.limiter(limits).hit(rated.key(args, kwargs))
+                if not decision.allowed:
+                    # Jitter spreads deferred instances so they do not all return at once.
+                    wait = decision.retry_after
+                    defer(self, wait + random.uniform(0, min(1.0, wait)), "rate limited")
+        return super().__call__(*args, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rated:
+    """A rate-limited task's resolved settings."""
+
+    backend: RedisBackend
+    static: tuple[RateLimit, ...] | None
+    dynamic: Callable[..., Any] | None
+    key: Callable[[Sequence[Any], Mapping[str, Any]], str]
+    _limiters: dict[tuple[str, ...], RateLimiter] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(cls, task: Task) -> _Rated:
+        spec = _static_option(task, "global_rate_limit")
+        if spec is None:
+            spec = task.app.conf.get("unique_global_rate_limit")
+        static = None if spec is None or callable(spec) else as_limits(spec)
+        return cls(
+            backend=backend_for(task.app),
+            static=static,
+            dynamic=spec if callable(spec) else None,
+            key=_rate_key(task, _static_option(task, "rate_limit_key")),
+        )
+
+    def limits(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[RateLimit, ...] | None:
+        if self.dynamic is None:
+            return self.static
+        spec = self.dynamic(*args, **kwargs)
+        return None if spec is None else as_limits(spec)
+
+    def limiter(self, limits: tuple[RateLimit, ...]) -> RateLimiter:
+        specs = tuple(limit.spec for limit in limits)
+        limiter = self._limiters.get(specs)
+        if limiter is None:
+            limiter = self._limiters[specs] = self.backend.rate_limiter(limits)
+        return limiter
+
+
+def _rate_key(task: Task, option: Any) -> Callable[[Sequence[Any], Mapping[str, Any]], str]:
+    if option is None:
+        name = f"task:{task.name}"
+        return lambda args, kwargs: name
+    if callable(option):
+        return lambda args, kwargs: str(option(*args, **kwargs))
+    # A list of argument names: hashed like unique keys, so no value appears in Redis.
+    return ArgumentKey(task.name, task.run, option)
 
 
 def clear_locks(app: Celery, task: UniqueTask | None = None) -> int:

@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 from celery.exceptions import Ignore, Reject
 
-from celery_unique import UniqueTask
+from celery_unique import RateLimit, RateLimitedTask, UniqueTask
 
 app = Celery("celery_unique_tests")
 app.conf.update(
@@ -177,3 +177,59 @@ def short_lease(tag: str, seconds: float = 60) -> None:
 def hard_limit(tag: str) -> None:
     with Run(tag):
         time.sleep(30)
+
+
+# -- rate limited -------------------------------------------------------------------------------
+
+LIMITED = RateLimit(10, per=1, burst=2)
+
+
+def redis_now_us() -> int:
+    seconds, micros = store().time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+@app.task(base=RateLimitedTask, name="t.limited", global_rate_limit=LIMITED)
+def limited(tag: str, i: int) -> int:
+    store().rpush(f"times:{tag}", redis_now_us())
+    store().expire(f"times:{tag}", 600)
+    return i
+
+
+@app.task(
+    base=RateLimitedTask,
+    name="t.per_customer",
+    global_rate_limit=RateLimit(1, per=3600),
+    rate_limit_key=["customer_id"],
+)
+def per_customer(customer_id: int, tag: str) -> None:
+    with Run(tag):
+        pass
+
+
+@app.task(
+    base=RateLimitedTask,
+    name="t.dynamic",
+    global_rate_limit=lambda tag, n: None if n == 0 else RateLimit(1, per=3600),
+    rate_limit_key=lambda tag, n: tag,
+)
+def dynamic(tag: str, n: int) -> None:
+    with Run(tag):
+        pass
+
+
+class UniqueLimited(UniqueTask, RateLimitedTask):
+    """Both at once: the unique lock is kept while the rate limit defers the run."""
+
+
+@app.task(
+    base=UniqueLimited,
+    bind=True,
+    name="t.unique_limited",
+    global_rate_limit=RateLimit(1, per=2),
+    rate_limit_key=lambda tag: tag,
+    max_retries=0,
+)
+def unique_limited(self: UniqueTask, tag: str) -> int:
+    with Run(tag):
+        return int(self.request.retries)

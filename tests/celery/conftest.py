@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -23,6 +24,9 @@ from tests.celery import app as test_app
 def celery_app(redis_url: str) -> Iterator[Any]:
     test_app.configure(redis_url)
     yield test_app.app
+    # An AsyncResult unsubscribes from its result channel when collected: let that happen
+    # now, while Redis still runs, not at interpreter exit after it has stopped.
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
