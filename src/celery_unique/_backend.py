@@ -55,6 +55,13 @@ def _client_kwargs(redis_kw: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _command(step: Eval | Call) -> tuple[str | int, ...]:
+    """The Redis command a step is sent as."""
+    if isinstance(step, Call):
+        return step.args
+    return ("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
+
+
 def _backend_error(exc: RedisError) -> BackendError:
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
         return BackendUnavailable(
@@ -216,16 +223,11 @@ class RedisBackend(_BackendBase[Lock, RateLimiter]):
         try:
             if isinstance(step, Call):
                 return client.execute_command(*step.args)
-            script = step.script
             try:
-                return client.execute_command(
-                    "EVALSHA", script.sha, len(step.keys), *step.keys, *step.args
-                )
+                return client.execute_command(*_command(step))
             except NoScriptError:
-                client.script_load(script.source)
-                return client.execute_command(
-                    "EVALSHA", script.sha, len(step.keys), *step.keys, *step.args
-                )
+                client.script_load(step.script.source)
+                return client.execute_command(*_command(step))
         except RedisError as exc:
             raise _backend_error(exc) from exc
 
@@ -242,6 +244,16 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
     _other = "RedisBackend"
     _lock_class = AsyncLock
     _limiter_class = AsyncRateLimiter
+
+    def __init__(self, client: Any, *, key_prefix: str = DEFAULT_PREFIX) -> None:
+        super().__init__(client, key_prefix=key_prefix)
+        # Commands waiting for this loop iteration's round trip, per event loop.
+        self._batches: dict[
+            asyncio.AbstractEventLoop, list[tuple[Eval | Call, asyncio.Future[Any]]]
+        ] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+        # A cluster pipeline would split per node anyway: send those one by one, concurrently.
+        self._cluster = isinstance(client, redis.asyncio.RedisCluster)
 
     async def acquire_or_owner(
         self, name: str, token: str, ttl: float, *, previous: str | None = None
@@ -275,13 +287,13 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
 
     async def _one(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
-        return op.parse(await self._do(op.step))
+        return op.parse(await self._submit(op.step))
 
     async def _run(self, flow: Flow[T], *, see_through: bool = False) -> T:
         """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.
 
         With ``see_through``, a cancellation that lands while a command is in flight waits for
-        its reply before it is raised, so the caller knows the command ran (see ``_complete``).
+        its reply before it is raised, so the caller knows whether the command ran.
         """
         try:
             step: Step = next(flow)
@@ -291,7 +303,7 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
                     step = flow.send(None)
                     continue
                 try:
-                    reply = await (self._complete(step) if see_through else self._do(step))
+                    reply = await (self._complete(step) if see_through else self._submit(step))
                 except BackendError as exc:
                     step = flow.throw(exc)
                 else:
@@ -307,30 +319,109 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
         # the reply could not tell whether it now holds a lock, and a cleanup sent on another
         # connection might even overtake it. So the command is seen through (bounded by the
         # socket timeout) and the cancellation is raised after it.
-        inner = asyncio.ensure_future(self._do(step))
+        reply = self._submit(step)
         try:
-            return await asyncio.shield(inner)
+            return await asyncio.shield(reply)
         except asyncio.CancelledError:
             with anyio.CancelScope(shield=True):
-                await asyncio.wait([inner])
-            if not inner.cancelled():
-                inner.exception()  # retrieved: it is the cancellation that matters now
+                await asyncio.wait([reply])
+            if not reply.cancelled():
+                reply.exception()  # retrieved: it is the cancellation that matters now
             raise
+
+    def _submit(self, step: Eval | Call) -> asyncio.Future[Any]:
+        """Queue ``step`` for this event-loop iteration's round trip; a future of its reply.
+
+        Every caller that submits before the loop turns joins one pipeline: one round trip
+        and one pooled connection however many coroutines decide at once, which is what lets
+        one Python process keep up with Redis. Each caller still gets exactly the reply, or
+        the error, its own command would have got alone; one that is cancelled before the
+        pipeline goes out has its command dropped, as if it had never been sent.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        batch = self._batches.get(loop)
+        if batch is None:
+            batch = self._batches[loop] = []
+            loop.call_soon(self._flush, loop)
+        batch.append((step, future))
+        return future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = [item for item in self._batches.pop(loop, ()) if not item[1].cancelled()]
+        if batch:
+            task = loop.create_task(self._send(batch))
+            self._sending.add(task)  # a strong reference until it is done
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Eval | Call, asyncio.Future[Any]]]) -> None:
+        replies: list[Any]
+        try:
+            if len(batch) == 1:
+                replies = [await self._do(batch[0][0])]
+            elif self._cluster:
+                replies = await asyncio.gather(
+                    *(self._do(step) for step, _ in batch), return_exceptions=True
+                )
+            else:
+                replies = await self._pipeline([step for step, _ in batch])
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if not future.done():
+                if isinstance(reply, BaseException):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    async def _pipeline(self, steps: list[Eval | Call]) -> list[Any]:
+        """Run ``steps`` in one non-transactional pipeline; errors come back in place."""
+        replies = await self._execute(steps)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # a restarted or flushed server: load what it lacks, run those again
+            try:
+                for script in {steps[i].script for i in missing}:  # type: ignore[union-attr]
+                    await self._client.script_load(script.source)
+            except RedisError as exc:
+                raise _backend_error(exc) from exc
+            for i, reply in zip(
+                missing, await self._execute([steps[i] for i in missing]), strict=True
+            ):
+                replies[i] = reply
+        return [self._in_place(reply) for reply in replies]
+
+    async def _execute(self, steps: list[Eval | Call]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for step in steps:
+            pipe.execute_command(*_command(step))
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            raise _backend_error(exc) from exc
+        return replies
+
+    @staticmethod
+    def _in_place(reply: Any) -> Any:
+        if isinstance(reply, RedisError):
+            error = _backend_error(reply)
+            error.__cause__ = reply
+            return error
+        return reply
 
     async def _do(self, step: Eval | Call) -> Any:
         client = self._client
         try:
             if isinstance(step, Call):
                 return await client.execute_command(*step.args)
-            script = step.script
             try:
-                return await client.execute_command(
-                    "EVALSHA", script.sha, len(step.keys), *step.keys, *step.args
-                )
+                return await client.execute_command(*_command(step))
             except NoScriptError:
-                await client.script_load(script.source)
-                return await client.execute_command(
-                    "EVALSHA", script.sha, len(step.keys), *step.keys, *step.args
-                )
+                await client.script_load(step.script.source)
+                return await client.execute_command(*_command(step))
         except RedisError as exc:
             raise _backend_error(exc) from exc

@@ -10,7 +10,7 @@ import anyio
 import pytest
 import redis
 
-from celery_unique import AsyncRedisBackend
+from celery_unique import AsyncRedisBackend, BackendError, RateLimit
 
 pytestmark = pytest.mark.anyio
 
@@ -147,3 +147,62 @@ async def test_auto_renew_task_stops_with_release(abackend: AsyncRedisBackend) -
         assert renewal is not None and not renewal.done()
     assert renewal.done()
     assert lock._renewal is None
+
+
+# -- coalescing: the calls of one loop iteration share one round trip -------------------------
+
+
+async def test_concurrent_hits_share_one_connection_and_keep_their_results(
+    redis_url: str, prefix: str, client: redis.Redis
+) -> None:
+    name = f"coalesce-{uuid.uuid4().hex[:8]}"
+    backend = AsyncRedisBackend.from_url(redis_url, key_prefix=prefix, client_name=name)
+    try:
+        limiter = backend.rate_limiter(RateLimit(3, per=3600))
+        decisions = await asyncio.gather(*(limiter.hit("k") for _ in range(200)))
+        opened = sum(1 for c in client.client_list() if c.get("name") == name)
+    finally:
+        await backend.aclose()
+    # Exactly what 200 separate calls would get: the burst admitted, every other one denied.
+    assert sum(d.allowed for d in decisions) == 3
+    assert sorted(d.remaining for d in decisions if d.allowed) == [0, 1, 2]
+    assert opened == 1  # 200 decisions, one pipeline, one connection
+
+
+async def test_an_error_in_a_batch_reaches_only_its_own_caller(
+    abackend: AsyncRedisBackend, client: redis.Redis, prefix: str
+) -> None:
+    client.hset(f"{prefix}lock:{{broken}}", "not", "a string")
+    results = await asyncio.gather(
+        abackend.acquire_or_owner("a", "me", 10),
+        abackend.acquire_or_owner("broken", "me", 10),
+        abackend.acquire_or_owner("b", "me", 10),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], BackendError)
+    assert isinstance(results[1].__cause__, redis.ResponseError)
+    assert [r.acquired for r in (results[0], results[2])] == [True, True]  # type: ignore[union-attr]
+
+
+async def test_a_flushed_script_cache_is_reloaded_for_a_whole_batch(
+    abackend: AsyncRedisBackend, client: redis.Redis
+) -> None:
+    await abackend.acquire_or_owner("warm", "me", 10)
+    client.script_flush()
+    results = await asyncio.gather(
+        *(abackend.acquire_or_owner(f"n{i}", "me", 10) for i in range(20))
+    )
+    assert all(r.acquired for r in results)
+
+
+async def test_a_caller_cancelled_before_the_round_trip_sends_nothing(
+    abackend: AsyncRedisBackend, client: redis.Redis, prefix: str
+) -> None:
+    from celery_unique import _core
+    from celery_unique._keys import KeySpace
+
+    op = _core.acquire_once(KeySpace(prefix).lock("never"), "me", 10)
+    reply = abackend._submit(op.step)
+    reply.cancel()  # before the loop turns and the pipeline goes out
+    await abackend.acquire_or_owner("other", "me", 10)  # a later round trip does go out
+    assert client.get(f"{prefix}lock:{{never}}") is None
