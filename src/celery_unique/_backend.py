@@ -252,6 +252,7 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
             asyncio.AbstractEventLoop, list[tuple[Eval | Call, asyncio.Future[Any]]]
         ] = {}
         self._sending: set[asyncio.Task[None]] = set()
+        self._in_flight = 0  # round trips under way (direct calls and pipelines)
         # A cluster pipeline would split per node anyway: send those one by one, concurrently.
         self._cluster = isinstance(client, redis.asyncio.RedisCluster)
 
@@ -287,7 +288,14 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
 
     async def _one(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
-        return op.parse(await self._submit(op.step))
+        if self._in_flight or self._batches:
+            return op.parse(await self._submit(op.step))
+        # Nobody to share a round trip with: go straight out, without the loop turn.
+        self._in_flight += 1
+        try:
+            return op.parse(await self._do(op.step))
+        finally:
+            self._in_flight -= 1
 
     async def _run(self, flow: Flow[T], *, see_through: bool = False) -> T:
         """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.
@@ -342,6 +350,10 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
         future: asyncio.Future[Any] = loop.create_future()
         batch = self._batches.get(loop)
         if batch is None:
+            if not self._in_flight:
+                # Nothing under way to share a round trip with: send at once, no loop turn.
+                self._start(loop, [(step, future)])
+                return future
             batch = self._batches[loop] = []
             loop.call_soon(self._flush, loop)
         batch.append((step, future))
@@ -350,9 +362,19 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = [item for item in self._batches.pop(loop, ()) if not item[1].cancelled()]
         if batch:
-            task = loop.create_task(self._send(batch))
-            self._sending.add(task)  # a strong reference until it is done
-            task.add_done_callback(self._sending.discard)
+            self._start(loop, batch)
+
+    def _start(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Eval | Call, asyncio.Future[Any]]]
+    ) -> None:
+        self._in_flight += 1
+        task = loop.create_task(self._send(batch))
+        self._sending.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self._in_flight -= 1
 
     async def _send(self, batch: list[tuple[Eval | Call, asyncio.Future[Any]]]) -> None:
         replies: list[Any]
