@@ -360,9 +360,7 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
         return future
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch = [item for item in self._batches.pop(loop, ()) if not item[1].cancelled()]
-        if batch:
-            self._start(loop, batch)
+        self._start(loop, self._batches.pop(loop, []))
 
     def _start(
         self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Eval | Call, asyncio.Future[Any]]]
@@ -377,6 +375,9 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
         self._in_flight -= 1
 
     async def _send(self, batch: list[tuple[Eval | Call, asyncio.Future[Any]]]) -> None:
+        batch = [item for item in batch if not item[1].cancelled()]  # gave up before it went
+        if not batch:
+            return
         replies: list[Any]
         try:
             if len(batch) == 1:
