@@ -14,6 +14,7 @@ nox.options.default_venv_backend = "venv"
 # Peers the benchmarks compare against; installed into the bench session only.
 LOCK_PEERS = ["python-redis-lock"]
 TASK_PEERS = ["celery-singleton==0.3.1", "celery-once==3.0.1", "celery-heimdall==1.0.1"]
+LIMIT_PEERS = ["limits==5.8.0"]  # limits[redis] pins redis<8: it runs on our redis-py
 
 
 @nox.session
@@ -44,9 +45,10 @@ def bench(session: nox.Session) -> None:
 
     ``nox -s bench -- --quick`` for a short run.
     """
-    session.install(".[server]", "celery[redis]", *LOCK_PEERS, *TASK_PEERS)
+    session.install(".[server]", "celery[redis]", *LOCK_PEERS, *TASK_PEERS, *LIMIT_PEERS)
     session.run("python", "benchmarks/locks.py", *session.posargs)
     session.run("python", "benchmarks/apply_async.py", *session.posargs)
+    session.run("python", "benchmarks/rate_limit.py", *session.posargs)
 
 
 @nox.session
