@@ -53,10 +53,10 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Start Redis and a Celery worker and fire a burst of duplicate requests at it.
+    """Start Redis and Celery workers: duplicate requests run once, a rate limit holds fleet-wide.
 
-    ``nox -s demo -- locks`` shows the distributed locks on their own instead.
+    ``nox -s demo -- locks`` (or ``-- unique``, ``-- ratelimit``) runs one demo on its own.
     """
     session.install(".[server]", "celery[redis]")
-    name = session.posargs[0] if session.posargs else "unique"
-    session.run("python", "-m", f"demo.{name}")
+    for name in session.posargs or ["unique", "ratelimit"]:
+        session.run("python", "-m", f"demo.{name}")

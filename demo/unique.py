@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,8 +37,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Barrier
-from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import redis
 from celery import Celery, Task, signals
@@ -47,10 +45,10 @@ from celery import Celery, Task, signals
 from celery_unique import DuplicateTaskError, RedisBackend, UniqueTask, clear_locks
 from celery_unique.testing import redis_server
 from demo._report import Check, heading, say, summary
+from demo._worker import celery_worker, run, show_log, wait_until
 
 # The worker runs in another process and learns the broker from its environment.
 REDIS_URL_ENV = "CELERY_UNIQUE_DEMO_REDIS_URL"
-REPO = Path(__file__).resolve().parent.parent
 LOCK_PREFIX = "demo:"
 REPORT_SECONDS = 2.0
 INVOICE_SECONDS = 1.0
@@ -176,65 +174,10 @@ def short(task_id: str) -> str:
 # --- the worker ------------------------------------------------------------------------------
 
 
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:  # the whole group is gone already
-        pass
-
-
-@contextmanager
-def celery_worker(url: str, log: IO[bytes]) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``celery -A demo.unique worker`` in its own process group; always kill the group."""
-    env = dict(os.environ, **{REDIS_URL_ENV: url})
-    # ``-A demo.unique`` is imported from the repository root, wherever the demo runs from.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    command = [
-        sys.executable, "-m", "celery", "-A", "demo.unique", "worker",
-        "--pool=prefork", "--concurrency=4", "--loglevel=warning",
-        # Alone on a private broker: nobody to sync with or gossip to, so start faster.
-        "--without-mingle", "--without-gossip", "--without-heartbeat",
-    ]  # fmt: skip
-    # A session of its own: Ctrl-C in the terminal reaches the demo only, whose ``finally``
-    # then stops the worker and its pool processes together.
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    finished = False
-    try:
-        yield process
-        finished = True
-    finally:
-        stop_worker(process, graceful=finished)
-
-
-def stop_worker(process: subprocess.Popen[bytes], *, graceful: bool) -> None:
-    """After a full run, a warm shutdown (nothing runs by then, so it is quick); in any case
-    SIGKILL for what is left. After a failure or Ctrl-C, no waiting for the reports it runs."""
-    try:
-        if graceful:
-            _signal_group(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        # Even after a clean exit: a pool process the main one left behind dies here too.
-        _signal_group(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def wait_for_worker(process: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
     """Block until the worker has run a task; its pool process's pid."""
     probe = warm_up.delay()
-    deadline = time.monotonic() + timeout
-    # Polled rather than a blocking get(): a worker that dies while starting is seen at once.
-    while not probe.ready():
-        if process.poll() is not None:
-            raise RuntimeError(f"the worker exited with code {process.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the worker did not answer within {timeout:g} s")
-        time.sleep(0.05)
+    wait_until(probe.ready, [process], "the worker to run a warm-up task", timeout)
     pid: int = probe.get(timeout=5)
     return pid
 
@@ -581,13 +524,6 @@ def demo(url: str, worker: subprocess.Popen[bytes]) -> list[Check]:
     return checks + leftovers(store())
 
 
-def show_log(log: IO[bytes]) -> None:
-    log.seek(0)
-    tail = log.read().decode(errors="replace").strip().splitlines()[-30:]
-    heading("the worker's log (last lines)")
-    print("\n".join(tail) or "(empty)", flush=True)
-
-
 def main() -> int:
     with tempfile.TemporaryFile(prefix="celery-unique-demo-worker-") as log:
         try:
@@ -595,7 +531,9 @@ def main() -> int:
                 say(f"private redis-server up at {url}")
                 configure(url)
                 # The worker stops first: it needs Redis to shut down cleanly.
-                with celery_worker(url, log) as worker:
+                with celery_worker(
+                    "demo.unique", {REDIS_URL_ENV: url}, log, concurrency=4
+                ) as worker:
                     say(f"celery worker starting (pid {worker.pid}, prefork, 4 processes)")
                     checks = demo(url, worker)
         except Exception:  # not on Ctrl-C: the user knows why it stopped
@@ -607,15 +545,5 @@ def main() -> int:
         return status
 
 
-def _terminated(signum: int, frame: object) -> None:
-    # Turn SIGTERM into an exception, so the ``finally`` blocks stop the worker and Redis.
-    raise SystemExit(128 + signum)
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _terminated)
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted: worker and redis-server stopped", file=sys.stderr)
-        sys.exit(130)
+    run(main)

@@ -1,0 +1,165 @@
+"""Real Celery workers for the demos: started in a process group of their own, always killed.
+
+::
+
+    with celery_worker("demo.unique", {"SOME_URL_ENV": url}, log, concurrency=4) as worker:
+        wait_until(probe.ready, [worker], "the worker to run a warm-up task")
+        ...
+
+    with celery_workers(app, env, logs, concurrency=2, nodes=["alpha@%h", "bravo@%h"]) as ws:
+        ...
+
+A worker is ``python -m celery -A <module> worker`` (prefork), run from the repository root
+so that ``<module>`` imports, with its output going to ``log`` for :func:`show_log` to print
+when something went wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, NoReturn
+
+from demo._report import heading
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
+
+
+@contextmanager
+def celery_worker(
+    app: str,
+    env: Mapping[str, str],
+    log: IO[bytes],
+    *,
+    concurrency: int,
+    node: str | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``celery -A <app> worker`` in its own process group; always kill the group.
+
+    ``env`` is added to this process's environment: the worker runs in another process and
+    learns the broker from it. ``node`` is the worker's ``-n`` name (``alpha@%h``).
+    """
+    with celery_workers(app, env, [log], concurrency=concurrency, nodes=[node]) as (worker,):
+        yield worker
+
+
+@contextmanager
+def celery_workers(
+    app: str,
+    env: Mapping[str, str],
+    logs: Sequence[IO[bytes]],
+    *,
+    concurrency: int,
+    nodes: Sequence[str | None],
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Run a worker per node name, each as :func:`celery_worker` does; stop them together.
+
+    Workers sharing a broker need distinct node names. Stopping them together takes as long
+    as the slowest warm shutdown, not the sum of them.
+    """
+    workers: list[subprocess.Popen[bytes]] = []
+    finished = False
+    try:
+        for node, log in zip(nodes, logs, strict=True):
+            workers.append(_start(app, env, log, concurrency, node))
+        yield workers
+        finished = True
+    finally:
+        stop_workers(workers, graceful=finished)
+
+
+def _start(
+    app: str, env: Mapping[str, str], log: IO[bytes], concurrency: int, node: str | None
+) -> subprocess.Popen[bytes]:
+    environ = dict(os.environ, **env)
+    # ``-A <app>`` is imported from the repository root, wherever the demo runs from.
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environ.get("PYTHONPATH")]))
+    command = [
+        sys.executable, "-m", "celery", "-A", app, "worker",
+        "--pool=prefork", f"--concurrency={concurrency}", "--loglevel=warning",
+        # A private broker: nobody to sync with or gossip to, so start faster.
+        "--without-mingle", "--without-gossip", "--without-heartbeat",
+        *(["-n", node] if node else []),
+    ]  # fmt: skip
+    # A session of its own: Ctrl-C in the terminal reaches the demo only, whose ``finally``
+    # then stops the worker and its pool processes together.
+    return subprocess.Popen(
+        command, cwd=REPO, env=environ, stdin=subprocess.DEVNULL, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+def stop_workers(workers: Sequence[subprocess.Popen[bytes]], *, graceful: bool) -> None:
+    """After a full run, a warm shutdown (nothing runs by then, so it is quick); in any case
+    SIGKILL for what is left. After a failure or Ctrl-C, no waiting for the tasks they run."""
+    try:
+        if graceful:
+            for worker in workers:
+                _signal_group(worker.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            for worker in workers:
+                worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for worker in workers:
+            # Even after a clean exit: a pool process the main one left behind dies here too.
+            _signal_group(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    workers: Sequence[subprocess.Popen[bytes]],
+    what: str,
+    timeout: float = 60.0,
+) -> None:
+    """Block until ``ready()`` holds; raise if a worker exits or ``timeout`` s pass first.
+
+    Polled rather than a blocking call: a worker that dies while starting is seen at once.
+    """
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for worker in workers:
+            if worker.poll() is not None:
+                raise RuntimeError(f"a worker (pid {worker.pid}) exited with {worker.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def show_log(log: IO[bytes], title: str = "the worker's log") -> None:
+    """Print the last lines a worker wrote: shown when the demo failed, to say why."""
+    log.seek(0)
+    tail = log.read().decode(errors="replace").strip().splitlines()[-30:]
+    heading(f"{title} (last lines)")
+    print("\n".join(tail) or "(empty)", flush=True)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    # Turn SIGTERM into an exception, so the ``finally`` blocks stop the workers and Redis.
+    raise SystemExit(128 + signum)
+
+
+def run(main: Callable[[], int]) -> NoReturn:
+    """Run a demo's ``main`` as a program: its return value is the exit code, and SIGTERM
+    or Ctrl-C still stop every worker and redis-server it started."""
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted: workers and redis-server stopped", file=sys.stderr)
+        sys.exit(130)
