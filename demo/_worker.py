@@ -16,6 +16,7 @@ when something went wrong.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -24,11 +25,23 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
+
+import redis
 
 from demo._report import heading
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def records(app: Any) -> redis.Redis:
+    """This process's client for a demo's records, on the app's broker (it has a pool)."""
+    return _client(str(app.conf.broker_url))
 
 
 def _signal_group(pgid: int, signum: int) -> None:

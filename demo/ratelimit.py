@@ -23,7 +23,6 @@ This module is also the workers' app: they import it as ``demo.ratelimit``.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -42,7 +41,7 @@ from celery.result import AsyncResult
 from celery_unique import RateLimit, RateLimitedTask
 from celery_unique.testing import redis_server
 from demo._report import Check, heading, say, summary
-from demo._worker import celery_workers, run, show_log, wait_until
+from demo._worker import celery_workers, records, run, show_log, wait_until
 
 # The workers run in other processes and learn the broker from their environment.
 REDIS_URL_ENV = "CELERY_UNIQUE_RATELIMIT_DEMO_REDIS_URL"
@@ -83,14 +82,9 @@ if os.environ.get(REDIS_URL_ENV):
     configure(os.environ[REDIS_URL_ENV])
 
 
-@functools.cache
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True)
-
-
 def store() -> redis.Redis:
     """This process's client for the demo's records."""
-    return _client(str(app.conf.broker_url))
+    return records(app)
 
 
 @dataclass(frozen=True)

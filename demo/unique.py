@@ -22,7 +22,6 @@ This module is also the worker's app: the worker imports it as ``demo.unique``.
 
 from __future__ import annotations
 
-import functools
 import json
 import multiprocessing
 import os
@@ -45,7 +44,7 @@ from celery import Celery, Task, signals
 from celery_unique import DuplicateTaskError, RedisBackend, UniqueTask, clear_locks
 from celery_unique.testing import redis_server
 from demo._report import Check, heading, say, summary
-from demo._worker import celery_worker, run, show_log, wait_until
+from demo._worker import celery_worker, records, run, show_log, wait_until
 
 # The worker runs in another process and learns the broker from its environment.
 REDIS_URL_ENV = "CELERY_UNIQUE_DEMO_REDIS_URL"
@@ -89,14 +88,9 @@ if os.environ.get(REDIS_URL_ENV):
     configure(os.environ[REDIS_URL_ENV])
 
 
-@functools.cache
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True)
-
-
 def store() -> redis.Redis:
     """This process's client for the demo's records (thread-safe: it has a pool)."""
-    return _client(str(app.conf.broker_url))
+    return records(app)
 
 
 @dataclass(frozen=True)
