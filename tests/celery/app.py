@@ -34,6 +34,11 @@ def configure(url: str) -> None:
 
 if os.environ.get("CELERY_UNIQUE_TEST_REDIS_URL"):
     configure(os.environ["CELERY_UNIQUE_TEST_REDIS_URL"])
+if os.environ.get("CELERY_UNIQUE_TEST_DEAD_LOCKS_URL"):
+    # A worker whose lock Redis is down and which may run tasks without their locks.
+    app.conf.update(
+        unique_backend_url=os.environ["CELERY_UNIQUE_TEST_DEAD_LOCKS_URL"], unique_fail_open=True
+    )
 
 _clients: dict[str, redis.Redis] = {}
 

@@ -8,7 +8,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from subprocess import STDOUT, Popen, TimeoutExpired
@@ -41,10 +41,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
-def worker_process(redis_url: str, *, concurrency: int = 1) -> Iterator[tuple[Popen[bytes], str]]:
+def worker_process(
+    redis_url: str, *, concurrency: int = 1, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[Popen[bytes], str]]:
     """A prefork worker in a subprocess (its own process group) on a queue of its own."""
     queue = f"q-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "CELERY_UNIQUE_TEST_REDIS_URL": redis_url}
+    env = {**os.environ, "CELERY_UNIQUE_TEST_REDIS_URL": redis_url, **(env or {})}
     with tempfile.TemporaryFile() as log:
         process = Popen(
             [

@@ -401,27 +401,3 @@ def test_a_duplicate_group_member_publishes_nothing(tag: str) -> None:
     # Celery builds a GroupResult from ids it chose before publishing, so the duplicate
     # member's entry names a task that was never sent (documented limitation).
     assert grouped.results[1].state == "PENDING"
-
-
-def test_fail_open_runs_the_task_through_a_worker_without_redis_locks(
-    redis_url: str, make_app: MakeApp
-) -> None:
-    from celery.contrib.testing.worker import start_worker
-
-    tag = uuid.uuid4().hex
-    app = make_app(
-        broker_url=redis_url,
-        result_backend=redis_url,
-        unique_backend_url=f"redis://127.0.0.1:{free_port()}/0",
-        unique_fail_open=True,
-        task_default_queue=f"q{tag}",
-    )
-
-    @app.task(base=UniqueTask, name="cfg.open_worker")
-    def run_once(x: str) -> str:
-        with t.Run(x):
-            return x
-
-    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
-        assert run_once.delay(tag).get(timeout=20) == tag
-    assert t.runs(tag) == 1

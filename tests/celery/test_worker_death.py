@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from celery_unique._tasks import RUN_SEPARATOR
+from celery_unique.testing import free_port
 from tests.celery import app as t
 from tests.celery.conftest import worker_process
 
@@ -91,3 +92,17 @@ def test_a_lost_worker_child_frees_the_lock_at_once(
     wait_for_run(tag)
     os.kill(t.pid(tag), signal.SIGKILL)  # the pool child only; the main process sees it die
     assert seconds_until_gone(client, key_of(t.slow, tag, 60)) < 10
+
+
+def test_fail_open_lets_a_worker_run_a_task_when_its_lock_redis_is_down(
+    redis_url: str, client: redis.Redis
+) -> None:
+    tag = uuid.uuid4().hex
+    dead = {"CELERY_UNIQUE_TEST_DEAD_LOCKS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    with worker_process(redis_url, env=dead) as (_, queue):
+        # Published with the lock (this process reaches Redis); the worker cannot reach the
+        # lock Redis at start and, failing open, runs the task anyway instead of failing it.
+        result = t.slow.apply_async((tag, 0.0), queue=queue)
+        assert result.get(timeout=30) == tag
+    assert t.runs(tag) == 1
+    client.delete(key_of(t.slow, tag, 0.0))  # the queued lock the worker could not free
