@@ -55,16 +55,19 @@ class KeySpace:
             )
 
     def lock(self, name: str) -> LockKeys:
-        if not isinstance(name, str):
-            raise ConfigurationError(f"a lock name must be a str, got {type(name).__name__}")
+        _check_name(name, "a lock name")
         return _lock_keys(self.prefix, name)
 
     def rate(self, name: str, specs: Sequence[str]) -> tuple[str, ...]:
         """One bucket key per limit spec, all in the slot of ``name``."""
-        if not isinstance(name, str):
-            raise ConfigurationError(f"a rate limit key must be a str, got {type(name).__name__}")
+        _check_name(name, "a rate limit key")
         tag = hash_tag(name)
         return tuple(f"{self.prefix}rate:{tag}:{spec}" for spec in specs)
+
+
+def _check_name(name: object, what: str) -> None:
+    if not isinstance(name, str):
+        raise ConfigurationError(f"{what} must be a str, got {type(name).__name__}")
 
 
 @functools.lru_cache(maxsize=4096)

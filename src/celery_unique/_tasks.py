@@ -15,6 +15,7 @@ holds goes through three owners, all in one Redis key:
 from __future__ import annotations
 
 import datetime
+import functools
 import inspect
 import json
 import logging
@@ -231,14 +232,10 @@ class UniqueTask(Task):  # type: ignore[misc]
     on_duplicate: ClassVar[str | None] = None
     unique_fail_open: ClassVar[bool | None] = None
 
-    _unique_settings: _Unique | None = None
-
-    @property
+    @functools.cached_property
     def _unique(self) -> _Unique:
-        settings = self._unique_settings
-        if settings is None:
-            settings = self._unique_settings = _Unique.resolve(self)
-        return settings
+        # Resolved on first use: the app is configured and finalized by then.
+        return _Unique.resolve(self)
 
     def unique_key(
         self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None
@@ -480,14 +477,9 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     global_rate_limit: ClassVar[Any] = None
     rate_limit_key: ClassVar[Any] = None
 
-    _rate_settings: _Rated | None = None
-
-    @property
+    @functools.cached_property
     def _rated(self) -> _Rated:
-        settings = self._rate_settings
-        if settings is None:
-            settings = self._rate_settings = _Rated.resolve(self)
-        return settings
+        return _Rated.resolve(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request

@@ -14,7 +14,13 @@ import anyio.lowlevel
 import pytest
 import redis
 
-from celery_unique import AsyncRedisBackend, RateLimit, RateLimitExceeded, RedisBackend
+from celery_unique import (
+    AsyncRedisBackend,
+    ConfigurationError,
+    RateLimit,
+    RateLimitExceeded,
+    RedisBackend,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -70,7 +76,7 @@ async def test_client_clocks_moved_by_an_hour_change_nothing(
 
 async def test_bad_costs_are_refused(backend: AsyncRedisBackend) -> None:
     limiter = backend.rate_limiter(HOURLY)
-    with pytest.raises(Exception, match="cost"):
+    with pytest.raises(ConfigurationError, match="cost"):
         await limiter.hit("k", cost=4)
 
 
