@@ -34,7 +34,7 @@ from ._ratelimit import AsyncRateLimiter, RateLimiter
 
 # The Celery task classes load Celery, so they are imported on first use only: an asyncio
 # web app that just wants AsyncRedisBackend does not pay for Celery.
-_LAZY = {"UniqueTask": "._tasks", "RateLimitedTask": "._tasks", "clear_locks": "._tasks"}
+_LAZY = {"UniqueTask": "._tasks", "RateLimitedTask": "._ratetask", "clear_locks": "._tasks"}
 
 
 def __getattr__(name: str) -> object:
@@ -48,7 +48,8 @@ def __getattr__(name: str) -> object:
 
 
 if TYPE_CHECKING:
-    from ._tasks import RateLimitedTask, UniqueTask, clear_locks
+    from ._ratetask import RateLimitedTask
+    from ._tasks import UniqueTask, clear_locks
 
 __all__ = [
     "Acquisition",

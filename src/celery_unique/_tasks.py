@@ -1,7 +1,7 @@
 """Celery integration: :class:`UniqueTask` and :func:`clear_locks`.
 
-This module (and ``compat/``) is the only place Celery is imported. The lock a unique task
-holds goes through three owners, all in one Redis key:
+This module, ``_ratetask`` and ``compat/`` are the only places Celery is imported. The lock a
+unique task holds goes through three owners, all in one Redis key:
 
 * ``<task id>`` while queued: taken by ``apply_async`` before publishing, for ``unique_ttl``
   plus any countdown/ETA delay;
@@ -23,8 +23,8 @@ import os
 import random
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
 from celery import Celery, Task, signals
@@ -36,12 +36,10 @@ from kombu.utils.imports import symbol_by_name
 from ._backend import RedisBackend
 from ._exceptions import BackendError, BackendUnavailable, ConfigurationError, DuplicateTaskError
 from ._keys import ArgumentKey, UniqueOn
-from ._limits import RateLimit
 from ._lock import Lock
 from ._models import Acquisition
-from ._ratelimit import RateLimiter, as_limits
 
-__all__ = ["RateLimitedTask", "UniqueTask", "clear_locks", "defer"]
+__all__ = ["UniqueTask", "clear_locks", "defer"]
 
 logger = logging.getLogger("celery_unique")
 
@@ -450,98 +448,6 @@ def defer(
         headers={**(request.headers or {}), **(headers or {})},
     ).apply_async()
     raise Retry(reason, when=countdown)
-
-
-class RateLimitedTask(Task):  # type: ignore[misc]
-    """A Celery task whose runs are limited fleet-wide, through a token bucket in Redis.
-
-    ::
-
-        @app.task(base=RateLimitedTask, global_rate_limit="2/m", rate_limit_key=["customer_id"])
-        def call_partner_api(customer_id): ...
-
-    Celery's own ``rate_limit`` is counted per worker; this one is shared by every worker.
-
-    * ``global_rate_limit``: ``"N/s"``-style string, :class:`RateLimit`, a list of them (all
-      must admit), or a callable taking the task's arguments and returning one (or ``None``
-      for no limit);
-    * ``rate_limit_key``: ``None`` (one bucket per task), a list of argument names (a bucket
-      per their values), or a callable taking the task's arguments and returning the bucket
-      name (which tasks may share, e.g. ``"partner-api"``).
-
-    The check happens when a run starts. An instance over the limit is deferred by the wait
-    the bucket names plus jitter: same task id, same retry count, options untouched; with
-    :class:`UniqueTask` (``class T(UniqueTask, RateLimitedTask)``) it keeps its unique lock.
-    """
-
-    global_rate_limit: ClassVar[Any] = None
-    rate_limit_key: ClassVar[Any] = None
-
-    @functools.cached_property
-    def _rated(self) -> _Rated:
-        return _Rated.resolve(self)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        request = self.request
-        if not (request.called_directly or request.is_eager):
-            rated = self._rated
-            limits = rated.limits(args, kwargs)
-            if limits is not None:
-                decision = rated.limiter(limits).hit(rated.key(args, kwargs))
-                if not decision.allowed:
-                    # Jitter spreads deferred instances so they do not all return at once.
-                    wait = decision.retry_after
-                    defer(self, wait + random.uniform(0, min(1.0, wait)), "rate limited")
-        return super().__call__(*args, **kwargs)
-
-
-@dataclass(frozen=True, slots=True)
-class _Rated:
-    """A rate-limited task's resolved settings."""
-
-    backend: RedisBackend
-    static: tuple[RateLimit, ...] | None
-    dynamic: Callable[..., Any] | None
-    key: Callable[[Sequence[Any], Mapping[str, Any]], str]
-    _limiters: dict[tuple[str, ...], RateLimiter] = field(default_factory=dict)
-
-    @classmethod
-    def resolve(cls, task: Task) -> _Rated:
-        spec = _static_option(task, "global_rate_limit")
-        if spec is None:
-            spec = task.app.conf.get("unique_global_rate_limit")
-        static = None if spec is None or callable(spec) else as_limits(spec)
-        return cls(
-            backend=backend_for(task.app),
-            static=static,
-            dynamic=spec if callable(spec) else None,
-            key=_rate_key(task, _static_option(task, "rate_limit_key")),
-        )
-
-    def limits(
-        self, args: Sequence[Any], kwargs: Mapping[str, Any]
-    ) -> tuple[RateLimit, ...] | None:
-        if self.dynamic is None:
-            return self.static
-        spec = self.dynamic(*args, **kwargs)
-        return None if spec is None else as_limits(spec)
-
-    def limiter(self, limits: tuple[RateLimit, ...]) -> RateLimiter:
-        specs = tuple(limit.spec for limit in limits)
-        limiter = self._limiters.get(specs)
-        if limiter is None:
-            limiter = self._limiters[specs] = self.backend.rate_limiter(limits)
-        return limiter
-
-
-def _rate_key(task: Task, option: Any) -> Callable[[Sequence[Any], Mapping[str, Any]], str]:
-    if option is None:
-        name = f"task:{task.name}"
-        return lambda args, kwargs: name
-    if callable(option):
-        return lambda args, kwargs: str(option(*args, **kwargs))
-    # A list of argument names: hashed like unique keys, so no value appears in Redis.
-    return ArgumentKey(task.name, task.run, option)
 
 
 def clear_locks(app: Celery, task: UniqueTask | None = None) -> int:
