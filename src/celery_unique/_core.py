@@ -204,11 +204,15 @@ def owner(keys: LockKeys) -> Op[str | None]:
     return Op(Call(("GET", keys.lock)), _owner)
 
 
-def renew(keys: LockKeys, token: str, ttl: float, *, clock: Clock) -> Flow[str]:
+def renew(
+    keys: LockKeys, token: str, ttl: float, *, clock: Clock, until: float | None = None
+) -> Flow[str]:
     """Keep a held lock alive: extend it every ``ttl / 3`` until it is lost.
 
-    Returns why renewal stopped: ``"lost"`` (someone else owns it or it expired) or
-    ``"unreachable"`` (Redis did not answer for a whole TTL, so the lock has expired there).
+    Returns why renewal stopped: ``"lost"`` (someone else owns it or it expired),
+    ``"unreachable"`` (Redis did not answer for a whole TTL, so the lock has expired there)
+    or ``"until"``: with ``until`` (a ``clock()`` time), no extend reaches past it, and the
+    last one makes the lock expire right then.
     A failed extend is retried sooner, while the lock still has time left.
     """
     step = extend(keys, token, ttl).step
@@ -216,10 +220,17 @@ def renew(keys: LockKeys, token: str, ttl: float, *, clock: Clock) -> Flow[str]:
     valid_until = clock() + ttl
     delay = interval
     while True:
+        if until is not None and valid_until >= until:
+            return "until"
         yield Sleep(delay)
         sent = clock()
+        span = ttl
+        if until is not None and until - sent < ttl:
+            span = until - sent
+            if span < 0.001:  # below Redis' resolution: let the lock expire as it stands
+                return "until"
         try:
-            renewed = _flag((yield step))
+            renewed = _flag((yield step if span == ttl else extend(keys, token, span).step))
         except BackendError:
             left = valid_until - clock()
             if left <= 0:
@@ -229,7 +240,7 @@ def renew(keys: LockKeys, token: str, ttl: float, *, clock: Clock) -> Flow[str]:
         if not renewed:
             return "lost"
         # The new TTL runs from when Redis ran the script, which is after ``sent``.
-        valid_until = sent + ttl
+        valid_until = sent + span
         delay = interval
 
 

@@ -65,6 +65,9 @@ class _LockBase(Generic[B]):
         self.lost = False
         self._held = False
         self._last: Acquisition | None = None
+        # A time.monotonic() moment auto-renewal never extends past (a unique task's hard
+        # TTL): the lock then expires on its own, which is not a loss.
+        self._renew_until: float | None = None
 
     def __repr__(self) -> str:
         state = "held" if self._held else "lost" if self.lost else "not held"
@@ -115,7 +118,14 @@ class _LockBase(Generic[B]):
         # The block's own error matters more; do not hide it behind this one.
         logger.error("lock %r was no longer held when its block raised", self.name)
 
+    def _renew_flow(self) -> Flow[str]:
+        return _core.renew(
+            self._keys, self.token, self.ttl, clock=time.monotonic, until=self._renew_until
+        )
+
     def _renewal_stopped(self, reason: str) -> None:
+        if reason == "until":
+            return  # it expires at the moment it was meant to; held until then
         self._held = False
         self.lost = True
         logger.error(
@@ -224,10 +234,7 @@ class Lock(_LockBase["RedisBackend"]):
 
         def run() -> None:
             try:
-                reason = self._backend._run(
-                    _core.renew(self._keys, self.token, self.ttl, clock=time.monotonic),
-                    sleep=sleep,
-                )
+                reason = self._backend._run(self._renew_flow(), sleep=sleep)
             except _Stopped:
                 return
             self._renewal = None
@@ -331,9 +338,7 @@ class AsyncLock(_LockBase["AsyncRedisBackend"]):
             return await asyncio.shield(coro)
 
     async def _renew(self) -> None:
-        reason = await self._backend._run(
-            _core.renew(self._keys, self.token, self.ttl, clock=time.monotonic)
-        )
+        reason = await self._backend._run(self._renew_flow())
         self._renewal = None
         self._renewal_stopped(reason)
 

@@ -22,8 +22,9 @@ import logging
 import os
 import random
 import threading
+import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
@@ -48,7 +49,8 @@ RUN_SEPARATOR = "\x1f"
 #: Message header carrying the unique key, so the worker never has to re-derive it from
 #: arguments that serialisation may have changed (tuples to lists, datetimes to strings).
 KEY_HEADER = "celery_unique_key"
-#: Message header (epoch seconds) until which ``unique_until="expired"`` keeps the lock.
+#: Message header (epoch seconds) when the instance's ``unique_ttl`` ends: until then
+#: ``unique_until="expired"`` keeps the lock, and a hard TTL never renews past it.
 HOLD_HEADER = "celery_unique_hold_until"
 #: Message header marking a copy deferred because another delivery of it was running.
 DEFERRED_HEADER = "celery_unique_deferred"
@@ -138,17 +140,32 @@ def _choice(task: Task, option: str, value: object, choices: Sequence[str]) -> s
     return str(value)
 
 
+#: Derives a lock name from a call's arguments.
+KeyFunction = Callable[[tuple[Any, ...], dict[str, Any]], str]
+
+
 @dataclass(frozen=True, slots=True)
 class _Unique:
-    """A task's resolved settings: task options first, then ``app.conf``, then defaults."""
+    """A task's resolved settings: task options first, then ``app.conf``, then defaults.
+
+    ``hard_ttl`` (for the compat layers, whose libraries promised it): ``ttl`` counts from
+    publishing and bounds the lock's whole life, running included; the run's lease renews up
+    to that moment and no further, and a run starting after it runs without the lock.
+    """
 
     backend: RedisBackend
-    key: ArgumentKey
+    key: KeyFunction
     ttl: float
     lease: float
     until: str
     on_duplicate: str
     fail_open: bool
+    hard_ttl: bool = False
+
+    @property
+    def holds_until(self) -> bool:
+        """Whether messages carry the moment the TTL ends (:data:`HOLD_HEADER`)."""
+        return self.hard_ttl or self.until == "expired"
 
     @classmethod
     def resolve(cls, task: Task) -> _Unique:
@@ -292,7 +309,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             if not (inside and holder == task_id):  # another delivery of this very instance
                 return self._duplicate(holder, got.ttl)
         headers[KEY_HEADER] = key
-        if unique.until == "expired":
+        if unique.holds_until:
             headers[HOLD_HEADER] = self.app.now().timestamp() + ttl
         try:
             result = super().apply_async(
@@ -337,12 +354,26 @@ class UniqueTask(Task):  # type: ignore[misc]
             self._release_quietly(key, task_id)
             return super().__call__(*args, **kwargs)
 
+        lease = unique.lease
+        left = self._ttl_left(request) if unique.holds_until else None
+        ends = None if left is None else time.monotonic() + left
+        if left is not None and unique.hard_ttl:
+            if left <= 0:
+                # The TTL promised the key to newer instances from this moment on.
+                logger.info(
+                    "%s[%s] starts after its unique_ttl ended: running without the lock",
+                    self.name,
+                    task_id,
+                )
+                return super().__call__(*args, **kwargs)
+            lease = min(lease, left)
         lock = unique.backend.lock(
-            key, ttl=unique.lease, token=f"{task_id}{RUN_SEPARATOR}{os.urandom(8).hex()}",
-            auto_renew=True,
-        )  # fmt: skip
+            key, ttl=lease, token=f"{task_id}{RUN_SEPARATOR}{os.urandom(8).hex()}", auto_renew=True
+        )
+        if unique.hard_ttl:
+            lock._renew_until = ends
         try:
-            got = unique.backend.acquire_or_owner(key, lock.token, unique.lease, previous=task_id)
+            got = unique.backend.acquire_or_owner(key, lock.token, lease, previous=task_id)
         except BackendUnavailable:
             if not unique.fail_open:
                 raise
@@ -354,11 +385,14 @@ class UniqueTask(Task):  # type: ignore[misc]
             )
             return super().__call__(*args, **kwargs)
         if not got.acquired:
-            self._not_ours(task_id, got)
+            holder = holder_id(got.owner)
+            if holder != task_id:
+                return self._key_taken(holder)
+            self._running_elsewhere(task_id, got)
         lock._adopt(got)
         if getattr(request, DEFERRED_HEADER, None) and self.AsyncResult(task_id).successful():
             # The delivery this copy waited for has run the instance to success meanwhile.
-            self._finish(key, lock)
+            self._finish(key, lock, ends)
             raise Ignore()
         _RUNNING[task_id] = lock
         try:
@@ -366,27 +400,38 @@ class UniqueTask(Task):  # type: ignore[misc]
         except Retry:
             raise  # apply_async handed the lock back to the queued retry
         except Reject as reject:
-            self._finish(key, lock, requeued=bool(reject.requeue))
+            self._finish(key, lock, ends, requeued=bool(reject.requeue))
             raise
         except BaseException:
-            self._finish(key, lock)
+            self._finish(key, lock, ends)
             raise
         else:
-            self._finish(key, lock)
+            self._finish(key, lock, ends)
             return retval
         finally:
             _RUNNING.pop(task_id, None)
             lock._detach()
 
-    def _not_ours(self, task_id: str, got: Acquisition) -> None:
-        holder = holder_id(got.owner)
-        if holder != task_id:
-            # Our key passed to another instance (ours outlived its unique_ttl in the queue):
-            # that one does the work, running both would break the promise.
-            logger.warning(
-                "%s[%s] not run: its unique key is held by %s", self.name, task_id, holder
-            )
-            raise Ignore()
+    def _ttl_left(self, request: Any) -> float:
+        """Seconds until this instance's ``unique_ttl`` ends (from now if it never had one)."""
+        hold = getattr(request, HOLD_HEADER, None)
+        if not hold:  # sent around apply_async (send_task, beat): the TTL runs from now
+            return self._unique.ttl
+        return float(hold) - float(self.app.now().timestamp())
+
+    def _key_taken(self, holder: str) -> Any:
+        """The run found its key held by another instance: what the run returns instead.
+
+        That happens when this instance outlived its ``unique_ttl`` in the queue, or was sent
+        around ``apply_async`` (``send_task``, beat) while another held the key. The holder
+        does the work; running both would break the promise. Ignored: no result is stored.
+        """
+        logger.warning(
+            "%s[%s] not run: its unique key is held by %s", self.name, self.request.id, holder
+        )
+        raise Ignore()
+
+    def _running_elsewhere(self, task_id: str, got: Acquisition) -> NoReturn:
         # Another delivery of this very instance is running (a broker redelivered it), or
         # died less than a lease ago. Never run beside it: come back when its lease is over.
         countdown = (got.ttl or self._unique.lease) + random.uniform(0.5, 2.0)
@@ -395,19 +440,18 @@ class UniqueTask(Task):  # type: ignore[misc]
         )
         defer(self, countdown, "already running elsewhere", {DEFERRED_HEADER: True})
 
-    def _finish(self, key: str, lock: Lock, *, requeued: bool = False) -> None:
-        """The run is over (or requeued): release, or hand back to the queued instance."""
+    def _finish(self, key: str, lock: Lock, ends: float | None, *, requeued: bool = False) -> None:
+        """The run is over (or requeued): release, or hand back to the queued instance.
+
+        ``ends`` is the ``time.monotonic()`` moment this instance's TTL ends, if it counts.
+        """
         unique, task_id = self._unique, holder_id(lock.token)
-        hold = getattr(self.request, HOLD_HEADER, None)
-        keep = (
-            unique.ttl
-            if requeued
-            else (
-                float(hold) - self.app.now().timestamp()
-                if unique.until == "expired" and hold
-                else 0.0
-            )
-        )
+        if requeued:
+            keep = unique.ttl
+        elif unique.until == "expired" and ends is not None:
+            keep = ends - time.monotonic()
+        else:
+            keep = 0.0
         lock._detach()
         try:
             if keep > 0:

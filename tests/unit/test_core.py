@@ -147,6 +147,25 @@ def test_renew_extends_every_third_of_the_ttl_until_the_lock_is_lost() -> None:
     assert finish(flow, 0) == "lost"
 
 
+def test_renew_never_extends_past_until_and_stops_there() -> None:
+    clock = FakeClock()
+    flow = renew(KEYS, "tok", 3.0, clock=clock, until=1004.5)
+    assert next(flow) == Sleep(1.0)
+    clock.now += 1.0  # 1001: a full TTL still ends (1004) before the cap
+    assert flow.send(None) == Eval(EXTEND, ("p:lock:{job}",), ("tok", 3000))
+    assert flow.send(1) == Sleep(1.0)
+    clock.now += 1.0  # 1002: the extend is cut to end exactly at the cap
+    assert flow.send(None) == Eval(EXTEND, ("p:lock:{job}",), ("tok", 2500))
+    assert finish(flow, 1) == "until"
+
+
+def test_renew_with_until_inside_the_first_ttl_never_extends() -> None:
+    flow = renew(KEYS, "tok", 3.0, clock=FakeClock(), until=1002.0)
+    with pytest.raises(StopIteration) as done:
+        next(flow)
+    assert done.value.value == "until"
+
+
 def test_renew_rides_out_errors_while_the_lock_can_still_be_valid() -> None:
     clock = FakeClock()
     flow = renew(KEYS, "tok", 3.0, clock=clock)
