@@ -499,8 +499,13 @@ def clear_locks(app: Celery, task: UniqueTask | None = None) -> int:
 
     Uses SCAN, so it never blocks Redis the way KEYS would.
     """
-    backend = backend_for(app)
-    start = f"task:{task.name}:" if task is not None else "task:"
+    if task is not None:
+        return unlink_locks(task._unique.backend, f"task:{task.name}:")
+    return unlink_locks(backend_for(app), "task:")
+
+
+def unlink_locks(backend: RedisBackend, start: str) -> int:
+    """UNLINK every lock of ``backend`` whose name starts with ``start``; returns how many."""
     pattern = _glob_escape(f"{backend.key_prefix}lock:{{{start}") + "*"
     client = backend.client
     deleted = 0

@@ -238,3 +238,7 @@ class UniqueLimited(UniqueTask, RateLimitedTask):
 def unique_limited(self: UniqueTask, tag: str) -> int:
     with Run(tag):
         return int(self.request.retries)
+
+
+# The migration layers' tasks register on this app too (after everything they import).
+from tests.celery import compat_tasks  # noqa: E402, F401

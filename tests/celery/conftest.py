@@ -8,13 +8,15 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from subprocess import STDOUT, Popen, TimeoutExpired
 from typing import Any
 
 import pytest
+from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from tests.celery import app as test_app
@@ -35,6 +37,38 @@ def worker(celery_app: Any) -> Iterator[Any]:
         celery_app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30
     ) as running:
         yield running
+
+
+MakeApp = Callable[..., Celery]
+
+
+@pytest.fixture
+def make_app() -> Iterator[MakeApp]:
+    """Throwaway Celery apps, closed afterwards with their lock backends (no stray sockets)."""
+    from celery_unique._tasks import _BACKENDS
+    from celery_unique.compat.singleton import _BACKENDS as _SINGLETON_BACKENDS
+
+    made: list[Celery] = []
+
+    def make(**conf: Any) -> Celery:
+        app = Celery(f"cfg{uuid.uuid4().hex[:6]}")
+        app.conf.update(broker_connection_retry_on_startup=True, **conf)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        for backends in (_BACKENDS, _SINGLETON_BACKENDS):
+            backend = backends.pop(app, None)
+            if backend is not None:
+                backend.close()
+        app.close()
+    made.clear()
+    # Celery's Redis result backend has no close(): collect what these apps leave now, rather
+    # than at some later test's garbage collection, where its unclosed sockets would warn.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import pickle
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,6 +23,7 @@ from celery_unique import (
 from celery_unique._tasks import RUN_SEPARATOR
 from celery_unique.testing import free_port
 from tests.celery import app as t
+from tests.celery.conftest import MakeApp
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -274,36 +273,6 @@ def test_clear_locks_uses_scan_and_frees_everything(tag: str, client: redis.Redi
 
 
 # -- configuration and failure --------------------------------------------------------------
-
-
-MakeApp = Callable[..., Celery]
-
-
-@pytest.fixture
-def make_app() -> Iterator[MakeApp]:
-    """Throwaway Celery apps, closed afterwards with their lock backends (no stray sockets)."""
-    from celery_unique._tasks import _BACKENDS
-
-    made: list[Celery] = []
-
-    def make(**conf: Any) -> Celery:
-        app = Celery(f"cfg{uuid.uuid4().hex[:6]}")
-        app.conf.update(broker_connection_retry_on_startup=True, **conf)
-        made.append(app)
-        return app
-
-    yield make
-    for app in made:
-        backend = _BACKENDS.pop(app, None)
-        if backend is not None:
-            backend.close()
-        app.close()
-    made.clear()
-    # Celery's Redis result backend has no close(): collect what these apps leave now, rather
-    # than at some later test's garbage collection, where its unclosed sockets would warn.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 def test_an_unreachable_redis_raises_backend_unavailable_and_publishes_nothing(

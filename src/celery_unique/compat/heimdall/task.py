@@ -1,0 +1,265 @@
+"""celery-heimdall's task base, helpers and rate limits on celery-unique's tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import inspect
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.result import AsyncResult
+
+from ..._backend import RedisBackend
+from ..._exceptions import ConfigurationError
+from ..._keys import ArgumentKey
+from ..._limits import RateLimit as _Limit
+from ..._ratetask import RateLimitedTask, _Rated
+from ..._tasks import DEFAULT_LEASE, UniqueTask, _positive, _Unique, backend_for, holder_id
+from .config import Config
+from .errors import AlreadyQueuedError
+
+__all__ = [
+    "HeimdallTask",
+    "RateLimit",
+    "Strategy",
+    "acquire_lock",
+    "release_lock",
+    "unique_key_for_task",
+]
+
+
+class Strategy(enum.Enum):
+    """How a :class:`RateLimit` counts. There is one: a token bucket, atomic in Redis."""
+
+    DEFAULT = 10
+
+
+@dataclasses.dataclass
+class RateLimit:
+    """A fleet-wide rate limit for ``heimdall={"rate_limit": ...}``.
+
+    ``rate_limit`` is ``(times, per)``: at most ``times`` runs at once, refilled evenly at
+    ``times`` per ``per`` seconds. Or a callable returning that pair, called with any of
+    the parameters it names: ``key`` (the bucket), ``task``, ``args``, ``kwargs``.
+    """
+
+    rate_limit: tuple[int, float] | Callable[..., tuple[int, float]]
+    strategy: Strategy = Strategy.DEFAULT
+
+
+def _limit(pair: object, task: Task) -> _Limit:
+    """Our :class:`celery_unique.RateLimit` for heimdall's ``(times, per)``."""
+    if not (isinstance(pair, tuple | list) and len(pair) == 2):
+        raise ConfigurationError(
+            f"the rate limit of task {task.name!r} must be a (times, per) pair, got {pair!r}"
+        )
+    times, per = pair
+    return _Limit(times, per=per)
+
+
+def unique_key_for_task(
+    task: Task, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, *, prefix: str = ""
+) -> str:
+    """The lock (or bucket) name of a call: ``prefix`` plus the ``key`` option's value.
+
+    Without a ``key`` option: the task name and a digest of its arguments, bound to its
+    signature (so ``f(1)`` and ``f(x=1)`` are one key).
+    """
+    option = (getattr(task, "heimdall", None) or {}).get("key")
+    args, kwargs = list(args or ()), dict(kwargs or {})
+    if option is None:
+        digest = task._argument_key if isinstance(task, HeimdallTask) else _argument_key(task)
+        return prefix + digest(tuple(args), kwargs)
+    key = option(args, kwargs) if callable(option) else option
+    if not isinstance(key, str):
+        raise ConfigurationError(
+            f"the heimdall 'key' of task {task.name!r} must be a str or a function of "
+            f"(args, kwargs) returning one, got {key!r}"
+        )
+    return prefix + key
+
+
+def _argument_key(task: Task) -> ArgumentKey:
+    return ArgumentKey(task.name, task.run)
+
+
+def _backend(task: Task) -> RedisBackend:
+    if isinstance(task, HeimdallTask):
+        return task._heimdall_backend
+    return backend_for(task.app)
+
+
+def acquire_lock(task: Task, key: str, timeout: float, *, task_id: str) -> bool:
+    """Take lock ``key`` for ``timeout`` seconds as ``task_id``, or raise
+    :class:`AlreadyQueuedError` naming its holder. Never waits."""
+    got = _backend(task).acquire_or_owner(key, task_id, timeout)
+    if not got.acquired:
+        raise AlreadyQueuedError(
+            expires_in=None if got.ttl is None else math.ceil(got.ttl),
+            likely_culprit=holder_id(got.owner),
+        )
+    return True
+
+
+def release_lock(task: Task, key: str) -> None:
+    """Delete lock ``key`` whoever holds it: an administrative reset, as in celery-heimdall."""
+    backend = _backend(task)
+    backend.client.unlink(backend._keys.lock(key).lock)
+
+
+class HeimdallTask(UniqueTask, RateLimitedTask):
+    """celery-heimdall's task base: ``heimdall={...}`` turns on uniqueness and rate limits.
+
+    * ``unique``: one instance per key, queued or running; a duplicate gets the holder's
+      ``AsyncResult``, or with ``unique_raises`` an :class:`AlreadyQueuedError`;
+    * ``unique_timeout``: seconds from queueing after which the lock is gone even if the
+      task still runs (default 1 h); a dead worker's lock goes within ``unique_lease``;
+    * ``unique_wait_for_expiry``: keep the lock after the run until ``unique_timeout``;
+    * ``key``: the lock and bucket name, a string or ``lambda args, kwargs: ...``;
+    * ``rate_limit``: a :class:`RateLimit`, or ``times`` and ``per``; shared by the whole
+      task, or per ``key`` when one is given. A run over the limit is deferred (same id,
+      ``max_retries`` untouched), not failed;
+    * ``lock_prefix``, ``rate_limit_prefix``, ``unique_raises``, ``unique_timeout`` may also
+      be set app-wide as ``app.conf.heimdall_<name>``.
+
+    Redis is the app's (``unique_backend_url``, else the result backend, else the broker),
+    unless a subclass overrides :meth:`setup_redis`.
+    """
+
+    heimdall: ClassVar[dict[str, Any]] = {}
+
+    @functools.cached_property
+    def heimdall_config(self) -> Config:
+        """This task's settings."""
+        return Config(self.app, task=self)
+
+    def setup_redis(self) -> Any:
+        """The redis-py client for this task's locks; override to use another Redis."""
+        return backend_for(self.app).client
+
+    @property
+    def heimdall_redis(self) -> Any:
+        """The redis-py client this task's locks and limits live in."""
+        return self._heimdall_backend.client
+
+    @functools.cached_property
+    def _heimdall_backend(self) -> RedisBackend:
+        if type(self).setup_redis is HeimdallTask.setup_redis:
+            return backend_for(self.app)
+        return RedisBackend(
+            self.setup_redis(), key_prefix=self.app.conf.get("unique_key_prefix") or "cu:"
+        )
+
+    @functools.cached_property
+    def _argument_key(self) -> ArgumentKey:
+        return _argument_key(self)
+
+    @property
+    def _is_unique(self) -> bool:
+        return bool(self.heimdall.get("unique"))
+
+    @functools.cached_property
+    def _unique(self) -> _Unique:
+        conf = self.heimdall_config
+        ttl = _positive(self, "unique_timeout", conf.unique_timeout)
+        lease = _positive(self, "unique_lease", self.app.conf.get("unique_lease") or DEFAULT_LEASE)
+        prefix = conf.lock_prefix
+        return _Unique(
+            backend=self._heimdall_backend,
+            key=lambda args, kwargs: unique_key_for_task(self, args, kwargs, prefix=prefix),
+            ttl=ttl,
+            lease=min(lease, ttl),
+            until="expired" if self.heimdall.get("unique_wait_for_expiry") else "executed",
+            on_duplicate="raise" if conf.unique_raises else "return",
+            fail_open=bool(self.app.conf.get("unique_fail_open")),
+            hard_ttl=True,
+        )
+
+    @functools.cached_property
+    def _rated(self) -> _Rated:
+        options = self.heimdall
+        spec = options.get("rate_limit")
+        if spec is None and "times" in options and "per" in options:
+            spec = RateLimit((options["times"], options["per"]))
+        static, dynamic = None, None
+        if isinstance(spec, RateLimit):
+            if callable(spec.rate_limit):
+                dynamic = self._dynamic_limit(spec.rate_limit)
+            else:
+                static = (_limit(spec.rate_limit, self),)
+        elif spec is not None:
+            raise ConfigurationError(
+                f"heimdall 'rate_limit' of task {self.name!r} must be a RateLimit, got {spec!r}"
+            )
+        return dataclasses.replace(
+            _Rated.resolve(self),
+            backend=self._heimdall_backend,
+            static=static,
+            dynamic=dynamic,
+            key=self._bucket,
+        )
+
+    def _bucket(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        prefix = self.heimdall_config.rate_limit_prefix
+        if "key" in self.heimdall:
+            return unique_key_for_task(self, args, kwargs, prefix=prefix)
+        return f"{prefix}{self.name}"  # "this task runs at most N times per period", fleet-wide
+
+    def _dynamic_limit(self, function: Callable[..., Any]) -> Callable[..., tuple[_Limit]]:
+        wanted = inspect.signature(function).parameters
+
+        def limits(*args: Any, **kwargs: Any) -> tuple[_Limit]:
+            offered = {"task": self, "args": args, "kwargs": kwargs}
+            if "key" in wanted:
+                offered["key"] = self._bucket(args, kwargs)
+            return (_limit(function(**{k: v for k, v in offered.items() if k in wanted}), self),)
+
+        return limits
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Publish; with ``unique``, only if no instance with the same key is queued or running."""
+        base: Any = super() if self._is_unique else super(UniqueTask, self)
+        return base.apply_async(
+            args, kwargs, task_id, producer, link, link_error, shadow, **options
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        base: Any = super() if self._is_unique else super(UniqueTask, self)
+        return base.__call__(*args, **kwargs)
+
+    def _duplicate(self, holder: str, ttl: float | None) -> AsyncResult:
+        if self._unique.on_duplicate == "raise":
+            raise AlreadyQueuedError(
+                expires_in=None if ttl is None else math.ceil(ttl), likely_culprit=holder
+            )
+        return self.AsyncResult(holder)
+
+    def _key_taken(self, holder: str) -> None:
+        # celery-heimdall's run-time check (for send_task and beat) returned None: the run
+        # succeeds without running, so whoever waits on its result is not left hanging.
+        return None
+
+    def only_after(self, key: str, seconds: float) -> bool:
+        """``True`` at most once per ``seconds`` for ``key``, across the fleet.
+
+        For a block inside a task that must run less often than the task itself::
+
+            if self.only_after("refresh-cache", 3600): refresh_cache()
+        """
+        token = f"{self.request.id or 'direct'}:{os.urandom(8).hex()}"
+        return self._heimdall_backend.acquire_or_owner(key, token, seconds).acquired

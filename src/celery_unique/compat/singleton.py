@@ -1,0 +1,249 @@
+"""celery-singleton's spellings on celery-unique's :class:`~celery_unique.UniqueTask`.
+
+Switch by changing the import::
+
+    from celery_unique.compat.singleton import Singleton, clear_locks, DuplicateTaskError
+
+    @app.task(base=Singleton, unique_on=["username"], raise_on_duplicate=True, lock_expiry=60)
+    def do_something(username, otherarg=None): ...
+
+Task options ``unique_on``, ``raise_on_duplicate`` and ``lock_expiry``; app settings
+``singleton_backend_url``, ``singleton_key_prefix``, ``singleton_raise_on_duplicate``,
+``singleton_lock_expiry``, ``singleton_json_encoder_class``, ``singleton_backend_class`` and
+``singleton_backend_kwargs`` (also spelled ``CELERY_SINGLETON_*`` or ``SINGLETON_*``). The
+other ``unique_*`` settings of ``app.conf`` (``unique_lease``, ``unique_fail_open``,
+``unique_ttl``) apply too.
+
+Code that imports ``celery_singleton`` keeps working with a one-line module of that name on
+the import path (``celery_singleton.py``)::
+
+    from celery_unique.compat.singleton import install_as; install_as(__name__)
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from typing import Any, ClassVar
+
+from celery import Celery
+from celery.result import AsyncResult
+from kombu.utils.imports import symbol_by_name
+
+from .. import _core
+from .._backend import RedisBackend
+from .._exceptions import ConfigurationError
+from .._exceptions import DuplicateTaskError as _DuplicateTaskError
+from .._keys import ArgumentKey
+from .._tasks import (
+    DEFAULT_LEASE,
+    DEFAULT_TTL,
+    UniqueTask,
+    _encoder,
+    _is_redis_url,
+    _positive,
+    _Unique,
+    holder_id,
+    unlink_locks,
+)
+from . import _install_as
+
+__all__ = ["DuplicateTaskError", "Singleton", "clear_locks", "install_as"]
+
+#: celery-singleton's default key prefix, kept so its users' key layout stays recognisable.
+DEFAULT_KEY_PREFIX = "SINGLETONLOCK_"
+# What celery-singleton accepted as its own Redis backend (its README names the module
+# ``backend``, the package ``backends``): all mean "the default", which here is ours.
+_DEFAULT_BACKENDS = frozenset(
+    {
+        "celery_singleton.backends.redis.RedisBackend",
+        "celery_singleton.backends.RedisBackend",
+        "celery_singleton.backend.RedisBackend",
+    }
+)
+
+_BACKENDS: weakref.WeakKeyDictionary[Celery, RedisBackend] = weakref.WeakKeyDictionary()
+_BACKENDS_LOCK = threading.Lock()
+
+
+class DuplicateTaskError(_DuplicateTaskError):
+    """Raised by a duplicate ``delay()``/``apply_async()`` with ``raise_on_duplicate``.
+
+    ``task_id`` is the instance already queued or running. Also a
+    :class:`celery_unique.DuplicateTaskError`, so it carries the lock's remaining ``ttl`` too;
+    built with celery-singleton's positional ``(message, task_id)``.
+    """
+
+    def __init__(self, message: str, task_id: str, ttl: float | None = None) -> None:
+        super().__init__(message, task_id=task_id, ttl=ttl)
+
+
+def config(app: Celery, name: str, default: Any = None) -> Any:
+    """The setting ``singleton_<name>``, in any of the spellings celery-singleton read.
+
+    ``app.conf.get`` already maps namespaced configs (``config_from_object(...,
+    namespace="CELERY")``); uppercase keys set without a namespace are looked up as well.
+    """
+    conf = app.conf
+    for key in (
+        f"singleton_{name}",
+        f"CELERY_SINGLETON_{name.upper()}",
+        f"SINGLETON_{name.upper()}",
+    ):
+        value = conf.get(key)
+        if value is not None:
+            return value
+    return default
+
+
+def singleton_backend(app: Celery) -> RedisBackend:
+    """The backend ``Singleton`` tasks of ``app`` use, built once from the singleton settings."""
+    with _BACKENDS_LOCK:
+        backend = _BACKENDS.get(app)
+        if backend is None:
+            url = config(app, "backend_url") or next(
+                (u for u in (app.conf.result_backend, app.conf.broker_url) if _is_redis_url(u)),
+                None,
+            )
+            if not url:
+                raise ConfigurationError(
+                    "Singleton tasks need Redis: set app.conf.singleton_backend_url (e.g. "
+                    "'redis://localhost:6379/0'); neither the result backend nor the broker is "
+                    "a Redis URL"
+                )
+            kwargs = config(app, "backend_kwargs", {})
+            if not isinstance(kwargs, dict):
+                raise ConfigurationError(
+                    f"singleton_backend_kwargs must be a dict of redis-py connection options, "
+                    f"got {kwargs!r}"
+                )
+            backend_class = _backend_class(config(app, "backend_class"))
+            backend = _BACKENDS[app] = backend_class.from_url(
+                url, key_prefix=config(app, "key_prefix", DEFAULT_KEY_PREFIX), **kwargs
+            )
+        return backend
+
+
+def _backend_class(value: object) -> type[RedisBackend]:
+    if value is None or value in _DEFAULT_BACKENDS:
+        return RedisBackend
+    found: object = symbol_by_name(value) if isinstance(value, str) else value  # type: ignore[no-untyped-call]
+    if isinstance(found, type) and issubclass(found, RedisBackend):
+        return found
+    raise ConfigurationError(
+        f"singleton_backend_class {value!r} is not supported: locks live in Redis and change "
+        "only through celery-unique's atomic scripts. Remove the setting (and point "
+        "singleton_backend_url at your Redis), or name a subclass of celery_unique.RedisBackend"
+    )
+
+
+def clear_locks(app: Celery) -> int:
+    """Delete every ``Singleton`` lock of ``app``; returns how many (SCAN, never KEYS).
+
+    With celery-unique, locks of dead workers expire on their own within a lease, so this is
+    no longer needed at worker start; it stays for scripts and tests.
+    """
+    return unlink_locks(singleton_backend(app), "task:")
+
+
+class Singleton(UniqueTask):
+    """celery-singleton's task base: one instance per task name and arguments.
+
+    * ``unique_on``: argument names (a list, or one name as a string) the key uses; ``[]``
+      for the task name alone; ``None`` (default) for all arguments;
+    * ``raise_on_duplicate``: raise :class:`DuplicateTaskError` instead of returning the
+      running instance's ``AsyncResult`` (default ``app.conf.singleton_raise_on_duplicate``);
+    * ``lock_expiry``: seconds from queueing after which the lock is gone even if the task
+      still runs (default ``app.conf.singleton_lock_expiry``). Unset, a queued lock lasts
+      ``unique_ttl`` (1 h) and a running one as long as the run, renewed by a lease.
+
+    A duplicate returns the holder's result (``a == b``); the lock is freed when the task
+    ends for good (success, final failure, revoke), is kept across retries, and a dead
+    worker's lock expires within ``unique_lease`` seconds.
+    """
+
+    unique_on: ClassVar[Any] = None
+    raise_on_duplicate: ClassVar[bool | None] = None
+    lock_expiry: ClassVar[float | None] = None
+
+    @functools.cached_property
+    def _unique(self) -> _Unique:
+        app = self.app
+        expiry = self.lock_expiry if self.lock_expiry is not None else config(app, "lock_expiry")
+        raises = self.raise_on_duplicate
+        if raises is None:
+            raises = config(app, "raise_on_duplicate", False)
+        unique_on = self.unique_on
+        if isinstance(unique_on, str):
+            unique_on = [unique_on]
+        if expiry is None:
+            ttl = _positive(self, "unique_ttl", app.conf.get("unique_ttl") or DEFAULT_TTL)
+        else:
+            ttl = _positive(self, "lock_expiry", expiry)
+        lease = _positive(self, "unique_lease", app.conf.get("unique_lease") or DEFAULT_LEASE)
+        return _Unique(
+            backend=singleton_backend(app),
+            key=ArgumentKey(
+                self.name, self.run, unique_on, _encoder(config(app, "json_encoder_class"))
+            ),
+            ttl=ttl,
+            lease=min(lease, ttl),
+            until="executed",
+            on_duplicate="raise" if raises else "return",
+            fail_open=bool(app.conf.get("unique_fail_open")),
+            hard_ttl=expiry is not None,
+        )
+
+    def _duplicate(self, holder: str, ttl: float | None) -> AsyncResult:
+        if self._unique.on_duplicate == "raise":
+            left = "an unknown time" if ttl is None else f"{ttl:.1f} s"
+            raise DuplicateTaskError(
+                f"Attempted to queue a duplicate of task ID {holder} ({self.name!r}; its lock "
+                f"lasts {left} more)",
+                holder,
+                ttl,
+            )
+        return self.AsyncResult(holder)
+
+    def generate_lock(
+        self,
+        task_name: str | None = None,
+        task_args: Any = None,
+        task_kwargs: Any = None,
+    ) -> str:
+        """The lock name of a call with these arguments (``task_name`` is this task's)."""
+        return self.unique_key(task_args, task_kwargs)
+
+    def get_existing_task_id(self, lock: str) -> str | None:
+        """The id of the instance holding ``lock`` (from :meth:`generate_lock`), or ``None``."""
+        backend = self._unique.backend
+        owner = backend._one(_core.owner(backend._keys.lock(lock)))
+        return None if owner is None else holder_id(owner)
+
+    def unlock(self, lock: str) -> None:
+        """Delete ``lock`` whoever holds it: an administrative reset, like celery-singleton's."""
+        backend = self._unique.backend
+        backend.client.unlink(backend._keys.lock(lock).lock)
+
+    def release_lock(self, task_args: Any = None, task_kwargs: Any = None) -> None:
+        """Delete the lock of the call with these arguments, whoever holds it."""
+        self.unlock(self.generate_lock(self.name, task_args, task_kwargs))
+
+
+def install_as(name: str = "celery_singleton") -> None:
+    """Serve this module as ``name`` and its submodules (``name.singleton``, ...).
+
+    For a shim module ``celery_singleton.py``: ``from celery_unique.compat.singleton import
+    install_as; install_as(__name__)``.
+    """
+    import sys
+
+    module = sys.modules[__name__]
+    _install_as(
+        name,
+        {
+            sub: module
+            for sub in ("", "singleton", "exceptions", "backends", "backends.redis", "config")
+        },
+    )
