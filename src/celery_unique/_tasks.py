@@ -112,14 +112,13 @@ def _static_option(task: Task, option: str) -> Any:
     return value.__func__ if isinstance(value, staticmethod | classmethod) else value
 
 
-def _encoder(value: object) -> type[json.JSONEncoder] | None:
+def _encoder(value: object, option: str = "unique_json_encoder") -> type[json.JSONEncoder] | None:
     if value is None:
         return None
     encoder: object = symbol_by_name(value) if isinstance(value, str) else value  # type: ignore[no-untyped-call]
     if not (isinstance(encoder, type) and issubclass(encoder, json.JSONEncoder)):
         raise ConfigurationError(
-            f"unique_json_encoder must be a json.JSONEncoder subclass or its dotted path, "
-            f"got {value!r}"
+            f"{option} must be a json.JSONEncoder subclass or its dotted path, got {value!r}"
         )
     return encoder
 

@@ -283,6 +283,14 @@ def test_backend_class_and_kwargs_settings(make_app: MakeApp, redis_url: str) ->
     assert type(backend) is Mine
     assert backend.client.connection_pool.connection_kwargs["socket_timeout"] == 3.5
 
+    wrong = make_app(broker_url=redis_url, singleton_json_encoder_class="json:JSONDecoder")
+
+    @wrong.task(base=Singleton, shared=False)
+    def job() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="singleton_json_encoder_class"):
+        job.delay()
+
     bad = make_app(singleton_backend_url=redis_url, singleton_backend_kwargs=["socket_timeout"])
     with pytest.raises(ConfigurationError, match="singleton_backend_kwargs"):
         compat.singleton_backend(bad)

@@ -182,11 +182,10 @@ class Singleton(UniqueTask):
         else:
             ttl = _positive(self, "lock_expiry", expiry)
         lease = _positive(self, "unique_lease", app.conf.get("unique_lease") or DEFAULT_LEASE)
+        encoder = _encoder(config(app, "json_encoder_class"), "singleton_json_encoder_class")
         return _Unique(
             backend=singleton_backend(app),
-            key=ArgumentKey(
-                self.name, self.run, unique_on, _encoder(config(app, "json_encoder_class"))
-            ),
+            key=ArgumentKey(self.name, self.run, unique_on, encoder),
             ttl=ttl,
             lease=min(lease, ttl),
             until="executed",
