@@ -44,6 +44,18 @@ def test_all_lists_every_public_name_and_each_has_a_docstring() -> None:
         assert inspect.getdoc(getattr(celery_unique, name)), f"{name} has no docstring"
 
 
+@pytest.mark.parametrize(
+    "module", ["celery_unique.compat.singleton", "celery_unique.compat.heimdall"]
+)
+def test_each_migration_layer_documents_what_it_exports(module: str) -> None:
+    import importlib
+
+    layer = importlib.import_module(module)
+    assert inspect.getdoc(layer)
+    for name in layer.__all__:
+        assert inspect.getdoc(getattr(layer, name)), f"{module}.{name} has no docstring"
+
+
 def test_importing_the_async_backend_does_not_import_celery() -> None:
     code = (
         "import sys; from celery_unique import AsyncRedisBackend; "
