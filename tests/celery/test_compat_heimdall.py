@@ -314,6 +314,16 @@ def test_bad_options_are_clear_errors(make_app: MakeApp, redis_url: str) -> None
     @app.task(base=HeimdallTask, heimdall={"rate_limit": RateLimit(not_a_pair)}, shared=False)
     def bad_callable() -> None: ...
 
+    @app.task(base=HeimdallTask, heimdall={"uniqe": True}, shared=False)
+    def misspelt() -> None: ...
+
+    @app.task(base=HeimdallTask, heimdall={"times": 2}, shared=False)
+    def times_alone() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="uniqe"):
+        misspelt.apply_async(queue=nowhere)
+    with pytest.raises(ConfigurationError, match="'per'"):
+        _ = times_alone._rated
     with pytest.raises(ConfigurationError, match="unique_timeout"):
         bad_timeout.apply_async(queue=nowhere)
     with pytest.raises(ConfigurationError, match="key"):

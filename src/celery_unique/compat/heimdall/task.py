@@ -112,6 +112,25 @@ def release_lock(task: Task, key: str) -> None:
     backend.client.unlink(backend._keys.lock(key).lock)
 
 
+#: Every key the ``heimdall`` task option may hold.
+OPTIONS = frozenset(
+    {
+        "unique",
+        "unique_timeout",
+        "unique_raises",
+        "unique_wait_for_expiry",
+        "key",
+        "rate_limit",
+        "times",
+        "per",
+        "lock_prefix",
+        "rate_limit_prefix",
+        "unique_lock_blocking",
+        "unique_lock_timeout",
+    }
+)
+
+
 class HeimdallTask(UniqueTask, RateLimitedTask):
     """celery-heimdall's task base: ``heimdall={...}`` turns on uniqueness and rate limits.
 
@@ -159,9 +178,30 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
     def _argument_key(self) -> ArgumentKey:
         return _argument_key(self)
 
+    @functools.cached_property
+    def _options(self) -> dict[str, Any]:
+        """The ``heimdall`` option, checked: a misspelt key would silently do nothing."""
+        options = self.heimdall
+        if not isinstance(options, Mapping):
+            raise ConfigurationError(
+                f"the heimdall option of task {self.name!r} must be a dict, got {options!r}"
+            )
+        unknown = sorted(set(options) - OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown heimdall option(s) {unknown} on task {self.name!r}; known: "
+                f"{sorted(OPTIONS)}"
+            )
+        if ("times" in options) != ("per" in options):
+            raise ConfigurationError(
+                f"heimdall 'times' and 'per' of task {self.name!r} go together; or use "
+                "'rate_limit': RateLimit((times, per))"
+            )
+        return dict(options)
+
     @property
     def _is_unique(self) -> bool:
-        return bool(self.heimdall.get("unique"))
+        return bool(self._options.get("unique"))
 
     @functools.cached_property
     def _unique(self) -> _Unique:
@@ -174,7 +214,7 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
             key=lambda args, kwargs: unique_key_for_task(self, args, kwargs, prefix=prefix),
             ttl=ttl,
             lease=min(lease, ttl),
-            until="expired" if self.heimdall.get("unique_wait_for_expiry") else "executed",
+            until="expired" if self._options.get("unique_wait_for_expiry") else "executed",
             on_duplicate="raise" if conf.unique_raises else "return",
             fail_open=bool(self.app.conf.get("unique_fail_open")),
             hard_ttl=True,
@@ -182,7 +222,7 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
 
     @functools.cached_property
     def _rated(self) -> _Rated:
-        options = self.heimdall
+        options = self._options
         spec = options.get("rate_limit")
         if spec is None and "times" in options and "per" in options:
             spec = RateLimit((options["times"], options["per"]))
@@ -206,7 +246,7 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
 
     def _bucket(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         prefix = self.heimdall_config.rate_limit_prefix
-        if "key" in self.heimdall:
+        if "key" in self._options:
             return unique_key_for_task(self, args, kwargs, prefix=prefix)
         return f"{prefix}{self.name}"  # "this task runs at most N times per period", fleet-wide
 
