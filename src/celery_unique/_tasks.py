@@ -333,14 +333,12 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     def _duplicate(self, holder: str, ttl: float | None) -> AsyncResult:
         if self._unique.on_duplicate == "raise":
-            left = "an unknown time" if ttl is None else f"{ttl:.1f} s"
-            raise DuplicateTaskError(
-                f"task {self.name!r} is already queued or running with the same unique key "
-                f"as {holder}; its lock lasts {left} more. Use that result, or revoke it",
-                task_id=holder,
-                ttl=ttl,
-            )
+            raise self._duplicate_error(holder, ttl)
         return self.AsyncResult(holder)
+
+    def _duplicate_error(self, holder: str, ttl: float | None) -> DuplicateTaskError:
+        """What a duplicate raises with ``on_duplicate="raise"`` (the compat layers' own)."""
+        return DuplicateTaskError(duplicate_message(self, holder, ttl), task_id=holder, ttl=ttl)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
@@ -470,6 +468,15 @@ class UniqueTask(Task):  # type: ignore[misc]
             logger.warning(
                 "could not free the unique lock of %s[%s]", self.name, task_id, exc_info=True
             )
+
+
+def duplicate_message(task: Task, holder: str, ttl: float | None) -> str:
+    """Why a call was refused as a duplicate, and what to do about it."""
+    left = "an unknown time" if ttl is None else f"{ttl:.1f} s"
+    return (
+        f"task {task.name!r} is already queued or running with the same unique key as "
+        f"{holder}; its lock lasts {left} more. Use that result, or revoke it"
+    )
 
 
 def defer(

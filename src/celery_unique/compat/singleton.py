@@ -28,7 +28,6 @@ import weakref
 from typing import Any, ClassVar
 
 from celery import Celery
-from celery.result import AsyncResult
 from kombu.utils.imports import symbol_by_name
 
 from .. import _core
@@ -44,6 +43,7 @@ from .._tasks import (
     _is_redis_url,
     _positive,
     _Unique,
+    duplicate_message,
     holder_id,
     unlink_locks,
 )
@@ -194,16 +194,8 @@ class Singleton(UniqueTask):
             hard_ttl=expiry is not None,
         )
 
-    def _duplicate(self, holder: str, ttl: float | None) -> AsyncResult:
-        if self._unique.on_duplicate == "raise":
-            left = "an unknown time" if ttl is None else f"{ttl:.1f} s"
-            raise DuplicateTaskError(
-                f"Attempted to queue a duplicate of task ID {holder} ({self.name!r}; its lock "
-                f"lasts {left} more)",
-                holder,
-                ttl,
-            )
-        return self.AsyncResult(holder)
+    def _duplicate_error(self, holder: str, ttl: float | None) -> DuplicateTaskError:
+        return DuplicateTaskError(duplicate_message(self, holder, ttl), holder, ttl)
 
     def generate_lock(
         self,

@@ -282,12 +282,10 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
         base: Any = super() if self._is_unique else super(UniqueTask, self)
         return base.__call__(*args, **kwargs)
 
-    def _duplicate(self, holder: str, ttl: float | None) -> AsyncResult:
-        if self._unique.on_duplicate == "raise":
-            raise AlreadyQueuedError(
-                expires_in=None if ttl is None else math.ceil(ttl), likely_culprit=holder
-            )
-        return self.AsyncResult(holder)
+    def _duplicate_error(self, holder: str, ttl: float | None) -> AlreadyQueuedError:
+        return AlreadyQueuedError(
+            expires_in=None if ttl is None else math.ceil(ttl), likely_culprit=holder
+        )
 
     def _key_taken(self, holder: str) -> None:
         # celery-heimdall's run-time check (for send_task and beat) returned None: the run
