@@ -166,8 +166,9 @@ async def test_concurrent_hits_share_one_connection_and_keep_their_results(
     # Exactly what 200 separate calls would get: the burst admitted, every other one denied.
     assert sum(d.allowed for d in decisions) == 3
     assert sorted(d.remaining for d in decisions if d.allowed) == [0, 1, 2]
-    # The first call goes straight out; the 199 that queue behind it share one pipeline.
-    assert opened <= 2
+    # The first call goes straight out; the 199 that queue behind it share batches of 8 to 32
+    # commands, each batch on one connection: a handful of connections, not one per call.
+    assert opened <= 12
 
 
 async def test_an_error_in_a_batch_reaches_only_its_own_caller(

@@ -1,0 +1,178 @@
+"""RESP on the wire for the async executor's batches: commands packed to bytes, replies parsed.
+
+redis-py packs and parses every command of a pipeline through several layers of generic
+machinery, with a timeout per reply; at a few dozen concurrent callers that, not Redis, was most
+of the client's CPU time. Our commands have few shapes (EVALSHA with a constant script and,
+for a limiter, constant arguments; only the keys and tokens vary), so they pack from cached
+pieces, and the replies of a whole batch are parsed from one buffer. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from redis._parsers import BaseParser
+from redis.exceptions import InvalidResponse
+
+__all__ = ["INCOMPLETE", "Packer", "Reader"]
+
+# redis-py's own mapping of an error reply to its exception class (NOSCRIPT -> NoScriptError).
+_parse_error: Callable[[str], Exception] = BaseParser.parse_error
+
+_CACHE_SIZE = 512  # distinct argument tuples kept packed; cleared, not evicted, when full
+
+
+class _Incomplete:
+    """Returned by :meth:`Reader.get` until a whole reply has arrived."""
+
+    def __repr__(self) -> str:
+        return "INCOMPLETE"
+
+
+INCOMPLETE: Final = _Incomplete()
+
+
+class _NeedMore(Exception):
+    """Raised inside the parser when the buffer ends mid-reply."""
+
+
+class Packer:
+    """Packs commands as RESP arrays of bulk strings, the way redis-py's encoder spells them
+    (``str`` in the client's encoding, ``int`` in decimal)."""
+
+    def __init__(self, encoding: str = "utf-8", errors: str = "strict") -> None:
+        self._encoding = encoding
+        self._errors = errors
+        self._heads: dict[tuple[str, int, int], bytes] = {}
+        self._tails: dict[tuple[str | int, ...], bytes] = {}
+
+    def _bulk(self, value: str | int | bytes) -> bytes:
+        if isinstance(value, str):
+            data = value.encode(self._encoding, self._errors)
+        elif isinstance(value, bytes):
+            data = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            data = b"%d" % value
+        else:
+            raise TypeError(f"cannot send {type(value).__name__} to Redis")
+        return b"$%d\r\n%s\r\n" % (len(data), data)
+
+    def command(self, args: tuple[str | int, ...]) -> bytes:
+        """Any command, e.g. ``("GET", key)``."""
+        return b"*%d\r\n" % len(args) + b"".join(map(self._bulk, args))
+
+    def evalsha(self, sha: str, keys: tuple[str, ...], args: tuple[str | int, ...]) -> bytes:
+        """``EVALSHA sha len(keys) *keys *args``; the head and the arguments come from caches,
+        so a limiter's call packs only its key."""
+        head = self._heads.get((sha, len(keys), len(args)))
+        if head is None:
+            count = 3 + len(keys) + len(args)
+            head = b"*%d\r\n" % count + self._bulk("EVALSHA") + self._bulk(sha)
+            head += self._bulk(len(keys))
+            self._heads[sha, len(keys), len(args)] = head
+        tail = self._tails.get(args)
+        if tail is None:
+            if len(self._tails) >= _CACHE_SIZE:
+                self._tails.clear()  # lock tokens vary; keep the cache from growing for ever
+            tail = self._tails[args] = b"".join(map(self._bulk, args))
+        if len(keys) == 1:
+            return head + self._bulk(keys[0]) + tail
+        return head + b"".join(map(self._bulk, keys)) + tail
+
+
+class Reader:
+    """Parses RESP2 and RESP3 replies fed to it in pieces, as redis-py would return them:
+    integers as ``int``, bulk and simple strings as ``bytes`` (``str`` with ``decode``), nil as
+    ``None``, arrays and sets as lists, maps as dicts, and error replies as the redis-py
+    exception instance (``NoScriptError``, ``ResponseError``, ...), returned, not raised.
+    Out-of-band pushes (RESP3 ``>``) are skipped.
+
+    ::
+
+        reader.feed(data)
+        while (reply := reader.get()) is not INCOMPLETE: ...
+    """
+
+    def __init__(self, decode: Callable[[bytes], str] | None = None) -> None:
+        self._buffer = b""
+        self._pos = 0
+        self._decode = decode
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes read from the connection."""
+        if self._pos:
+            self._buffer = self._buffer[self._pos :] + data
+            self._pos = 0
+        else:
+            self._buffer += data
+
+    def get(self) -> Any:
+        """The next whole reply, or :data:`INCOMPLETE` until more has been fed."""
+        while True:
+            try:
+                reply, pos, push = self._parse(self._pos)
+            except _NeedMore:
+                return INCOMPLETE
+            self._pos = pos
+            if not push:
+                return reply
+
+    def _parse(self, pos: int) -> tuple[Any, int, bool]:
+        """One reply starting at ``pos``: ``(reply, end, is_push)``."""
+        buffer = self._buffer
+        eol = buffer.find(b"\r\n", pos)
+        if eol < 0:
+            raise _NeedMore
+        kind = buffer[pos]
+        line = buffer[pos + 1 : eol]
+        pos = eol + 2
+        if kind == 58 or kind == 40:  # ':' integer, '(' big number
+            return int(line), pos, False
+        if kind == 36 or kind == 61 or kind == 33:  # '$' bulk, '=' verbatim, '!' bulk error
+            size = int(line)
+            if size < 0:
+                return None, pos, False
+            end = pos + size
+            if end + 2 > len(buffer):
+                raise _NeedMore
+            data = buffer[pos:end]
+            if kind == 33:
+                return self._error(data), end + 2, False
+            if kind == 61:
+                data = data[4:]  # drop the "txt:" format prefix
+            return (data if self._decode is None else self._decode(data)), end + 2, False
+        if kind == 42 or kind == 126 or kind == 62:  # '*' array, '~' set, '>' push
+            size = int(line)
+            if size < 0:
+                return None, pos, False
+            items = []
+            for _ in range(size):
+                item, pos, _push = self._parse(pos)
+                items.append(item)
+            return items, pos, kind == 62
+        if kind == 43:  # '+' simple string
+            return (line if self._decode is None else self._decode(line)), pos, False
+        if kind == 45:  # '-' error
+            return self._error(line), pos, False
+        if kind == 95:  # '_' null
+            return None, pos, False
+        if kind == 35:  # '#' boolean
+            return line == b"t", pos, False
+        if kind == 44:  # ',' double
+            return float(line), pos, False
+        if kind == 37:  # '%' map
+            mapping = {}
+            for _ in range(int(line)):
+                key, pos, _push = self._parse(pos)
+                mapping[key], pos, _push = self._parse(pos)
+            return mapping, pos, False
+        if kind == 124:  # '|' attributes: metadata ahead of the real reply, dropped
+            for _ in range(2 * int(line)):
+                _item, pos, _push = self._parse(pos)
+            return self._parse(pos)
+        raise InvalidResponse(f"Protocol Error: {buffer[pos - 2 - len(line) - 1 : pos]!r}")
+
+    @staticmethod
+    def _error(message: bytes) -> Exception:
+        return _parse_error(message.decode("utf-8", errors="replace"))
