@@ -37,6 +37,10 @@ class _NeedMore(Exception):
     """Raised inside the parser when the buffer ends mid-reply."""
 
 
+class _Push(list[Any]):
+    """An out-of-band RESP3 push message, which answers no command."""
+
+
 class Packer:
     """Packs commands as RESP arrays of bulk strings, the way redis-py's encoder spells them
     (``str`` in the client's encoding, ``int`` in decimal)."""
@@ -111,67 +115,73 @@ class Reader:
         """The next whole reply, or :data:`INCOMPLETE` until more has been fed."""
         while True:
             try:
-                reply, pos, push = self._parse(self._pos)
+                reply, self._pos = self._parse(self._buffer, self._pos)
             except _NeedMore:
                 return INCOMPLETE
-            self._pos = pos
-            if not push:
+            if type(reply) is not _Push:
                 return reply
 
-    def _parse(self, pos: int) -> tuple[Any, int, bool]:
-        """One reply starting at ``pos``: ``(reply, end, is_push)``."""
-        buffer = self._buffer
+    def _parse(self, buffer: bytes, pos: int) -> tuple[Any, int]:
+        """The reply starting at ``pos`` and where it ends."""
         eol = buffer.find(b"\r\n", pos)
         if eol < 0:
             raise _NeedMore
         kind = buffer[pos]
         line = buffer[pos + 1 : eol]
         pos = eol + 2
+        if kind == 42 or kind == 126 or kind == 62:  # '*' array, '~' set, '>' push
+            size = int(line)
+            if size < 0:
+                return None, pos
+            items = []
+            for _ in range(size):
+                # Our scripts answer arrays of integers: those are read inline.
+                eol = buffer.find(b"\r\n", pos)
+                if eol < 0:
+                    raise _NeedMore
+                if buffer[pos] == 58:  # ':'
+                    items.append(int(buffer[pos + 1 : eol]))
+                    pos = eol + 2
+                else:
+                    item, pos = self._parse(buffer, pos)
+                    items.append(item)
+            return (_Push(items) if kind == 62 else items), pos
         if kind == 58 or kind == 40:  # ':' integer, '(' big number
-            return int(line), pos, False
+            return int(line), pos
         if kind == 36 or kind == 61 or kind == 33:  # '$' bulk, '=' verbatim, '!' bulk error
             size = int(line)
             if size < 0:
-                return None, pos, False
+                return None, pos
             end = pos + size
             if end + 2 > len(buffer):
                 raise _NeedMore
             data = buffer[pos:end]
             if kind == 33:
-                return self._error(data), end + 2, False
+                return self._error(data), end + 2
             if kind == 61:
                 data = data[4:]  # drop the "txt:" format prefix
-            return (data if self._decode is None else self._decode(data)), end + 2, False
-        if kind == 42 or kind == 126 or kind == 62:  # '*' array, '~' set, '>' push
-            size = int(line)
-            if size < 0:
-                return None, pos, False
-            items = []
-            for _ in range(size):
-                item, pos, _push = self._parse(pos)
-                items.append(item)
-            return items, pos, kind == 62
+            return (data if self._decode is None else self._decode(data)), end + 2
         if kind == 43:  # '+' simple string
-            return (line if self._decode is None else self._decode(line)), pos, False
+            return (line if self._decode is None else self._decode(line)), pos
         if kind == 45:  # '-' error
-            return self._error(line), pos, False
+            return self._error(line), pos
         if kind == 95:  # '_' null
-            return None, pos, False
+            return None, pos
         if kind == 35:  # '#' boolean
-            return line == b"t", pos, False
+            return line == b"t", pos
         if kind == 44:  # ',' double
-            return float(line), pos, False
+            return float(line), pos
         if kind == 37:  # '%' map
             mapping = {}
             for _ in range(int(line)):
-                key, pos, _push = self._parse(pos)
-                mapping[key], pos, _push = self._parse(pos)
-            return mapping, pos, False
+                key, pos = self._parse(buffer, pos)
+                mapping[key], pos = self._parse(buffer, pos)
+            return mapping, pos
         if kind == 124:  # '|' attributes: metadata ahead of the real reply, dropped
             for _ in range(2 * int(line)):
-                _item, pos, _push = self._parse(pos)
-            return self._parse(pos)
-        raise InvalidResponse(f"Protocol Error: {buffer[pos - 2 - len(line) - 1 : pos]!r}")
+                _, pos = self._parse(buffer, pos)
+            return self._parse(buffer, pos)
+        raise InvalidResponse(f"Protocol Error: {bytes([kind]) + line!r}")
 
     @staticmethod
     def _error(message: bytes) -> Exception:

@@ -1,0 +1,280 @@
+"""The async backend's batches on the wire: every caller gets its own reply or error, whatever
+the network does to the replies, and connections go back to the pool usable on every path."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+from celery_unique import AsyncRedisBackend, BackendError, BackendUnavailable, RateLimit
+
+pytestmark = pytest.mark.anyio
+
+Make = Callable[..., AsyncRedisBackend]
+
+
+class Proxy:
+    """A TCP proxy to the test Redis; a test sets how replies come back through it."""
+
+    def __init__(self, upstream: str) -> None:
+        self.host, port = upstream.split("//")[1].split("/")[0].split(":")
+        self.port = int(port)
+        self.chunk: int | None = None  # pass replies on this many bytes at a time
+        self.delay = 0.0  # seconds before passing replies on
+        self.cut_after: int | None = None  # drop a connection after this many reply bytes
+        self.hold = False  # pass commands on, never a reply
+        self.url = ""
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def _replies(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        passed = 0
+        while data := await src.read(65536):
+            if self.hold:
+                continue
+            await asyncio.sleep(self.delay)
+            if self.cut_after is not None and passed + len(data) > self.cut_after:
+                dst.write(data[: self.cut_after - passed])
+                await dst.drain()
+                dst.transport.abort()
+                return
+            passed += len(data)
+            step = self.chunk or len(data)
+            for start in range(0, len(data), step):
+                dst.write(data[start : start + step])
+                await dst.drain()
+                if self.chunk:
+                    await asyncio.sleep(0.0005)  # separate reads on the other side
+        dst.close()
+
+    async def _commands(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+        dst.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self._writers += (writer, up_writer)
+        try:
+            await asyncio.gather(
+                self._commands(reader, up_writer), self._replies(up_reader, writer)
+            )
+        except OSError:
+            pass  # one side went away
+        finally:
+            writer.close()
+            up_writer.close()
+
+    async def run(self) -> AsyncIterator[Proxy]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+        async with server:
+            yield self
+            for writer in self._writers:
+                writer.close()
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[Proxy]:
+    async for running in Proxy(redis_url).run():
+        yield running
+
+
+@pytest.fixture
+async def make(prefix: str) -> AsyncIterator[Make]:
+    made: list[AsyncRedisBackend] = []
+
+    def build(url: str, **kwargs: Any) -> AsyncRedisBackend:
+        backend = AsyncRedisBackend.from_url(url, key_prefix=prefix, **kwargs)
+        made.append(backend)
+        return backend
+
+    yield build
+    for backend in made:
+        await backend.aclose()
+
+
+async def mixed_batch(backend: AsyncRedisBackend) -> None:
+    """Scripts, plain GETs, nil and arrays in one go; checks each caller's result."""
+    limiter = backend.rate_limiter(RateLimit(5, per=3600))
+    await backend.acquire_or_owner("held", "owner-1", 30)
+    results = await asyncio.gather(
+        *(limiter.hit("k") for _ in range(8)),
+        backend.acquire_or_owner("held", "someone", 30),
+        backend.acquire_or_owner("free", "me", 30),
+        backend.lock("held", ttl=30).owner(),
+        backend.lock("nobody", ttl=30).owner(),
+        backend.release("free", "not-me"),
+    )
+    decisions, (taken, mine, owner, nobody, released) = results[:8], results[8:]
+    assert [d.allowed for d in decisions] == [True] * 5 + [False] * 3  # type: ignore[union-attr]
+    assert [d.remaining for d in decisions[:5]] == [4, 3, 2, 1, 0]  # type: ignore[union-attr]
+    assert not taken.acquired and taken.owner == "owner-1"  # type: ignore[union-attr]
+    assert mine.acquired and mine.fence is not None  # type: ignore[union-attr]
+    assert owner == "owner-1"
+    assert nobody is None
+    assert released is False
+
+
+async def test_replies_arriving_a_few_bytes_at_a_time_reach_the_right_callers(
+    proxy: Proxy, make: Make
+) -> None:
+    proxy.chunk = 3
+    await mixed_batch(make(proxy.url))
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("decode_responses", [False, True])
+async def test_every_client_flavour_gets_the_same_results(
+    redis_url: str, make: Make, protocol: int, decode_responses: bool
+) -> None:
+    await mixed_batch(make(redis_url, protocol=protocol, decode_responses=decode_responses))
+
+
+async def test_a_single_connection_client_works_too(redis_url: str, prefix: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url, single_connection_client=True)
+    backend = AsyncRedisBackend(client, key_prefix=prefix)
+    try:
+        await mixed_batch(backend)
+    finally:
+        await backend.aclose()
+
+
+async def test_a_connection_dropped_mid_batch_fails_every_caller_of_it(
+    proxy: Proxy, make: Make, client: redis.Redis, prefix: str
+) -> None:
+    backend = make(proxy.url)
+    limiter = backend.rate_limiter(RateLimit(100, per=3600))
+    await limiter.hit("warm-up")  # connected
+    proxy.cut_after = 5  # every connection dies five bytes into its replies
+    results = await asyncio.gather(*(limiter.hit("k") for _ in range(20)), return_exceptions=True)
+    assert all(isinstance(r, BackendUnavailable) for r in results), results
+    assert all(isinstance(r.__cause__, redis.ConnectionError) for r in results)  # type: ignore[union-attr]
+    # The dropped connections were discarded: the pool connects afresh, and every reply
+    # reaches its own caller again (how many of the failed commands ran is unknowable).
+    proxy.cut_after = None
+    decisions = await asyncio.gather(*(limiter.hit("k") for _ in range(20)))
+    remaining = sorted(d.remaining for d in decisions)
+    assert remaining == list(range(remaining[0], remaining[0] + 20))
+
+
+async def test_replies_that_never_come_time_out_for_every_caller(proxy: Proxy, make: Make) -> None:
+    backend = make(proxy.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+    limiter = backend.rate_limiter(RateLimit(100, per=3600))
+    await asyncio.gather(*(limiter.hit("warm-up") for _ in range(20)))  # a few connections
+    proxy.hold = True
+    started = time.monotonic()
+    results = await asyncio.gather(*(limiter.hit("k") for _ in range(20)), return_exceptions=True)
+    assert all(isinstance(r, BackendUnavailable) for r in results), results
+    assert any(isinstance(r.__cause__, redis.TimeoutError) for r in results)  # type: ignore[union-attr]
+    assert time.monotonic() - started < 3.0
+
+
+async def test_callers_cancelled_after_the_send_leave_the_others_and_the_pool_in_order(
+    proxy: Proxy, make: Make
+) -> None:
+    backend = make(proxy.url, max_connections=3)
+    limiter = backend.rate_limiter(RateLimit(100, per=3600))
+    await asyncio.gather(*(limiter.hit("warm-up") for _ in range(20)))  # connections open
+    proxy.delay = 0.3
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(limiter.hit("k")) for _ in range(10)]
+    await asyncio.sleep(0.1)  # every command is on its way: the first alone, then batches
+    for task in tasks[::2]:
+        task.cancel()
+    await asyncio.wait(tasks)
+    assert all(task.cancelled() for task in tasks[::2])
+    assert all(task.result().allowed for task in tasks[1::2])
+    proxy.delay = 0
+    # Redis ran all ten; the cancelled callers' replies were read and dropped, or their
+    # connection discarded: either way the next replies are the right ones.
+    assert (await limiter.hit("k")).remaining == 89
+    assert await backend.lock("other", ttl=5).owner() is None
+
+
+async def test_a_lone_caller_cancelled_mid_read_frees_its_connection(
+    proxy: Proxy, make: Make, client: redis.Redis, prefix: str
+) -> None:
+    backend = make(proxy.url, max_connections=1, timeout=2)
+    await backend.acquire_or_owner("warm-up", "me", 5)
+    proxy.delay = 0.3
+    task = asyncio.get_running_loop().create_task(backend.acquire_or_owner("job", "me", 30))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.wait([task])
+    assert task.cancelled()
+    proxy.delay = 0
+    # Had the connection gone back with the reply still due, this would read that reply,
+    # and had it not gone back at all, this would wait for the pool and fail.
+    assert await backend.lock("other", ttl=5).owner() is None
+    assert client.get(f"{prefix}lock:{{job}}") == b"me"  # it was sent: Redis ran it
+
+
+async def test_a_caller_cancelled_while_waiting_for_a_connection_sends_nothing(
+    proxy: Proxy, make: Make, client: redis.Redis, prefix: str
+) -> None:
+    backend = make(proxy.url, max_connections=1, timeout=5)
+    await backend.acquire_or_owner("warm-up", "me", 5)
+    proxy.delay = 0.3
+    loop = asyncio.get_running_loop()
+    first = loop.create_task(backend.acquire_or_owner("first", "me", 30))
+    await asyncio.sleep(0)  # the first goes out alone and holds the only connection
+    waiting = loop.create_task(backend.acquire_or_owner("never", "me", 30))
+    await asyncio.sleep(0.1)  # its batch is waiting for the connection
+    waiting.cancel()
+    await asyncio.wait([first, waiting])
+    assert first.result().acquired
+    assert waiting.cancelled()
+    assert client.get(f"{prefix}lock:{{never}}") is None
+
+
+async def test_hundreds_of_hits_on_two_connections_decide_exactly(
+    redis_url: str, make: Make
+) -> None:
+    backend = make(redis_url, max_connections=2)
+    limiter = backend.rate_limiter(RateLimit(150, per=3600))
+    decisions = await asyncio.gather(*(limiter.hit("k") for _ in range(400)))
+    assert sum(d.allowed for d in decisions) == 150
+    assert sorted(d.remaining for d in decisions if d.allowed) == list(range(150))
+
+
+async def test_a_flushed_script_cache_is_reloaded_for_every_script_of_a_batch(
+    redis_url: str, make: Make, client: redis.Redis
+) -> None:
+    backend = make(redis_url)
+    limiter = backend.rate_limiter("5/h")
+    await backend.acquire_or_owner("a", "me", 30)
+    client.script_flush()
+    first, acquired, extended, released, second = await asyncio.gather(
+        limiter.hit("k"),
+        backend.acquire_or_owner("b", "me", 30),
+        backend.extend("a", "me", 60),
+        backend.release("a", "me"),
+        limiter.hit("k"),
+    )
+    assert [first.remaining, second.remaining] == [4, 3]
+    assert acquired.acquired
+    assert extended is True and released is True
+
+
+async def test_an_error_reply_stays_with_its_caller_and_keeps_its_class(
+    redis_url: str, make: Make, client: redis.Redis, prefix: str
+) -> None:
+    backend = make(redis_url)
+    client.hset(f"{prefix}lock:{{broken}}", "not", "a string")
+    results = await asyncio.gather(
+        *(backend.acquire_or_owner(name, "me", 10) for name in ("a", "broken", "b", "broken")),
+        return_exceptions=True,
+    )
+    for i in (1, 3):
+        error = results[i]
+        assert isinstance(error, BackendError) and not isinstance(error, BackendUnavailable)
+        assert isinstance(error.__cause__, redis.ResponseError)
+        assert "WRONGTYPE" in str(error)
+    assert results[0].acquired and results[2].acquired  # type: ignore[union-attr]
