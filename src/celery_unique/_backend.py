@@ -4,6 +4,8 @@
 They carry out the steps of the core's flows and nothing else: EVALSHA, and on NOSCRIPT
 (a restarted or flushed server) SCRIPT LOAD and one retry; redis-py errors become
 :class:`BackendError`/:class:`BackendUnavailable`, chained. Every decision is in ``_core``.
+The async one batches the commands of concurrent callers: each batch is packed and its
+replies read here (``_resp``), on one connection of the client's own pool.
 """
 
 from __future__ import annotations
@@ -530,6 +532,8 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
         """Write ``commands`` at once and read one reply for each, within the socket timeout."""
         # redis-py's public send/read calls add a timeout, a task or a parser pass per reply;
         # the connection's own stream does the same job once per batch.
+        if connection.health_check_interval:
+            await connection.check_health()  # a PING when one is due, as redis-py would send
         reader: asyncio.StreamReader = connection._reader
         writer: asyncio.StreamWriter = connection._writer
         parser = _resp.Reader(self._decode)
@@ -551,6 +555,9 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
             raise RedisConnectionError(f"Error while talking to Redis: {exc}") from exc
         if len(replies) != len(commands):
             raise InvalidResponse(f"{len(replies)} replies to {len(commands)} commands")
+        if connection.health_check_interval:
+            loop_time = asyncio.get_running_loop().time()
+            connection.next_health_check = loop_time + connection.health_check_interval
         return replies
 
     @staticmethod

@@ -278,3 +278,21 @@ async def test_an_error_reply_stays_with_its_caller_and_keeps_its_class(
         assert isinstance(error.__cause__, redis.ResponseError)
         assert "WRONGTYPE" in str(error)
     assert results[0].acquired and results[2].acquired  # type: ignore[union-attr]
+
+
+async def test_a_health_check_interval_is_honoured(
+    redis_url: str, make: Make, client: redis.Redis
+) -> None:
+    def pings() -> int:
+        stats = client.info("commandstats").get("cmdstat_ping", {"calls": 0})
+        return int(stats["calls"])
+
+    backend = make(redis_url, health_check_interval=0.3)
+    limiter = backend.rate_limiter("5/h")
+    await limiter.hit("k")
+    before = pings()
+    await limiter.hit("k")  # within the interval: no PING
+    assert pings() == before
+    await asyncio.sleep(0.35)
+    assert (await limiter.hit("k")).remaining == 2  # a PING first, then the hit
+    assert pings() == before + 1
