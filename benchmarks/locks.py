@@ -17,7 +17,10 @@ what differs between variants is client-side overhead (plus the work of each Lua
   other commands (redis-py acquires with a plain SET NX, no fence), so their ratio also
   reflects different server-side work, not only client overhead.
 * Sync variants run in one thread; async ones at 1, 16 and 64 concurrent tasks, each compared
-  with raw async at the same concurrency.
+  with raw async at the same concurrency. There ours batches the commands of concurrent tasks
+  (one write and one read per batch, packed and parsed by the library, on connections of the
+  same pool) where raw sends each through redis-py on its own: above 1 task the ratio is what
+  the batching gains, not a price.
 
 Each repetition runs every variant once, next to its baseline and in an order that turns
 from one repetition to the next. ``median pairs/s`` is the median over repetitions;

@@ -61,8 +61,7 @@ class KeySpace:
     def rate(self, name: str, specs: Sequence[str]) -> tuple[str, ...]:
         """One bucket key per limit spec, all in the slot of ``name``."""
         _check_name(name, "a rate limit key")
-        tag = hash_tag(name)
-        return tuple(f"{self.prefix}rate:{tag}:{spec}" for spec in specs)
+        return _rate_keys(self.prefix, name, tuple(specs))
 
 
 def _check_name(name: object, what: str) -> None:
@@ -75,6 +74,13 @@ def _lock_keys(prefix: str, name: str) -> LockKeys:
     # Cached: the same few names are locked over and over, and this sits on every call.
     tag = hash_tag(name)
     return LockKeys(f"{prefix}lock:{tag}", f"{prefix}fence:{tag}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _rate_keys(prefix: str, name: str, specs: tuple[str, ...]) -> tuple[str, ...]:
+    # Cached like _lock_keys: a limiter decides for the same few keys over and over.
+    tag = hash_tag(name)
+    return tuple(f"{prefix}rate:{tag}:{spec}" for spec in specs)
 
 
 def canonical_json(value: object, encoder: type[json.JSONEncoder] | None = None) -> str:

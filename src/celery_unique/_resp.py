@@ -56,7 +56,7 @@ class Packer:
             data = value.encode(self._encoding, self._errors)
         elif isinstance(value, bytes):
             data = value
-        elif isinstance(value, int) and not isinstance(value, bool):
+        elif type(value) is int:  # not a bool: Redis would take True for 1
             data = b"%d" % value
         else:
             raise TypeError(f"cannot send {type(value).__name__} to Redis")
