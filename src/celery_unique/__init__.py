@@ -29,7 +29,7 @@ from ._exceptions import (
 )
 from ._limits import RateLimit
 from ._lock import AsyncLock, Lock
-from ._models import Acquisition, Decision
+from ._models import Acquisition, Decision, Reservation
 from ._ratelimit import AsyncRateLimiter, RateLimiter
 
 # The Celery task classes load Celery, so they are imported on first use only: an asyncio
@@ -71,6 +71,7 @@ __all__ = [
     "RateLimitedTask",
     "RateLimiter",
     "RedisBackend",
+    "Reservation",
     "UniqueTask",
     "clear_locks",
 ]

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 from ._exceptions import BackendError, ConfigurationError, RateLimitExceeded
 from ._keys import LockKeys
 from ._limits import RateLimit
-from ._models import Acquisition, Decision
+from ._models import Acquisition, Decision, Reservation
 from ._scripts import ACQUIRE, EXTEND, RELEASE, TOKEN_BUCKET, Script
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "parse_acquire",
     "release",
     "renew",
+    "reserve",
     "to_ms",
     "wait",
 ]
@@ -256,17 +257,65 @@ def check_cost(cost: int, limits: Sequence[RateLimit]) -> None:
 
 
 def parse_decision(reply: list[Any]) -> Decision:
-    """``{allowed, remaining, retry_after_us}`` -> :class:`Decision`."""
+    """``{allowed, remaining, retry_after_us, ...}`` -> :class:`Decision`."""
     return Decision(int(reply[0]) == 1, int(reply[1]), int(reply[2]) / 1_000_000)
+
+
+# Lua keeps integers exact below 2**53. A bucket may owe its capacity plus the longest wait
+# booked (W x N units), and a request adds up to one more capacity: W is capped to stay exact.
+# (For any real limit the cap is years: "1000/s" with a burst of 10**6 allows ~100 days.)
+_EXACT = 2**53
+
+
+def _horizon_us(limits: Sequence[RateLimit]) -> int:
+    """The longest wait, in microseconds, that every limit's bucket can book exactly."""
+    return max(
+        0, min((_EXACT - 2 * limit.burst * limit._period_us) // limit._n for limit in limits)
+    )
+
+
+def _max_wait_us(max_wait: float, limits: Sequence[RateLimit]) -> int:
+    if (
+        isinstance(max_wait, bool)
+        or not isinstance(max_wait, int | float)
+        or math.isnan(max_wait)
+        or max_wait < 0
+    ):
+        raise ConfigurationError(f"max_wait must be a number of seconds >= 0, got {max_wait!r}")
+    horizon = _horizon_us(limits)
+    # Rounded down: a slot the caller accepts is never later than it said.
+    return horizon if max_wait * 1_000_000 >= horizon else math.floor(max_wait * 1_000_000)
+
+
+def _bucket(keys: Sequence[str], limits: Sequence[RateLimit], cost: int, max_wait_us: int) -> Eval:
+    check_cost(cost, limits)
+    args: list[str | int] = [cost, max_wait_us]
+    for limit in limits:
+        args += (limit._n, limit._period_us, limit.burst)
+    return Eval(TOKEN_BUCKET, tuple(keys), tuple(args))
 
 
 def hit(keys: Sequence[str], limits: Sequence[RateLimit], cost: int = 1) -> Op[Decision]:
     """Take ``cost`` tokens from every limit's bucket, or from none; one round trip."""
-    check_cost(cost, limits)
-    args: list[str | int] = [cost]
-    for limit in limits:
-        args += (limit._n, limit._period_us, limit.burst)
-    return Op(Eval(TOKEN_BUCKET, tuple(keys), tuple(args)), parse_decision)
+    return Op(_bucket(keys, limits, cost, 0), parse_decision)
+
+
+def parse_reservation(reply: list[Any], max_wait_us: int) -> Reservation:
+    """``{allowed, remaining, retry_after_us, delay_us}`` -> :class:`Reservation`."""
+    if int(reply[0]) == 1:
+        return Reservation(True, int(reply[1]), int(reply[3]) / 1_000_000, 0.0)
+    slot_us = int(reply[2])
+    return Reservation(False, int(reply[1]), slot_us / 1e6, (slot_us - max_wait_us) / 1e6)
+
+
+def reserve(
+    keys: Sequence[str], limits: Sequence[RateLimit], cost: int = 1, *, max_wait: float
+) -> Op[Reservation]:
+    """Book ``cost`` tokens in every limit's bucket for the earliest moment all have them, if
+    that is within ``max_wait`` seconds (``math.inf``: whenever); else take nothing. One
+    round trip; ``max_wait=0`` decides like :func:`hit`."""
+    wait_us = _max_wait_us(max_wait, limits)
+    return Op(_bucket(keys, limits, cost, wait_us), lambda reply: parse_reservation(reply, wait_us))
 
 
 def wait(
@@ -275,24 +324,28 @@ def wait(
     cost: int = 1,
     *,
     timeout: float | None = None,
-    clock: Clock,
 ) -> Flow[Decision]:
-    """Hit until admitted, sleeping for what the bucket says (plus a little jitter so that
-    waiters do not all come back at the same instant); :class:`RateLimitExceeded` when the
-    next admission lies beyond ``timeout``."""
+    """Book the earliest slot (within ``timeout``) and sleep until it: one command and one
+    sleep, so waiters are served in the order they asked, without polling.
+
+    :class:`RateLimitExceeded` at once when the slot lies beyond ``timeout``; nothing is
+    taken then. A waiter cancelled while it sleeps has spent its slot (never handed to
+    another: the limit stays conservative).
+    """
     if timeout is not None:
         check_timeout(True, timeout)
-    op = hit(keys, limits, cost)
-    deadline = None if timeout is None else clock() + timeout
+    op = reserve(keys, limits, cost, max_wait=math.inf if timeout is None else timeout)
     while True:
-        decision = op.parse((yield op.step))
-        if decision.allowed:
-            return decision
-        delay = decision.retry_after * (1 + random.random() / 20) + 0.001
-        if deadline is not None and clock() + decision.retry_after > deadline:
+        booked = op.parse((yield op.step))
+        if booked.reserved:
+            if booked.delay > 0:
+                yield Sleep(booked.delay)
+            return Decision(True, booked.remaining, 0.0)
+        if timeout is not None:
             raise RateLimitExceeded(
-                f"the rate limit would admit this request in {decision.retry_after:.3f} s, "
+                f"the rate limit would admit this request in {booked.delay:.3f} s, "
                 "after the timeout: wait longer or lower the request rate",
-                retry_after=decision.retry_after,
+                retry_after=booked.delay,
             )
-        yield Sleep(delay)
+        # Beyond the longest wait a bucket can book exactly (years): come back nearer to it.
+        yield Sleep(booked.retry_after)

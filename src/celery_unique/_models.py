@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Acquisition", "Decision"]
+__all__ = ["Acquisition", "Decision", "Reservation"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,4 +34,23 @@ class Decision:
 
     allowed: bool
     remaining: int
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The outcome of one reservation: tokens booked for the earliest slot within a max wait.
+
+    ``reserved`` says whether the tokens were taken, for the slot ``delay`` seconds from now
+    (``0.0``: go now). Otherwise nothing was taken: the earliest slot is ``delay`` seconds away,
+    beyond the max wait, and ``retry_after`` says in how many seconds a reservation with the
+    same max wait could succeed (if nobody books before). ``remaining`` is how many tokens the
+    tightest limit has left (at the slot, after this request, when reserved).
+
+    A reserved slot is spent even if the caller never uses it: the limit stays conservative.
+    """
+
+    reserved: bool
+    remaining: int
+    delay: float
     retry_after: float

@@ -2,19 +2,20 @@
 
 A token bucket per key lives in Redis, so every worker, process and host shares it (Celery's
 own ``rate_limit`` is counted per worker). Several limits (per second and per hour, or
-requests and tokens) are decided together in one atomic command.
+requests and tokens) are decided together in one atomic command. Besides taking tokens now
+(``hit``), a caller can book them for the earliest moment every limit has them (``reserve``):
+callers are then served in the order they asked, each told exactly how long to wait.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from . import _core
 from ._exceptions import ConfigurationError
 from ._limits import RateLimit
-from ._models import Decision
+from ._models import Decision, Reservation
 
 if TYPE_CHECKING:
     from ._backend import AsyncRedisBackend, RedisBackend
@@ -55,18 +56,32 @@ class RateLimiter(_LimiterBase["RedisBackend"]):
 
         limiter = backend.rate_limiter(RateLimit("10/s", burst=20))
         if limiter.hit("customer:7").allowed: ...
-        limiter.wait("customer:7")   # sleeps until admitted
+        limiter.wait("customer:7")   # sleeps until its booked slot
+        slot = limiter.reserve("customer:7", max_wait=30)   # or book one and go later
     """
 
     def hit(self, key: str, cost: int = 1) -> Decision:
         """Take ``cost`` tokens from ``key``'s buckets if every limit has them; one command."""
         return self._backend._one(_core.hit(self._keys(key), self.limits, cost))
 
-    def wait(self, key: str, cost: int = 1, timeout: float | None = None) -> Decision:
-        """Block until admitted; :class:`RateLimitExceeded` if that is beyond ``timeout`` s."""
-        return self._backend._run(
-            _core.wait(self._keys(key), self.limits, cost, timeout=timeout, clock=time.monotonic)
+    def reserve(self, key: str, cost: int = 1, *, max_wait: float) -> Reservation:
+        """Book ``cost`` tokens for the earliest moment every limit has them, if that is within
+        ``max_wait`` seconds; one command. The caller goes after ``delay`` seconds.
+
+        Slots are handed out in the order callers ask (first come, first served), and a
+        booked slot is spent even if never used. ``max_wait=0`` decides like :meth:`hit`.
+        """
+        return self._backend._one(
+            _core.reserve(self._keys(key), self.limits, cost, max_wait=max_wait)
         )
+
+    def wait(self, key: str, cost: int = 1, timeout: float | None = None) -> Decision:
+        """Book the earliest slot and sleep until it: one command, one sleep, no polling.
+
+        :class:`RateLimitExceeded` at once (nothing taken) when the slot is beyond
+        ``timeout`` seconds. A wait interrupted after booking has spent its slot.
+        """
+        return self._backend._run(_core.wait(self._keys(key), self.limits, cost, timeout=timeout))
 
 
 class AsyncRateLimiter(_LimiterBase["AsyncRedisBackend"]):
@@ -76,9 +91,20 @@ class AsyncRateLimiter(_LimiterBase["AsyncRedisBackend"]):
         """Take ``cost`` tokens from ``key``'s buckets if every limit has them; one command."""
         return await self._backend._one(_core.hit(self._keys(key), self.limits, cost))
 
-    # timeout= mirrors RateLimiter.wait: it raises RateLimitExceeded, naming the wait left.
+    async def reserve(self, key: str, cost: int = 1, *, max_wait: float) -> Reservation:
+        """Book ``cost`` tokens for the earliest moment every limit has them, if that is within
+        ``max_wait`` seconds; one command. See :meth:`RateLimiter.reserve`."""
+        return await self._backend._one(
+            _core.reserve(self._keys(key), self.limits, cost, max_wait=max_wait)
+        )
+
     async def wait(self, key: str, cost: int = 1, timeout: float | None = None) -> Decision:
-        """Wait until admitted; :class:`RateLimitExceeded` if that is beyond ``timeout`` s."""
+        """Book the earliest slot and sleep until it: one command, one sleep, no polling.
+
+        :class:`RateLimitExceeded` at once (nothing taken) when the slot is beyond
+        ``timeout`` seconds. A task cancelled after booking has spent its slot (the limit
+        stays conservative: nobody else gets it).
+        """
         return await self._backend._run(
-            _core.wait(self._keys(key), self.limits, cost, timeout=timeout, clock=time.monotonic)
+            _core.wait(self._keys(key), self.limits, cost, timeout=timeout)
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,12 +12,18 @@ from typing import Any, ClassVar
 from celery import Task
 
 from ._backend import RedisBackend
+from ._exceptions import ConfigurationError
 from ._keys import ArgumentKey
 from ._limits import RateLimit
 from ._ratelimit import RateLimiter, as_limits
-from ._tasks import _static_option, backend_for, defer
+from ._tasks import _setting, _static_option, backend_for, defer
 
 __all__ = ["RateLimitedTask"]
+
+#: Message header of a copy whose slot is booked: the retry count it was booked for (a retry
+#: of the run is a new request, which books its own slot).
+BOOKED_HEADER = "celery_unique_rate_booked"
+DEFAULT_MAX_WAIT = 60.0
 
 
 class RateLimitedTask(Task):  # type: ignore[misc]
@@ -34,15 +41,28 @@ class RateLimitedTask(Task):  # type: ignore[misc]
       for no limit);
     * ``rate_limit_key``: ``None`` (one bucket per task), a list of argument names (a bucket
       per their values), or a callable taking the task's arguments and returning the bucket
-      name (which tasks may share, e.g. ``"partner-api"``).
+      name (which tasks may share, e.g. ``"partner-api"``);
+    * ``rate_limit_max_wait`` (``app.conf.unique_rate_limit_max_wait``): how far ahead, in
+      seconds, a run may book its slot (default 60). Keep it well below the broker's
+      ``visibility_timeout`` (Redis broker: one hour by default), past which a message
+      still waiting for its countdown is delivered again.
 
-    The check happens when a run starts. An instance over the limit is deferred by the wait
-    the bucket names plus jitter: same task id, same retry count, options untouched; with
-    :class:`UniqueTask` (``class T(UniqueTask, RateLimitedTask)``) it keeps its unique lock.
+    When a run starts it books the earliest slot the limits have for it within
+    ``rate_limit_max_wait`` (one Redis command): a slot now runs at once; a later slot defers
+    the instance to exactly that moment, and the copy that comes back runs without a second
+    check (its message says the slot is booked). Instances are thus served in the order they
+    started, each deferred at most once, spaced by the limit itself. With no slot within the
+    horizon nothing is booked: the instance is deferred to about when one could be, spread
+    over up to half the horizon so that a backlog does not all come back at once, and books
+    then. A deferral keeps the task id, the retry count (it uses none of ``max_retries`` up)
+    and the options; with :class:`UniqueTask` (``class T(UniqueTask, RateLimitedTask)``) it
+    keeps the unique lock. A booked slot whose instance is revoked meanwhile is spent.
+    Booked runs start at their slot by the workers' clocks: keep them in sync (NTP).
     """
 
     global_rate_limit: ClassVar[Any] = None
     rate_limit_key: ClassVar[Any] = None
+    rate_limit_max_wait: ClassVar[float | None] = None
 
     @functools.cached_property
     def _rated(self) -> _Rated:
@@ -50,16 +70,33 @@ class RateLimitedTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if not (request.called_directly or request.is_eager):
-            rated = self._rated
-            limits = rated.limits(args, kwargs)
-            if limits is not None:
-                decision = rated.limiter(limits).hit(rated.key(args, kwargs))
-                if not decision.allowed:
-                    # Jitter spreads deferred instances so they do not all return at once.
-                    wait = decision.retry_after
-                    defer(self, wait + random.uniform(0, min(1.0, wait)), "rate limited")
+        # A copy carrying its booking runs: its slot was taken when it was deferred, and a
+        # broker's redelivery of that copy must not book (or be refused) a second time.
+        if not (
+            request.called_directly
+            or request.is_eager
+            or getattr(request, BOOKED_HEADER, None) == request.retries
+        ):
+            self._take_slot(args, kwargs)
         return super().__call__(*args, **kwargs)
+
+    def _take_slot(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Book this run's slot: return if it is now, else defer the instance (raises Retry)."""
+        rated = self._rated
+        limits = rated.limits(args, kwargs)
+        if limits is None:
+            return
+        horizon = rated.max_wait
+        slot = rated.limiter(limits).reserve(rated.key(args, kwargs), max_wait=horizon)
+        if not slot.reserved:
+            # Every instance refused now sees about the same wait: spread them over half the
+            # horizon, in which about that many slots come within reach.
+            countdown = min(slot.retry_after, horizon / 2) + random.uniform(0, horizon / 2)
+            defer(self, countdown, "rate limited", {BOOKED_HEADER: None})
+        if slot.delay > 0:
+            # No jitter: the bucket spaces the booked slots itself.
+            booked = {BOOKED_HEADER: self.request.retries}
+            defer(self, slot.delay, "rate limited: slot booked", booked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +107,7 @@ class _Rated:
     static: tuple[RateLimit, ...] | None
     dynamic: Callable[..., Any] | None
     key: Callable[[Sequence[Any], Mapping[str, Any]], str]
+    max_wait: float
     _limiters: dict[tuple[str, ...], RateLimiter] = field(default_factory=dict)
 
     @classmethod
@@ -83,6 +121,7 @@ class _Rated:
             static=static,
             dynamic=spec if callable(spec) else None,
             key=_rate_key(task, _static_option(task, "rate_limit_key")),
+            max_wait=_max_wait(task),
         )
 
     def limits(
@@ -99,6 +138,21 @@ class _Rated:
         if limiter is None:
             limiter = self._limiters[specs] = self.backend.rate_limiter(limits)
         return limiter
+
+
+def _max_wait(task: Task) -> float:
+    value = _setting(task, "rate_limit_max_wait", "unique_rate_limit_max_wait", DEFAULT_MAX_WAIT)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(
+            f"rate_limit_max_wait (app.conf.unique_rate_limit_max_wait) of task {task.name!r} "
+            f"must be a finite number of seconds > 0, got {value!r}"
+        )
+    return float(value)
 
 
 def _rate_key(task: Task, option: Any) -> Callable[[Sequence[Any], Mapping[str, Any]], str]:

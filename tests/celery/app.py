@@ -242,3 +242,34 @@ def unique_limited(self: UniqueTask, tag: str) -> int:
 
 # The migration layers' tasks register on this app too (after everything they import).
 from tests.celery import compat_tasks  # noqa: E402, F401
+
+# -- rate limited: booked slots -----------------------------------------------------------------
+
+BOOKED = RateLimit(20, per=1, burst=2)
+
+
+def record_time(tag: str) -> None:
+    store().rpush(f"times:{tag}", redis_now_us())
+    store().expire(f"times:{tag}", 600)
+
+
+@app.task(
+    base=RateLimitedTask,
+    name="t.booked",
+    global_rate_limit=BOOKED,
+    rate_limit_key=lambda tag, i: tag,
+)
+def booked(tag: str, i: int) -> int:
+    record_time(tag)
+    return i
+
+
+@app.task(
+    base=RateLimitedTask,
+    name="t.short_horizon",
+    global_rate_limit=RateLimit(1, per=1),
+    rate_limit_key=lambda tag: tag,
+    rate_limit_max_wait=0.3,
+)
+def short_horizon(tag: str) -> None:
+    record_time(tag)

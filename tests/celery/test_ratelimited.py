@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import redis
+from celery import Celery, signals
 from celery.result import AsyncResult
 
-from celery_unique import RateLimit
+from celery_unique import ConfigurationError, RateLimit, RateLimitedTask
+from celery_unique._ratetask import BOOKED_HEADER, _Rated
 from celery_unique._tasks import backend_for
 from tests.celery import app as t
 
@@ -24,20 +31,136 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def test_the_limit_holds_in_every_window_and_every_task_succeeds(client: redis.Redis) -> None:
-    tag = uuid.uuid4().hex
-    results = [t.limited.delay(tag, i) for i in range(25)]
-    assert sorted(r.get(timeout=60) for r in results) == list(range(25))
-    times = sorted(int(x) for x in client.lrange(f"times:{tag}", 0, -1))
-    assert len(times) == 25
-    burst, rate = t.LIMITED.burst, t.LIMITED.rate
+@contextmanager
+def deferrals(task: str, tag: str) -> Iterator[Counter[str]]:
+    """How many times each instance of ``task`` with first argument ``tag`` was deferred."""
+    seen: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def count(sender: Any = None, request: Any = None, **_: Any) -> None:
+        # A deferral ends the run with Retry, so the worker sends task_retry for it.
+        if getattr(sender, "name", None) == task and request.args and request.args[0] == tag:
+            with lock:
+                seen[request.id] += 1
+
+    signals.task_retry.connect(count, weak=False)
+    try:
+        yield seen
+    finally:
+        signals.task_retry.disconnect(count)
+
+
+def assert_within_the_limit(times: list[int], limit: RateLimit) -> None:
     # A token bucket admits at most burst + rate x w in any window of w seconds; the run
     # records its time a moment after admission, hence the small allowance.
     for i, start in enumerate(times):
         for j in range(i, len(times)):
             window = (times[j] - start) / 1e6
-            assert j - i + 1 <= burst + rate * (window + 0.02), (i, j, window)
+            assert j - i + 1 <= limit.burst + limit.rate * (window + 0.02), (i, j, window)
+
+
+def run_times(client: redis.Redis, tag: str) -> list[int]:
+    return sorted(int(x) for x in client.lrange(f"times:{tag}", 0, -1))
+
+
+def test_the_limit_holds_in_every_window_and_every_task_succeeds(client: redis.Redis) -> None:
+    tag = uuid.uuid4().hex
+    results = [t.limited.delay(tag, i) for i in range(25)]
+    assert sorted(r.get(timeout=60) for r in results) == list(range(25))
+    times = run_times(client, tag)
+    assert len(times) == 25
+    assert_within_the_limit(times, t.LIMITED)
     assert all(r.state == "SUCCESS" for r in results)
+
+
+def test_a_queue_books_its_slots_so_each_instance_is_deferred_at_most_once(
+    client: redis.Redis,
+) -> None:
+    tag, n = uuid.uuid4().hex, 30
+    with deferrals("t.booked", tag) as seen:
+        results = [t.booked.delay(tag, i) for i in range(n)]
+        assert sorted(r.get(timeout=30) for r in results) == list(range(n))
+    times = run_times(client, tag)
+    assert len(times) == n
+    assert_within_the_limit(times, t.BOOKED)
+    # Linear: each instance books a slot at its first start and is deferred to it once (a
+    # re-check at every return deferred these 30 about 340 times, up to 25 times each).
+    assert max(seen.values()) == 1
+    assert n - 10 <= seen.total() < n
+    # And no slot wasted: after the burst, the runs came at the limit's pace.
+    assert (times[-1] - times[0]) / 1e6 < (n - t.BOOKED.burst) / t.BOOKED.rate + 0.5
+
+
+def test_a_copy_carrying_its_booking_runs_without_booking_again(client: redis.Redis) -> None:
+    tag = uuid.uuid4().hex
+    hourly = backend_for(t.app).rate_limiter(RateLimit(1, per=3600))  # t.dynamic's bucket
+    assert hourly.hit(tag).allowed  # the hour's only token is spent
+    # A broker redelivers a copy whose slot was booked (retries 0): it runs, and books nothing.
+    redelivered = t.dynamic.apply_async((tag, 1), headers={BOOKED_HEADER: 0})
+    redelivered.get(timeout=10)
+    assert 3590 < hourly.hit(tag).retry_after <= 3600  # not a second token later
+    # A booking is for one run: the retry of a run that had one books (or waits) again.
+    retry = t.dynamic.apply_async((tag, 1), headers={BOOKED_HEADER: 0}, retries=1)
+    wait_until(lambda: retry.state == "RETRY")
+    assert t.runs(tag) == 1
+    retry.revoke()
+
+
+def test_beyond_the_horizon_nothing_is_booked_until_a_slot_comes_within_it(
+    client: redis.Redis,
+) -> None:
+    tag = uuid.uuid4().hex
+    limiter = backend_for(t.app).rate_limiter(RateLimit(1, per=1))  # t.short_horizon's bucket
+    spent = t.redis_now_us()
+    assert limiter.hit(tag).allowed  # the next token is 1 s away; the task books 0.3 s ahead
+    with deferrals("t.short_horizon", tag) as seen:
+        t.short_horizon.delay(tag).get(timeout=10)
+    (ran,) = run_times(client, tag)
+    assert ran >= spent + 1_000_000  # not before the token came back
+    # Refused (nothing taken) while the token was over 0.3 s away, then booked once.
+    assert 2 <= seen.total() <= 10
+    assert limiter.hit(tag).retry_after <= 1.0  # one token was taken for the run, not more
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.inf, "60", True])
+def test_a_bad_max_wait_is_refused_naming_the_option(bad: Any, redis_url: str) -> None:
+    with throwaway_app(redis_url) as app:
+        task = app.task(base=RateLimitedTask, global_rate_limit="1/s", rate_limit_max_wait=bad)(
+            _noop
+        )
+        with pytest.raises(ConfigurationError, match="rate_limit_max_wait"):
+            _Rated.resolve(task)
+        app.conf.unique_rate_limit_max_wait = bad
+        with pytest.raises(ConfigurationError, match="unique_rate_limit_max_wait"):
+            _Rated.resolve(app.task(base=RateLimitedTask, global_rate_limit="1/s")(_noop2))
+
+
+def test_the_max_wait_is_a_task_option_or_app_setting(redis_url: str) -> None:
+    with throwaway_app(redis_url) as app:
+        default = app.task(base=RateLimitedTask, global_rate_limit="1/s")(_noop)
+        assert _Rated.resolve(default).max_wait == 60.0
+        app.conf.unique_rate_limit_max_wait = 5
+        assert _Rated.resolve(default).max_wait == 5.0
+        own = app.task(base=RateLimitedTask, global_rate_limit="1/s", rate_limit_max_wait=2)(_noop2)
+        assert _Rated.resolve(own).max_wait == 2.0
+
+
+@contextmanager
+def throwaway_app(redis_url: str) -> Iterator[Celery]:
+    app = Celery(f"throwaway-{uuid.uuid4().hex[:8]}", set_as_current=False)
+    app.conf.update(unique_backend_url=redis_url)
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+def _noop() -> None:
+    pass
+
+
+def _noop2() -> None:
+    pass
 
 
 def test_buckets_are_per_named_argument(client: redis.Redis) -> None:
@@ -68,9 +191,11 @@ def test_a_deferred_unique_task_keeps_its_lock_and_its_retries(client: redis.Red
     tag = uuid.uuid4().hex
     limiter = backend_for(t.app).rate_limiter(RateLimit(1, per=2))
     assert limiter.hit(tag).allowed  # spend the only token: the task must wait ~2 s
-    result = t.unique_limited.delay(tag)
-    wait_until(lambda: result.state == "RETRY")
-    assert t.unique_limited.delay(tag).id == result.id  # still the one instance
-    # max_retries=0, yet the deferral did not count as a retry: it still succeeds.
-    assert AsyncResult(result.id, app=t.app).get(timeout=15) == 0
+    with deferrals("t.unique_limited", tag) as seen:
+        result = t.unique_limited.delay(tag)
+        wait_until(lambda: result.state == "RETRY")
+        assert t.unique_limited.delay(tag).id == result.id  # still the one instance
+        # max_retries=0, yet the deferral did not count as a retry: it still succeeds.
+        assert AsyncResult(result.id, app=t.app).get(timeout=15) == 0
     assert t.runs(tag) == 1
+    assert seen == {result.id: 1}  # deferred to its booked slot once, run without a re-check

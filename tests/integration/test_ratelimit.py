@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 import uuid
 from multiprocessing.queues import Queue
@@ -18,8 +19,10 @@ from celery_unique import (
     AsyncRedisBackend,
     ConfigurationError,
     RateLimit,
+    RateLimiter,
     RateLimitExceeded,
     RedisBackend,
+    Reservation,
 )
 
 pytestmark = pytest.mark.anyio
@@ -139,3 +142,142 @@ async def test_async_limiter_shares_buckets_with_sync_ones(redis_url: str, prefi
         await abackend.aclose()
         sync._backend.close()
         await anyio.lowlevel.checkpoint()
+
+
+# -- reservations ---------------------------------------------------------------------------------
+
+
+async def test_reserve_books_the_next_slot_or_takes_nothing(backend: AsyncRedisBackend) -> None:
+    limiter = backend.rate_limiter(HOURLY)
+    now = await limiter.reserve("k", max_wait=0)
+    assert now == Reservation(True, 2, 0.0, 0.0)  # a full bucket: go now
+    await limiter.hit("k", cost=2)
+    first = await limiter.reserve("k", max_wait=7200)
+    assert first.reserved and first.remaining == 0 and 1199 < first.delay <= 1200
+    # The next slot is a token (20 min) later; beyond a max wait of 30 min nothing is taken.
+    too_far = await limiter.reserve("k", max_wait=1800)
+    assert not too_far.reserved
+    assert 2399 < too_far.delay <= 2400
+    assert too_far.retry_after == pytest.approx(too_far.delay - 1800)
+    second = await limiter.reserve("k", max_wait=7200)
+    assert second.reserved and second.delay == pytest.approx(too_far.delay, abs=0.5)
+    # Plain hits see the booked slots: nothing before them.
+    assert (await limiter.hit("k")).retry_after > second.delay
+
+
+async def test_several_limits_book_the_latest_of_their_slots(backend: AsyncRedisBackend) -> None:
+    limiter = backend.rate_limiter([RateLimit(6, per=3600, burst=2), RateLimit(2, per=3600)])
+    assert [(await limiter.reserve("k", max_wait=0)).reserved for _ in range(2)] == [True, True]
+    # The first limit has a token again in 10 min, the second in 30 min: the slot is 30 min.
+    third = await limiter.reserve("k", max_wait=3600)
+    assert third.reserved and 1799 < third.delay <= 1800
+
+
+class Commands:
+    """The top-level commands Redis receives that mention ``needle`` (through MONITOR)."""
+
+    def __init__(self, url: str, needle: str) -> None:
+        self.url, self.needle, self.seen = url, needle, list[str]()
+        self._client = redis.Redis.from_url(url)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+
+    def _listen(self) -> None:
+        with self._client.monitor() as monitor:  # type: ignore[no-untyped-call]
+            self._ready.set()
+            for command in monitor.listen():
+                text = command["command"]
+                if text == f"ECHO {self.needle}:stop":
+                    return
+                if self.needle in text and command["client_type"] != "lua":
+                    self.seen.append(text.split()[0])
+
+    def __enter__(self) -> Commands:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.echo(f"{self.needle}:stop")
+        self._thread.join(10)
+        self._client.close()
+
+
+async def test_wait_books_once_sleeps_once_and_serves_in_order(
+    backend: AsyncRedisBackend, redis_url: str, prefix: str
+) -> None:
+    limiter = backend.rate_limiter(RateLimit("20/s", burst=1))  # a slot every 50 ms
+    await limiter.hit("warm-up")  # the script is loaded: no NOSCRIPT retry below
+    woke: list[tuple[int, float]] = []
+    started = time.monotonic()
+
+    async def waiter(i: int) -> None:
+        await anyio.sleep(0.01 * i)  # asks in this order
+        await limiter.wait("k")
+        woke.append((i, time.monotonic() - started))
+
+    with Commands(redis_url, prefix) as commands:
+        async with anyio.create_task_group() as group:
+            for i in range(6):
+                group.start_soon(waiter, i)
+    assert commands.seen == ["EVALSHA"] * 6  # one command each: no polling
+    assert [i for i, _ in woke] == list(range(6))  # first come, first served
+    for i, at in woke:
+        assert at >= 0.05 * i - 0.005  # never before its slot (50 ms apart after the first)
+    assert woke[-1][1] < 1.0
+
+
+async def test_wait_with_timeout_books_within_it_or_gives_up_at_once(
+    backend: AsyncRedisBackend,
+) -> None:
+    limiter = backend.rate_limiter(RateLimit("10/s", burst=1))
+    await limiter.hit("k")
+    started = time.monotonic()
+    assert (await limiter.wait("k", timeout=0.5)).allowed  # its slot is ~100 ms away
+    assert 0.09 < time.monotonic() - started < 0.5
+    for _ in range(4):  # the next slots: 100, 200, 300 and 400 ms on
+        assert (await limiter.reserve("k", max_wait=0.5)).reserved
+    started = time.monotonic()
+    with pytest.raises(RateLimitExceeded) as caught:
+        await limiter.wait("k", timeout=0.45)  # the next slot is ~500 ms away
+    assert time.monotonic() - started < 0.1
+    assert 0.45 < caught.value.retry_after <= 0.5
+
+
+def _book(limiter: RateLimiter, stop: float, out: list[tuple[int, int, Reservation]]) -> None:
+    client = limiter._backend.client
+    while time.monotonic() < stop:
+        before = _redis_us(client)
+        booked = limiter.reserve("shared", max_wait=0.3)
+        out.append((before, _redis_us(client), booked))
+
+
+def _redis_us(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+def test_threads_booking_flat_out_get_exactly_the_slots_the_bucket_allows(
+    redis_url: str, prefix: str
+) -> None:
+    backend = RedisBackend.from_url(redis_url, key_prefix=prefix)
+    limiter = backend.rate_limiter(RATE)
+    start = _redis_us(backend.client) / 1e6
+    tried: list[tuple[int, int, Reservation]] = []
+    stop = time.monotonic() + 0.5
+    threads = [threading.Thread(target=_book, args=(limiter, stop, tried)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    backend.close()
+    booked = [(before / 1e6, after / 1e6, r.delay) for before, after, r in tried if r.reserved]
+    # A slot is the script's TIME plus the delay; the script ran between before and after.
+    latest_low = max(before + delay for before, _, delay in booked)
+    latest_high = max(after + delay for _, after, delay in booked)
+    assert len(tried) > 3 * len(booked)  # really oversubscribed
+    # From a full bucket at start, the slots up to the latest hold burst + rate x span...
+    assert len(booked) <= RATE.burst + RATE.rate * (latest_high - start)
+    # ... and no fewer: every slot up to the horizon was handed out, none twice.
+    assert len(booked) >= RATE.burst + RATE.rate * (latest_low - start) - 1
+    assert latest_low - start > 0.5  # it booked ahead, past the end of the run
