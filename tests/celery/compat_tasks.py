@@ -3,7 +3,7 @@
 The first part follows the README examples of celery-singleton and celery-heimdall, through
 ``celery_unique.compat``; times are scaled down (a 4 s sleep becomes 1 s) and tasks record
 their runs, but the calls are the READMEs'. The second part is written the way
-celery-heimdall's own test suite is, importing ``celery_heimdall`` through the one-line shim
+celery-heimdall's own test suite is, importing ``celery_heimdall`` through the two-line shim
 (``install_as``) as a migrated project would.
 """
 
@@ -167,7 +167,7 @@ def task_with_block(self: HeimdallTask, key: str) -> bool:
 
 from celery_unique.compat.heimdall import install_as  # noqa: E402
 
-install_as("celery_heimdall")  # what the one-line celery_heimdall.py shim does
+install_as("celery_heimdall")  # what the two-line celery_heimdall.py shim does
 
 from celery_heimdall import HeimdallTask as ShimTask  # noqa: E402
 from celery_heimdall import RateLimit as ShimRateLimit  # noqa: E402

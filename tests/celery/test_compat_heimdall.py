@@ -1,5 +1,5 @@
 """celery_unique.compat.heimdall: celery-heimdall's README and the way its own test suite uses
-its API (through the one-line shim), run through a real worker; plus each option's edges."""
+its API (through the two-line shim), run through a real worker; plus each option's edges."""
 
 from __future__ import annotations
 

@@ -316,7 +316,7 @@ def test_bad_lock_expiry_is_a_clear_error(make_app: MakeApp, redis_url: str) -> 
         job.delay()
 
 
-# -- the one-line shim -------------------------------------------------------------------------
+# -- the two-line shim -------------------------------------------------------------------------
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@
 
 Each translates its library's options onto :class:`~celery_unique.UniqueTask` and
 :class:`~celery_unique.RateLimitedTask`; neither has a lock of its own. Code that imports the
-old package name keeps working through a one-line shim module, see ``install_as`` in each.
+old package name keeps working through a two-line shim module, see ``install_as`` in each.
 """
 
 from __future__ import annotations

@@ -14,10 +14,12 @@ Task options ``unique_on``, ``raise_on_duplicate`` and ``lock_expiry``; app sett
 other ``unique_*`` settings of ``app.conf`` (``unique_lease``, ``unique_fail_open``,
 ``unique_ttl``) apply too.
 
-Code that imports ``celery_singleton`` keeps working with a one-line module of that name on
+Code that imports ``celery_singleton`` keeps working with a two-line module of that name on
 the import path (``celery_singleton.py``)::
 
-    from celery_unique.compat.singleton import install_as; install_as(__name__)
+    from celery_unique.compat.singleton import install_as
+
+    install_as(__name__)
 """
 
 from __future__ import annotations

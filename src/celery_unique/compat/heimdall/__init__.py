@@ -8,9 +8,11 @@ Switch by changing the import::
     def generate_report(customer_id): ...
 
 Code that imports ``celery_heimdall`` (and ``celery_heimdall.task``, ``.errors``,
-``.config``) keeps working with a one-line module ``celery_heimdall.py`` on the import path::
+``.config``) keeps working with a two-line module ``celery_heimdall.py`` on the import path::
 
-    from celery_unique.compat.heimdall import install_as; install_as(__name__)
+    from celery_unique.compat.heimdall import install_as
+
+    install_as(__name__)
 """
 
 from __future__ import annotations
