@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -69,6 +70,24 @@ def make_app() -> Iterator[MakeApp]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+def run_with_shim(directory: Path, old_name: str, layer: str, code: str) -> str:
+    """Run ``code`` in a fresh interpreter beside the documented shim module ``old_name``.py
+    (which installs ``celery_unique.compat.<layer>`` under that name); returns its stdout."""
+    (directory / f"{old_name}.py").write_text(
+        f"from celery_unique.compat.{layer} import install_as\n\ninstall_as(__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,8 +4,6 @@ its API (through the two-line shim), run through a real worker; plus each option
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +19,7 @@ from celery_unique.compat.heimdall import AlreadyQueuedError, HeimdallTask, Rate
 from celery_unique.compat.heimdall.task import release_lock, unique_key_for_task
 from tests.celery import app as t
 from tests.celery import compat_tasks as c
-from tests.celery.conftest import MakeApp
+from tests.celery.conftest import MakeApp, run_with_shim
 from tests.celery.test_unique import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -337,9 +335,6 @@ def test_bad_options_are_clear_errors(make_app: MakeApp, redis_url: str) -> None
 
 
 def test_the_shim_serves_old_imports_as_the_same_objects(tmp_path: Path) -> None:
-    (tmp_path / "celery_heimdall.py").write_text(
-        "from celery_unique.compat.heimdall import install_as; install_as(__name__)\n"
-    )
     code = """
 import celery_heimdall
 from celery_heimdall import HeimdallTask, AlreadyQueuedError, RateLimit, Strategy
@@ -351,12 +346,4 @@ assert HeimdallTask is T2 is compat.HeimdallTask and AlreadyQueuedError is E2
 assert release_lock is compat.task.release_lock and Config is compat.config.Config
 print("ok")
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.stdout.strip() == "ok", out.stderr
+    assert run_with_shim(tmp_path, "celery_heimdall", "heimdall", code) == "ok"

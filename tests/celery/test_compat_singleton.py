@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ from celery_unique.compat import singleton as compat
 from celery_unique.compat.singleton import DuplicateTaskError, Singleton, clear_locks
 from tests.celery import app as t
 from tests.celery import compat_tasks as c
-from tests.celery.conftest import MakeApp
+from tests.celery.conftest import MakeApp, run_with_shim
 from tests.celery.test_unique import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -319,15 +316,7 @@ def test_bad_lock_expiry_is_a_clear_error(make_app: MakeApp, redis_url: str) -> 
 # -- the two-line shim -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def shim_dir(tmp_path: Path) -> Iterator[Path]:
-    (tmp_path / "celery_singleton.py").write_text(
-        "from celery_unique.compat.singleton import install_as; install_as(__name__)\n"
-    )
-    yield tmp_path
-
-
-def test_the_shim_serves_old_imports(shim_dir: Path) -> None:
+def test_the_shim_serves_old_imports(tmp_path: Path) -> None:
     code = """
 import celery_singleton
 from celery_singleton import Singleton, clear_locks, DuplicateTaskError
@@ -338,15 +327,7 @@ assert Singleton is S2 is compat.Singleton and DuplicateTaskError is E2
 assert clear_locks is compat.clear_locks
 print("ok")
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=shim_dir,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.stdout.strip() == "ok", out.stderr
+    assert run_with_shim(tmp_path, "celery_singleton", "singleton", code) == "ok"
 
 
 def test_duplicate_task_error_takes_the_old_positional_arguments() -> None:
