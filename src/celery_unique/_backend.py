@@ -322,7 +322,17 @@ class AsyncRedisBackend(_BackendBase[AsyncLock, AsyncRateLimiter]):
         return await self._one(_core.extend(self._keys.lock(name), token, ttl))
 
     async def aclose(self) -> None:
-        """Close the client and its connections."""
+        """Close the client and its connections, once the batches under way are answered."""
+        # A batch still waiting for a connection would otherwise take one after the pool
+        # closed, open it afresh and leave it open.
+        loop = asyncio.get_running_loop()
+        while True:
+            if sending := [task for task in self._sending if task.get_loop() is loop]:
+                await asyncio.wait(sending)
+            elif loop in self._batches:
+                await asyncio.sleep(0)  # a batch is due to leave this loop iteration
+            else:
+                break
         await self._client.aclose()
 
     async def __aenter__(self) -> AsyncRedisBackend:

@@ -4,7 +4,9 @@ the network does to the replies, and connections go back to the pool usable on e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -78,6 +80,9 @@ class Proxy:
             yield self
             for writer in self._writers:
                 writer.close()
+            for writer in self._writers:  # closed for good before the test's loop ends
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
 
 
 @pytest.fixture
@@ -296,3 +301,27 @@ async def test_a_health_check_interval_is_honoured(
     await asyncio.sleep(0.35)
     assert (await limiter.hit("k")).remaining == 2  # a PING first, then the hit
     assert pings() == before + 1
+
+
+async def test_closing_waits_for_the_batches_under_way_and_leaves_nothing_open(
+    redis_url: str, prefix: str, client: redis.Redis
+) -> None:
+    name = f"closing-{uuid.uuid4().hex[:8]}"
+    backend = AsyncRedisBackend.from_url(
+        redis_url, key_prefix=prefix, max_connections=2, client_name=name
+    )
+    limiter = backend.rate_limiter(RateLimit(100, per=3600))
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(limiter.hit("k")) for _ in range(50)]
+    await asyncio.sleep(
+        0
+    )  # submitted: one alone, the rest in batches, some waiting for a connection
+    await backend.aclose()
+    assert all(task.done() for task in tasks)
+    assert sorted(task.result().remaining for task in tasks) == list(range(50, 100))
+    for _ in range(100):  # the server drops closed connections from its list a moment later
+        if not any(c.get("name") == name for c in client.client_list()):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("a connection of the closed backend is still open")
