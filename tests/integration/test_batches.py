@@ -313,9 +313,8 @@ async def test_closing_waits_for_the_batches_under_way_and_leaves_nothing_open(
     limiter = backend.rate_limiter(RateLimit(100, per=3600))
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(limiter.hit("k")) for _ in range(50)]
-    await asyncio.sleep(
-        0
-    )  # submitted: one alone, the rest in batches, some waiting for a connection
+    # Submitted: one alone, the rest in batches, some of them waiting for a connection.
+    await asyncio.sleep(0)
     await backend.aclose()
     assert all(task.done() for task in tasks)
     assert sorted(task.result().remaining for task in tasks) == list(range(50, 100))
