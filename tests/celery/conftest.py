@@ -56,7 +56,8 @@ def make_app() -> Iterator[MakeApp]:
     made: list[Celery] = []
 
     def make(**conf: Any) -> Celery:
-        app = Celery(f"cfg{uuid.uuid4().hex[:6]}")
+        # Not made current: shared tasks (the compat READMEs use them) resolve to the test app.
+        app = Celery(f"cfg{uuid.uuid4().hex[:6]}", set_as_current=False)
         app.conf.update(broker_connection_retry_on_startup=True, **conf)
         made.append(app)
         return app
