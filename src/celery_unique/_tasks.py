@@ -510,6 +510,11 @@ def clear_locks(app: Celery, task: UniqueTask | None = None) -> int:
     return unlink_locks(backend_for(app), "task:")
 
 
+def force_release(backend: RedisBackend, name: str) -> None:
+    """Delete lock ``name`` whoever holds it: the old libraries' administrative reset."""
+    backend.client.unlink(backend._keys.lock(name).lock)
+
+
 def unlink_locks(backend: RedisBackend, start: str) -> int:
     """UNLINK every lock of ``backend`` whose name starts with ``start``; returns how many."""
     pattern = _glob_escape(f"{backend.key_prefix}lock:{{{start}") + "*"

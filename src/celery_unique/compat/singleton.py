@@ -46,6 +46,7 @@ from .._tasks import (
     _positive,
     _Unique,
     duplicate_message,
+    force_release,
     holder_id,
     unlink_locks,
 )
@@ -216,8 +217,7 @@ class Singleton(UniqueTask):
 
     def unlock(self, lock: str) -> None:
         """Delete ``lock`` whoever holds it: an administrative reset, like celery-singleton's."""
-        backend = self._unique.backend
-        backend.client.unlink(backend._keys.lock(lock).lock)
+        force_release(self._unique.backend, lock)
 
     def release_lock(self, task_args: Any = None, task_kwargs: Any = None) -> None:
         """Delete the lock of the call with these arguments, whoever holds it."""

@@ -19,7 +19,15 @@ from ..._exceptions import ConfigurationError
 from ..._keys import ArgumentKey
 from ..._limits import RateLimit as _Limit
 from ..._ratetask import RateLimitedTask, _Rated
-from ..._tasks import DEFAULT_LEASE, UniqueTask, _positive, _Unique, backend_for, holder_id
+from ..._tasks import (
+    DEFAULT_LEASE,
+    UniqueTask,
+    _positive,
+    _Unique,
+    backend_for,
+    force_release,
+    holder_id,
+)
 from .config import Config
 from .errors import AlreadyQueuedError
 
@@ -108,8 +116,7 @@ def acquire_lock(task: Task, key: str, timeout: float, *, task_id: str) -> bool:
 
 def release_lock(task: Task, key: str) -> None:
     """Delete lock ``key`` whoever holds it: an administrative reset, as in celery-heimdall."""
-    backend = _backend(task)
-    backend.client.unlink(backend._keys.lock(key).lock)
+    force_release(_backend(task), key)
 
 
 #: Every key the ``heimdall`` task option may hold.
