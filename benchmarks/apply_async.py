@@ -73,7 +73,7 @@ from celery import Celery
 from celery.utils import uuid
 
 from celery_unique import RedisBackend, UniqueTask
-from celery_unique._scripts import ACQUIRE
+from celery_unique.core.scripts import ACQUIRE
 from celery_unique.testing import redis_server
 
 TTL = 3600  # seconds every lock is taken for; all are deleted long before
@@ -209,21 +209,20 @@ def _ours(bench: Bench, url: str) -> None:
     def floor_call() -> None:
         n = next(counter)
         token = uuid()
-        reply = client.evalsha(sha, 2, f"bench-raw:lock:{{{n}}}", f"bench-raw:fence:{{{n}}}",
-                               token, ttl_ms)  # fmt: skip
+        reply = client.evalsha(sha, 1, f"bench-raw:lock:{{{n}}}", token, ttl_ms)
         if reply[0] != 1:
             raise RuntimeError("the floor found a lock taken that should have been free")
         floor.apply_async((n,), task_id=token)
 
     # The duplicate floor: the same script on a lock another token holds, and the holder's
     # AsyncResult built from its reply, which is all a duplicate has to do.
-    held = ("bench-raw:lock:{held}", "bench-raw:fence:{held}")
+    held = "bench-raw:lock:{held}"
 
     def hold() -> None:
-        client.evalsha(sha, 2, *held, "bench-holder", ttl_ms)
+        client.evalsha(sha, 1, held, "bench-holder", ttl_ms)
 
     def dup_floor_call() -> None:
-        reply = client.evalsha(sha, 2, *held, uuid(), ttl_ms)
+        reply = client.evalsha(sha, 1, held, uuid(), ttl_ms)
         if reply[0] != 0:
             raise RuntimeError("the duplicate floor took a lock that should have been held")
         app.AsyncResult(reply[1].decode())

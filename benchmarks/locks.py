@@ -51,7 +51,7 @@ import redis.asyncio
 import redis_lock
 
 from celery_unique import AsyncRedisBackend, RedisBackend
-from celery_unique._scripts import ACQUIRE, RELEASE
+from celery_unique.core.scripts import ACQUIRE, RELEASE
 from celery_unique.testing import redis_server
 
 ASYNC_CONCURRENCY = (1, 16, 64)
@@ -106,11 +106,11 @@ def _timed_sync(pair: Callable[[], None], seconds: float) -> tuple[int, float]:
 def _sync_pairs(backend: RedisBackend) -> dict[str, Callable[[], None]]:
     client: redis.Redis = backend.client
     name = "bench-sync"
-    keys = backend._keys.lock(name)  # the very keys ours uses, so both run identical scripts
-    lock_key, fence_key, token, ttl_ms = keys.lock, keys.fence, uuid.uuid4().hex, TTL * 1000
+    lock_key = backend.keys.lock(name)  # the very key ours uses: both run identical scripts
+    token, ttl_ms = uuid.uuid4().hex, TTL * 1000
 
     def raw() -> None:
-        if client.evalsha(ACQUIRE.sha, 2, lock_key, fence_key, token, ttl_ms)[0] != 1:
+        if client.evalsha(ACQUIRE.sha, 1, lock_key, token, ttl_ms)[0] != 1:
             raise _fail("raw")
         client.evalsha(RELEASE.sha, 1, lock_key, token)
 
@@ -186,11 +186,10 @@ def _async_pair_makers(backend: AsyncRedisBackend) -> dict[str, Callable[[str], 
     client: redis.asyncio.Redis = backend.client
 
     def raw(name: str) -> AsyncPair:
-        keys = backend._keys.lock(name)
-        lock_key, fence_key, token, ttl_ms = keys.lock, keys.fence, uuid.uuid4().hex, TTL * 1000
+        lock_key, token, ttl_ms = backend.keys.lock(name), uuid.uuid4().hex, TTL * 1000
 
         async def pair() -> None:
-            reply = await client.evalsha(ACQUIRE.sha, 2, lock_key, fence_key, token, ttl_ms)
+            reply = await client.evalsha(ACQUIRE.sha, 1, lock_key, token, ttl_ms)
             if reply[0] != 1:
                 raise _fail("raw async")
             await client.evalsha(RELEASE.sha, 1, lock_key, token)

@@ -14,7 +14,10 @@ import pytest
 import redis
 
 from celery_unique import AsyncLock, AsyncRedisBackend, Lock, RedisBackend
+from celery_unique.core.keys import KeySpace
+from celery_unique.core.locks import parse_owner
 from celery_unique.testing import redis_server
+from tests.proxy import Proxy
 
 MIN_REDIS = (6, 2)
 
@@ -40,11 +43,28 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:12]}:"
 
 
+def lock_key(prefix: str, name: str) -> str:
+    """The Redis key of lock ``name`` under ``prefix``, as the library lays it out."""
+    return KeySpace(prefix).lock(name)
+
+
+def lock_owner(client: redis.Redis, prefix: str, name: str) -> str | None:
+    """Who holds lock ``name`` in Redis right now (its token), read past the library."""
+    return parse_owner(client.get(lock_key(prefix, name)))
+
+
 @pytest.fixture
 def client(redis_url: str) -> Iterator[redis.Redis]:
     """A plain sync client for looking at what the library wrote."""
     with redis.Redis.from_url(redis_url) as plain:
         yield plain
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[Proxy]:
+    """A fault proxy in front of the test Redis (runs on the test's event loop)."""
+    async for running in Proxy(redis_url).run():
+        yield running
 
 
 @pytest.fixture

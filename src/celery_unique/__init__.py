@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._backend import AsyncRedisBackend, RedisBackend
-from ._exceptions import (
+from .backends import AsyncRedisBackend, RedisBackend
+from .core.rates import RateLimit
+from .core.results import Acquisition, Decision, Reservation
+from .errors import (
     BackendError,
     BackendUnavailable,
     CeleryUniqueError,
@@ -27,14 +29,16 @@ from ._exceptions import (
     LockTimeout,
     RateLimitExceeded,
 )
-from ._limits import RateLimit
-from ._lock import AsyncLock, Lock
-from ._models import Acquisition, Decision, Reservation
-from ._ratelimit import AsyncRateLimiter, RateLimiter
+from .limiters import AsyncRateLimiter, RateLimiter
+from .locks import AsyncLock, Lock
 
 # The Celery task classes load Celery, so they are imported on first use only: an asyncio
 # web app that just wants AsyncRedisBackend does not pay for Celery.
-_LAZY = {"UniqueTask": "._tasks", "RateLimitedTask": "._ratetask", "clear_locks": "._tasks"}
+_LAZY = {
+    "UniqueTask": ".celery.unique",
+    "RateLimitedTask": ".celery.ratelimited",
+    "clear_locks": ".celery.unique",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -48,8 +52,8 @@ def __getattr__(name: str) -> object:
 
 
 if TYPE_CHECKING:
-    from ._ratetask import RateLimitedTask
-    from ._tasks import UniqueTask, clear_locks
+    from .celery.ratelimited import RateLimitedTask
+    from .celery.unique import UniqueTask, clear_locks
 
 __all__ = [
     "Acquisition",

@@ -50,7 +50,7 @@ MakeApp = Callable[..., Celery]
 @pytest.fixture
 def make_app() -> Iterator[MakeApp]:
     """Throwaway Celery apps, closed afterwards with their lock backends (no stray sockets)."""
-    from celery_unique._tasks import _BACKENDS
+    from celery_unique.celery.unique import _BACKENDS
     from celery_unique.compat.singleton import _BACKENDS as _SINGLETON_BACKENDS
 
     made: list[Celery] = []

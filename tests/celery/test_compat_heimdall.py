@@ -21,6 +21,8 @@ from tests.celery import app as t
 from tests.celery import compat_tasks as c
 from tests.celery.conftest import MakeApp, run_with_shim
 from tests.celery.test_unique import wait_until
+from tests.conftest import lock_key as shared_lock_key
+from tests.conftest import lock_owner
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -43,7 +45,7 @@ def assert_limit_held(times: list[float], burst: int, rate: float) -> None:
 
 
 def lock_key(task: HeimdallTask, *args: Any) -> str:
-    return f"cut:lock:{{{task.unique_key(args)}}}"
+    return shared_lock_key("cut:", task.unique_key(args))
 
 
 # -- the README, example by example ------------------------------------------------------------
@@ -281,11 +283,11 @@ def test_app_settings_and_a_custom_redis(make_app: MakeApp, redis_url: str) -> N
             job.apply_async((1,), queue=nowhere)
         name = job.unique_key((1,))
         assert name.startswith("app-prefix:")
-        assert clients[0].get(f"cu:lock:{{{name}}}") == first.id
-        assert 85_000 < clients[0].pttl(f"cu:lock:{{{name}}}") <= 90_000
+        assert lock_owner(clients[0], "cu:", name) == first.id
+        assert 85_000 < clients[0].pttl(shared_lock_key("cu:", name)) <= 90_000
         assert job.heimdall_redis is clients[0]
         release_lock(job, name)
-        assert clients[0].exists(f"cu:lock:{{{name}}}") == 0
+        assert clients[0].exists(shared_lock_key("cu:", name)) == 0
     finally:
         for client in clients:
             client.close()

@@ -18,17 +18,19 @@ import celery_unique
 from celery_unique import ConfigurationError, RedisBackend
 from celery_unique.compat import singleton as compat
 from celery_unique.compat.singleton import DuplicateTaskError, Singleton, clear_locks
+from celery_unique.core.locks import parse_owner
 from tests.celery import app as t
 from tests.celery import compat_tasks as c
 from tests.celery.conftest import MakeApp, run_with_shim
 from tests.celery.test_unique import wait_until
+from tests.conftest import lock_key as shared_lock_key
 
 pytestmark = pytest.mark.usefixtures("worker")
 
 
 def key_of(task: Singleton, *args: Any, **kwargs: Any) -> str:
     backend = compat.singleton_backend(task.app)
-    return f"{backend.key_prefix}lock:{{{task.unique_key(args, kwargs)}}}"
+    return shared_lock_key(backend.key_prefix, task.unique_key(args, kwargs))
 
 
 # -- the README, example by example ------------------------------------------------------------
@@ -152,8 +154,8 @@ def test_a_stale_holder_cannot_free_the_lock_of_the_next_instance(client: redis.
     time.sleep(1.8)  # its lock expired; a second instance takes the key
     task2 = c.runs_longer_than_expiry.delay(tag)
     task1.get(timeout=10)  # the first ends while the second is queued or running
-    owner = client.get(key_of(c.runs_longer_than_expiry, tag))
-    assert isinstance(owner, bytes) and owner.decode().startswith(task2.id)
+    owner = parse_owner(client.get(key_of(c.runs_longer_than_expiry, tag)))
+    assert owner is not None and owner.startswith(task2.id)
     task2.get(timeout=10)
 
 
@@ -196,8 +198,8 @@ def test_app_settings_backend_url_prefix_raise_and_expiry(
         job.apply_async((1,), queue=nowhere)
     db3 = redis.Redis.from_url(other_db)
     try:
-        key = f"MYLOCKS_lock:{{{job.unique_key((1,))}}}"
-        assert db3.get(key) == first.id.encode()
+        key = shared_lock_key("MYLOCKS_", job.unique_key((1,)))
+        assert parse_owner(db3.get(key)) == first.id
         assert 70 < db3.pttl(key) / 1000 <= 77
         assert client.exists(key) == 0  # not in the broker's database
         assert clear_locks(app) == 1

@@ -17,8 +17,8 @@ from celery import Celery, signals
 from celery.result import AsyncResult
 
 from celery_unique import ConfigurationError, RateLimit, RateLimitedTask
-from celery_unique._ratetask import BOOKED_HEADER, _Rated
-from celery_unique._tasks import backend_for
+from celery_unique.celery.ratelimited import BOOKED_HEADER, _Rated
+from celery_unique.celery.unique import backend_for
 from tests.celery import app as t
 
 pytestmark = pytest.mark.usefixtures("worker")

@@ -20,10 +20,12 @@ from celery_unique import (
     UniqueTask,
     clear_locks,
 )
-from celery_unique._tasks import RUN_SEPARATOR
+from celery_unique.celery.unique import RUN_SEPARATOR
 from celery_unique.testing import free_port
 from tests.celery import app as t
 from tests.celery.conftest import MakeApp
+from tests.conftest import lock_key as shared_lock_key
+from tests.conftest import lock_owner
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -41,12 +43,11 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
 
 
 def lock_key(task: UniqueTask, *args: Any, **kwargs: Any) -> str:
-    return f"cut:lock:{{{task.unique_key(args, kwargs)}}}"
+    return shared_lock_key("cut:", task.unique_key(args, kwargs))
 
 
 def owner(client: redis.Redis, task: UniqueTask, *args: Any, **kwargs: Any) -> str | None:
-    value = client.get(lock_key(task, *args, **kwargs))
-    return value.decode() if isinstance(value, bytes) else value
+    return lock_owner(client, "cut:", task.unique_key(args, kwargs))
 
 
 # -- duplicates ----------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def test_fail_open_publishes_without_the_lock_and_warns(
 def test_the_backend_defaults_to_the_redis_result_backend_then_the_broker(
     redis_url: str, make_app: MakeApp
 ) -> None:
-    from celery_unique._tasks import backend_for
+    from celery_unique.celery.unique import backend_for
 
     assert "127.0.0.1" in repr(
         backend_for(make_app(result_backend=redis_url, broker_url="memory://"))

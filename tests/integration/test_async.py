@@ -11,6 +11,8 @@ import pytest
 import redis
 
 from celery_unique import AsyncRedisBackend, BackendError, RateLimit
+from tests.conftest import lock_key, lock_owner
+from tests.proxy import Proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -67,41 +69,21 @@ async def test_a_timeout_around_the_block_frees_the_key(abackend: AsyncRedisBack
     assert await lock.owner() is None
 
 
-@pytest.fixture
-async def slow_replies(redis_url: str) -> AsyncIterator[str]:
-    """A TCP proxy to the test Redis that passes commands on at once and replies 0.3 s late."""
-    host, port = redis_url.split("//")[1].split("/")[0].split(":")
-
-    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
-        while data := await src.read(65536):
-            await asyncio.sleep(delay)
-            dst.write(data)
-            await dst.drain()
-        dst.close()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
-        await asyncio.gather(pump(reader, up_writer, 0), pump(up_reader, writer, 0.3))
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    async with server:
-        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
-
-
 async def test_cancelling_acquire_mid_flight_never_leaves_the_lock_behind(
-    slow_replies: str, prefix: str, client: redis.Redis
+    proxy: Proxy, prefix: str, client: redis.Redis
 ) -> None:
-    backend = AsyncRedisBackend.from_url(slow_replies, key_prefix=prefix)
+    backend = AsyncRedisBackend.from_url(proxy.url, key_prefix=prefix)
     await backend.acquire_or_owner("warm-up", "x", 1)  # connect first
+    proxy.delay = 0.3  # commands pass at once, replies come back 0.3 s late
     lock = backend.lock("job", ttl=60)
     task = asyncio.get_running_loop().create_task(lock.acquire())
     await asyncio.sleep(0.1)
     # Redis has run the acquire by now; its reply is still on the way back.
-    assert client.get(f"{prefix}lock:{{job}}") == lock.token.encode()
+    assert lock_owner(client, prefix, "job") == lock.token
     task.cancel()
     await asyncio.wait([task])
     assert task.cancelled()
-    assert client.get(f"{prefix}lock:{{job}}") is None  # freed before the cancel completed
+    assert lock_owner(client, prefix, "job") is None  # freed before the cancel completed
     await backend.aclose()
 
 
@@ -174,7 +156,7 @@ async def test_concurrent_hits_share_one_connection_and_keep_their_results(
 async def test_an_error_in_a_batch_reaches_only_its_own_caller(
     abackend: AsyncRedisBackend, client: redis.Redis, prefix: str
 ) -> None:
-    client.hset(f"{prefix}lock:{{broken}}", "not", "a string")
+    client.hset(lock_key(prefix, "broken"), "not", "a string")
     results = await asyncio.gather(
         abackend.acquire_or_owner("a", "me", 10),
         abackend.acquire_or_owner("broken", "me", 10),
@@ -200,11 +182,9 @@ async def test_a_flushed_script_cache_is_reloaded_for_a_whole_batch(
 async def test_a_caller_cancelled_before_the_round_trip_sends_nothing(
     abackend: AsyncRedisBackend, client: redis.Redis, prefix: str
 ) -> None:
-    from celery_unique import _core
-    from celery_unique._keys import KeySpace
-
-    op = _core.acquire_once(KeySpace(prefix).lock("never"), "me", 10)
-    reply = abackend._submit(op.step)
-    reply.cancel()  # before the loop turns and the pipeline goes out
-    await abackend.acquire_or_owner("other", "me", 10)  # a later round trip does go out
-    assert client.get(f"{prefix}lock:{{never}}") is None
+    call = asyncio.get_running_loop().create_task(abackend.acquire_or_owner("never", "me", 10))
+    later = asyncio.get_running_loop().create_task(abackend.acquire_or_owner("other", "me", 10))
+    await asyncio.sleep(0)  # the first went straight out; "never" waits for the next batch
+    call.cancel()  # before the loop turns and the batch goes out
+    assert (await later).acquired  # a later round trip does go out
+    assert lock_owner(client, prefix, "never") is None

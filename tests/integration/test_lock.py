@@ -16,7 +16,7 @@ from celery_unique import (
     LockNotOwnedError,
     LockTimeout,
 )
-from tests.conftest import MakeBackend
+from tests.conftest import MakeBackend, lock_key, lock_owner
 
 pytestmark = pytest.mark.anyio
 
@@ -187,7 +187,7 @@ async def test_auto_renew_reports_a_lost_lock(
     lost: list[object] = []
     lock = backend.lock("job", ttl=0.3, auto_renew=True, on_lost=lost.append)
     assert await lock.acquire()
-    client.set(f"{prefix}lock:{{job}}", "thief")  # someone takes it over
+    client.set(lock_key(prefix, "job"), "1:thief")  # someone takes it over
     deadline = time.monotonic() + 5
     while not lost:
         assert time.monotonic() < deadline, "the loss was never reported"
@@ -195,7 +195,7 @@ async def test_auto_renew_reports_a_lost_lock(
     assert lock.lost
     with pytest.raises(LockNotOwnedError):
         await lock.release()
-    assert client.get(f"{prefix}lock:{{job}}") == b"thief"
+    assert lock_owner(client, prefix, "job") == "thief"
 
 
 async def test_names_are_isolated_by_prefix(make_backend: MakeBackend) -> None:

@@ -9,6 +9,7 @@ from multiprocessing.synchronize import Barrier
 import redis
 
 from celery_unique import RedisBackend
+from tests.conftest import lock_owner
 
 PROCESSES = 16
 TRIALS = 50
@@ -53,4 +54,4 @@ def test_exactly_one_of_16_processes_wins_each_of_50_races(
         range(TRIALS), 1
     )
     for trial, (token,) in winners.items():  # and Redis agrees on who won
-        assert client.get(f"{prefix}lock:{{race:{trial}}}") == token.encode()
+        assert lock_owner(client, prefix, f"race:{trial}") == token

@@ -131,7 +131,8 @@ def test_processes_at_ten_times_the_rate_never_get_more_than_the_bucket_allows(
 
 
 async def test_async_limiter_shares_buckets_with_sync_ones(redis_url: str, prefix: str) -> None:
-    sync = RedisBackend.from_url(redis_url, key_prefix=prefix).rate_limiter(HOURLY)
+    sbackend = RedisBackend.from_url(redis_url, key_prefix=prefix)
+    sync = sbackend.rate_limiter(HOURLY)
     abackend = AsyncRedisBackend.from_url(redis_url, key_prefix=prefix)
     try:
         alimiter = abackend.rate_limiter(HOURLY)
@@ -140,7 +141,7 @@ async def test_async_limiter_shares_buckets_with_sync_ones(redis_url: str, prefi
         assert results == [True, True, False]
     finally:
         await abackend.aclose()
-        sync._backend.close()
+        sbackend.close()
         await anyio.lowlevel.checkpoint()
 
 
@@ -244,8 +245,13 @@ async def test_wait_with_timeout_books_within_it_or_gives_up_at_once(
     assert 0.45 < caught.value.retry_after <= 0.5
 
 
-def _book(limiter: RateLimiter, stop: float, out: list[tuple[int, int, Reservation]]) -> None:
-    client = limiter._backend.client
+def _book(
+    backend: RedisBackend,
+    limiter: RateLimiter,
+    stop: float,
+    out: list[tuple[int, int, Reservation]],
+) -> None:
+    client = backend.client
     while time.monotonic() < stop:
         before = _redis_us(client)
         booked = limiter.reserve("shared", max_wait=0.3)
@@ -265,7 +271,9 @@ def test_threads_booking_flat_out_get_exactly_the_slots_the_bucket_allows(
     start = _redis_us(backend.client) / 1e6
     tried: list[tuple[int, int, Reservation]] = []
     stop = time.monotonic() + 0.5
-    threads = [threading.Thread(target=_book, args=(limiter, stop, tried)) for _ in range(4)]
+    threads = [
+        threading.Thread(target=_book, args=(backend, limiter, stop, tried)) for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

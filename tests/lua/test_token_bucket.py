@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from celery_unique._scripts import TOKEN_BUCKET
+from celery_unique.core.scripts import TOKEN_BUCKET
 
 Limit = tuple[int, int, int]  # N tokens per P microseconds, burst B
 

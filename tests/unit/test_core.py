@@ -7,23 +7,22 @@ from typing import Any
 import pytest
 
 from celery_unique import Acquisition, BackendUnavailable, ConfigurationError
-from celery_unique._core import (
+from celery_unique.core.keys import KeySpace
+from celery_unique.core.locks import (
+    ATTEMPT_FLOOR,
     BACKOFF_MAX,
-    Call,
-    Eval,
-    Flow,
-    Sleep,
     acquire,
     acquire_once,
     extend,
     owner,
     parse_acquire,
+    parse_owner,
     release,
+    release_eventually,
     renew,
-    to_ms,
 )
-from celery_unique._keys import KeySpace
-from celery_unique._scripts import ACQUIRE, EXTEND, RELEASE
+from celery_unique.core.scripts import ACQUIRE, EXTEND, RELEASE
+from celery_unique.core.steps import Call, Eval, Flow, Sleep, to_ms
 
 KEYS = KeySpace("p:").lock("job")
 
@@ -44,7 +43,7 @@ def finish(flow: Flow[Any], reply: object) -> Any:
 
 def test_acquire_once_builds_one_eval_and_parses_both_reply_kinds() -> None:
     op = acquire_once(KEYS, "tok", 1.5)
-    assert op.step == Eval(ACQUIRE, ("p:lock:{job}", "p:fence:{job}"), ("tok", 1500))
+    assert op.step == Eval(ACQUIRE, ("p:lock:{job}",), ("tok", 1500))
     assert op.parse([1, b"tok", 1500, 17]) == Acquisition(True, "tok", 1.5, 17)
     assert op.parse([0, "other", 250]) == Acquisition(False, "other", 0.25, None)
     handover = acquire_once(KEYS, "run", 2, previous="tok")
@@ -132,8 +131,38 @@ def test_release_extend_and_owner_steps() -> None:
     assert op.parse(0) is False
     who = owner(KEYS)
     assert who.step == Call(("GET", "p:lock:{job}"))
-    assert who.parse(b"tok") == "tok"
+    assert who.parse(b"1733000000000000:tok") == "tok"
     assert who.parse(None) is None
+
+
+def test_a_lock_value_holds_its_fence_then_the_token_whatever_the_token_holds() -> None:
+    assert parse_owner(b"17:task-id\x1frun:with:colons") == "task-id\x1frun:with:colons"
+    assert parse_owner("17:") == ""
+    assert parse_owner(None) is None
+
+
+def test_attempts_of_a_timed_acquire_must_answer_by_its_deadline_but_get_a_floor() -> None:
+    clock = FakeClock()
+    flow = acquire(KEYS, "tok", 10, timeout=2.0, clock=clock)
+    first = next(flow)
+    assert isinstance(first, Eval) and first.timeout == pytest.approx(2.0)
+    clock.now += 1.9  # the attempt itself took long: a slow or hung server
+    sleep = flow.send([0, "other", 60_000])
+    assert isinstance(sleep, Sleep) and sleep.seconds <= 0.1 + 1e-9
+    clock.now += sleep.seconds
+    last = flow.send(None)
+    assert isinstance(last, Eval) and last.timeout == ATTEMPT_FLOOR  # 0 s left, still answered
+    untimed = next(acquire(KEYS, "tok", 10, clock=clock))
+    assert isinstance(untimed, Eval) and untimed.timeout is None  # the executor's own deadline
+
+
+def test_a_renewal_waits_no_longer_than_the_lock_is_still_valid() -> None:
+    clock = FakeClock()
+    flow = renew(KEYS, "tok", 3.0, clock=clock)
+    next(flow)
+    clock.now += 1.0
+    step = flow.send(None)
+    assert isinstance(step, Eval) and step.timeout == pytest.approx(2.0)
 
 
 def test_renew_extends_every_third_of_the_ttl_until_the_lock_is_lost() -> None:
@@ -202,3 +231,29 @@ def test_renew_recovers_when_redis_comes_back() -> None:
     clock.now += step.seconds
     flow.send(None)
     assert flow.send(1) == Sleep(1.0)  # back to the normal rhythm
+
+
+def test_an_unanswered_acquire_is_released_eventually_or_left_to_expire() -> None:
+    clock = FakeClock()
+    flow = release_eventually(KEYS, "tok", 10.0, clock=clock)
+    assert next(flow) == Eval(RELEASE, ("p:lock:{job}",), ("tok",))
+    step = flow.throw(BackendUnavailable("down"))
+    assert isinstance(step, Sleep) and step.seconds <= BACKOFF_MAX
+    clock.now += step.seconds
+    assert isinstance(flow.send(None), Eval)  # tried again
+    assert finish(flow, 1) is True
+
+    flow = release_eventually(KEYS, "tok", 10.0, clock=clock)
+    next(flow)
+    waited = 0.0
+    while True:
+        try:
+            step = flow.throw(BackendUnavailable("down"))
+        except StopIteration as done:
+            assert done.value is False
+            break
+        assert isinstance(step, Sleep)
+        clock.now += step.seconds
+        waited += step.seconds
+        flow.send(None)
+    assert waited == pytest.approx(10.0)  # gives up once the lock would have expired anyway

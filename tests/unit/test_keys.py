@@ -13,26 +13,41 @@ import pytest
 from redis.crc import key_slot
 
 from celery_unique import ConfigurationError
-from celery_unique._keys import ArgumentKey, KeySpace, canonical_json
+from celery_unique.core.arguments import ArgumentKey, canonical_json
+from celery_unique.core.keys import KeySpace
 
 NAMES = ["report:42", "", "{", "}", "}{", "a{b}c", "{x}", "{}", "ünï cödé", "a" * 500, "}x{y}"]
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_lock_and_fence_share_one_cluster_slot(name: str) -> None:
-    keys = KeySpace("app:").lock(name)
-    assert keys.lock != keys.fence
-    assert key_slot(keys.lock.encode()) == key_slot(keys.fence.encode())
+def test_a_names_lock_and_rate_keys_share_one_cluster_slot(name: str) -> None:
+    space = KeySpace("app:")
+    slots = {key_slot(key.encode()) for key in (space.lock(name), *space.rate(name, ["a", "b"]))}
+    assert len(slots) == 1
 
 
 def test_distinct_names_give_distinct_keys() -> None:
     space = KeySpace()
-    locks = [space.lock(name).lock for name in NAMES]
+    locks = [space.lock(name) for name in NAMES]
     assert len(set(locks)) == len(NAMES)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_lock_key_reads_back_as_its_name(name: str) -> None:
+    space = KeySpace("app:")
+    assert space.lock_name(space.lock(name)) == name
+    assert space.lock_name(space.lock(name).encode()) == name
+    assert space.lock_name("other:lock:{x}") is None
+
+
 def test_plain_names_stay_readable_in_the_key() -> None:
-    assert KeySpace("app:").lock("report:42").lock == "app:lock:{report:42}"
+    assert KeySpace("app:").lock("report:42") == "app:lock:{report:42}"
+
+
+def test_the_lock_pattern_matches_exactly_the_names_that_start_so() -> None:
+    space = KeySpace("a*p:")
+    assert space.lock_pattern("task:t[1]:") == r"a\*p:lock:{task:t\[1\]:*"
+    assert space.lock_pattern() == r"a\*p:lock:{*"
 
 
 @pytest.mark.parametrize("prefix", ["a{b:", "}:", 5])

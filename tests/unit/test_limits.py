@@ -14,9 +14,10 @@ from celery_unique import (
     RateLimitExceeded,
     Reservation,
 )
-from celery_unique._core import Eval, Sleep, hit, parse_decision, reserve, wait
-from celery_unique._ratelimit import as_limits
-from celery_unique._scripts import TOKEN_BUCKET
+from celery_unique.core.buckets import hit, parse_decision, reserve, wait
+from celery_unique.core.rates import as_limits
+from celery_unique.core.scripts import TOKEN_BUCKET
+from celery_unique.core.steps import Eval, Sleep
 
 
 @pytest.mark.parametrize(
@@ -108,7 +109,7 @@ def test_an_endless_max_wait_is_the_longest_the_buckets_track_exactly() -> None:
     assert isinstance(longest, int)
     # A bucket may owe its burst plus the wait, plus one more burst, all below 2**53.
     for limit in limits:
-        assert 2 * limit.burst * limit._period_us + longest * limit._n <= 2**53
+        assert 2 * limit.burst * limit.period_us + longest * limit.n <= 2**53
     assert longest > 100 * 86400 * 10**6  # and that is months even for these limits
     assert reserve(("a", "b"), limits, max_wait=10**12).step.args[1] == longest
 

@@ -32,12 +32,8 @@ from typing import Any, ClassVar
 from celery import Celery
 from kombu.utils.imports import symbol_by_name
 
-from .. import _core
-from .._backend import RedisBackend
-from .._exceptions import ConfigurationError
-from .._exceptions import DuplicateTaskError as _DuplicateTaskError
-from .._keys import ArgumentKey
-from .._tasks import (
+from ..backends import RedisBackend
+from ..celery.unique import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
     UniqueTask,
@@ -50,6 +46,10 @@ from .._tasks import (
     holder_id,
     unlink_locks,
 )
+from ..core.arguments import ArgumentKey
+from ..core.keys import task_lock_start
+from ..errors import ConfigurationError
+from ..errors import DuplicateTaskError as _DuplicateTaskError
 from . import _install_as
 
 __all__ = ["DuplicateTaskError", "Singleton", "clear_locks", "install_as"]
@@ -147,7 +147,7 @@ def clear_locks(app: Celery) -> int:
     With celery-unique, locks of dead workers expire on their own within a lease, so this is
     no longer needed at worker start; it stays for scripts and tests.
     """
-    return unlink_locks(singleton_backend(app), "task:")
+    return unlink_locks(singleton_backend(app), task_lock_start())
 
 
 class Singleton(UniqueTask):
@@ -211,8 +211,7 @@ class Singleton(UniqueTask):
 
     def get_existing_task_id(self, lock: str) -> str | None:
         """The id of the instance holding ``lock`` (from :meth:`generate_lock`), or ``None``."""
-        backend = self._unique.backend
-        owner = backend._one(_core.owner(backend._keys.lock(lock)))
+        owner = self._unique.backend.owner(lock)
         return None if owner is None else holder_id(owner)
 
     def unlock(self, lock: str) -> None:

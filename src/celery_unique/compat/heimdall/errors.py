@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..._exceptions import DuplicateTaskError
+from ...errors import DuplicateTaskError
 
 __all__ = ["AlreadyQueuedError"]
 

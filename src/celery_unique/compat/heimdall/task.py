@@ -14,12 +14,9 @@ from typing import Any, ClassVar
 from celery import Task
 from celery.result import AsyncResult
 
-from ..._backend import RedisBackend
-from ..._exceptions import ConfigurationError
-from ..._keys import ArgumentKey
-from ..._limits import RateLimit as _Limit
-from ..._ratetask import RateLimitedTask, _Rated
-from ..._tasks import (
+from ...backends import RedisBackend
+from ...celery.ratelimited import RateLimitedTask, _Rated
+from ...celery.unique import (
     DEFAULT_LEASE,
     UniqueTask,
     _positive,
@@ -28,6 +25,9 @@ from ..._tasks import (
     force_release,
     holder_id,
 )
+from ...core.arguments import ArgumentKey
+from ...core.rates import RateLimit as _Limit
+from ...errors import ConfigurationError
 from .config import Config
 from .errors import AlreadyQueuedError
 

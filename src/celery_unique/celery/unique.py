@@ -1,6 +1,6 @@
 """Celery integration: :class:`UniqueTask` and :func:`clear_locks`.
 
-This module, ``_ratetask`` and ``compat/`` are the only places Celery is imported. The lock a
+This package and ``compat/`` are the only places Celery is imported. The lock a
 unique task holds goes through three owners, all in one Redis key:
 
 * ``<task id>`` while queued: taken by ``apply_async`` before publishing, for ``unique_ttl``
@@ -34,11 +34,18 @@ from celery.result import AsyncResult, EagerResult
 from celery.utils import uuid
 from kombu.utils.imports import symbol_by_name
 
-from ._backend import RedisBackend
-from ._exceptions import BackendError, BackendUnavailable, ConfigurationError, DuplicateTaskError
-from ._keys import ArgumentKey, UniqueOn
-from ._lock import Lock
-from ._models import Acquisition
+from ..backends import RedisBackend
+from ..core.arguments import ArgumentKey, UniqueOn
+from ..core.keys import DEFAULT_PREFIX, task_lock_start
+from ..core.results import Acquisition
+from ..errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigurationError,
+    DuplicateTaskError,
+    LockNotOwnedError,
+)
+from ..locks import Lock
 
 __all__ = ["UniqueTask", "clear_locks", "defer"]
 
@@ -93,7 +100,7 @@ def backend_for(app: Celery) -> RedisBackend:
                     "(e.g. 'redis://localhost:6379/0'); neither the result backend nor the "
                     "broker is a Redis URL"
                 )
-            prefix = conf.get("unique_key_prefix") or "cu:"
+            prefix = conf.get("unique_key_prefix") or DEFAULT_PREFIX
             backend = _BACKENDS[app] = RedisBackend.from_url(url, key_prefix=prefix)
         return backend
 
@@ -287,12 +294,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         )
         ttl = unique.ttl + _delay(self.app, options)
         running = _RUNNING.get(task_id) if inside else None
-        if running is not None:
-            running._detach()  # stop renewing before the hand-over below
         try:
-            got = unique.backend.acquire_or_owner(
-                key, task_id, ttl, previous=None if running is None else running.token
-            )
+            if running is not None:  # hand the run's lock back to the queued instance
+                got = running.hand_over(task_id, ttl)
+            else:
+                got = unique.backend.acquire_or_owner(key, task_id, ttl)
         except BackendUnavailable:
             if not unique.fail_open:
                 raise
@@ -365,12 +371,14 @@ class UniqueTask(Task):  # type: ignore[misc]
                 return super().__call__(*args, **kwargs)
             lease = min(lease, left)
         lock = unique.backend.lock(
-            key, ttl=lease, token=f"{task_id}{RUN_SEPARATOR}{os.urandom(8).hex()}", auto_renew=True
+            key,
+            ttl=lease,
+            token=f"{task_id}{RUN_SEPARATOR}{os.urandom(8).hex()}",
+            auto_renew=True,
+            lifetime=left if unique.hard_ttl else None,
         )
-        if unique.hard_ttl:
-            lock._renew_until = ends
         try:
-            got = unique.backend.acquire_or_owner(key, lock.token, lease, previous=task_id)
+            got = lock.take_over(task_id)
         except BackendUnavailable:
             if not unique.fail_open:
                 raise
@@ -386,7 +394,6 @@ class UniqueTask(Task):  # type: ignore[misc]
             if holder != task_id:
                 return self._key_taken(holder)
             self._running_elsewhere(task_id, got)
-        lock._adopt(got)
         if getattr(request, DEFERRED_HEADER, None) and self.AsyncResult(task_id).successful():
             # The delivery this copy waited for has run the instance to success meanwhile.
             self._finish(key, lock, ends)
@@ -407,7 +414,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             return retval
         finally:
             _RUNNING.pop(task_id, None)
-            lock._detach()
+            lock.abandon()
 
     def _ttl_left(self, request: Any) -> float:
         """Seconds until this instance's ``unique_ttl`` ends (from now if it never had one)."""
@@ -449,12 +456,13 @@ class UniqueTask(Task):  # type: ignore[misc]
             keep = ends - time.monotonic()
         else:
             keep = 0.0
-        lock._detach()
         try:
             if keep > 0:
-                unique.backend.acquire_or_owner(key, task_id, keep, previous=lock.token)
+                lock.hand_over(task_id, keep)
             else:
-                unique.backend.release(key, lock.token)
+                lock.release()
+        except LockNotOwnedError:
+            pass  # lost (expired, or taken over): nothing of ours to free
         except BackendError:
             logger.warning(
                 "could not free the unique lock of %s[%s]; it expires within %.0f s",
@@ -506,33 +514,25 @@ def clear_locks(app: Celery, task: UniqueTask | None = None) -> int:
     Uses SCAN, so it never blocks Redis the way KEYS would.
     """
     if task is not None:
-        return unlink_locks(task._unique.backend, f"task:{task.name}:")
-    return unlink_locks(backend_for(app), "task:")
+        return unlink_locks(task._unique.backend, task_lock_start(task.name))
+    return unlink_locks(backend_for(app), task_lock_start())
 
 
 def force_release(backend: RedisBackend, name: str) -> None:
     """Delete lock ``name`` whoever holds it: the old libraries' administrative reset."""
-    backend.client.unlink(backend._keys.lock(name).lock)
+    backend.executor.unlink([backend.keys.lock(name)])
 
 
 def unlink_locks(backend: RedisBackend, start: str) -> int:
     """UNLINK every lock of ``backend`` whose name starts with ``start``; returns how many."""
-    pattern = _glob_escape(f"{backend.key_prefix}lock:{{{start}") + "*"
-    client = backend.client
     deleted = 0
-    batch: list[Any] = []
-    for key in client.scan_iter(match=pattern, count=1000):
+    batch: list[str] = []
+    for key in backend.executor.scan(backend.keys.lock_pattern(start)):
         batch.append(key)
         if len(batch) >= 500:
-            deleted += client.unlink(*batch)
+            deleted += backend.executor.unlink(batch)
             batch.clear()
-    if batch:
-        deleted += client.unlink(*batch)
-    return deleted
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+    return deleted + backend.executor.unlink(batch)
 
 
 # -- signals the worker's main process sends: the run there may never see its end ---------

@@ -1,10 +1,11 @@
-"""RESP on the wire for the async executor's batches: commands packed to bytes, replies parsed.
+"""RESP on the wire: commands packed to bytes, and replies parsed.
 
-redis-py packs and parses every command of a pipeline through several layers of generic
-machinery, with a timeout per reply; at a few dozen concurrent callers that, not Redis, was most
-of the client's CPU time. Our commands have few shapes (EVALSHA with a constant script and,
-for a limiter, constant arguments; only the keys and tokens vary), so they pack from cached
-pieces, and the replies of a whole batch are parsed from one buffer. No I/O happens here.
+redis-py packs every command through several layers of generic machinery; for a lock call that,
+not Redis, is most of the client's time. Our commands have few shapes (EVALSHA with a constant
+script and, for a limiter, constant arguments; only the keys and tokens vary), so they pack from
+cached pieces, and both executors send the bytes with redis-py's ``send_packed_command``. The
+async executor may also parse the replies of a whole batch from one buffer (:class:`Reader`).
+No I/O happens here.
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
-from redis._parsers import BaseParser
 from redis.exceptions import InvalidResponse
 
-__all__ = ["INCOMPLETE", "Packer", "Reader"]
+from .errors import reply_error
 
-# redis-py's own mapping of an error reply to its exception class (NOSCRIPT -> NoScriptError).
-_parse_error: Callable[[str], Exception] = BaseParser.parse_error
+__all__ = ["INCOMPLETE", "Packer", "Reader"]
 
 _CACHE_SIZE = 512  # distinct argument tuples kept packed; cleared, not evicted, when full
 
@@ -35,10 +34,6 @@ INCOMPLETE: Final = _Incomplete()
 
 class _NeedMore(Exception):
     """Raised inside the parser when the buffer ends mid-reply."""
-
-
-class _Push(list[Any]):
-    """An out-of-band RESP3 push message, which answers no command."""
 
 
 class Packer:
@@ -61,6 +56,11 @@ class Packer:
         else:
             raise TypeError(f"cannot send {type(value).__name__} to Redis")
         return b"$%d\r\n%s\r\n" % (len(data), data)
+
+    @property
+    def cached(self) -> int:
+        """How many argument tuples are kept packed."""
+        return len(self._tails)
 
     def command(self, args: tuple[str | int, ...]) -> bytes:
         """Any command, e.g. ``("GET", key)``."""
@@ -90,7 +90,9 @@ class Reader:
     integers as ``int``, bulk and simple strings as ``bytes`` (``str`` with ``decode``), nil as
     ``None``, arrays and sets as lists, maps as dicts, and error replies as the redis-py
     exception instance (``NoScriptError``, ``ResponseError``, ...), returned, not raised.
-    Out-of-band pushes (RESP3 ``>``) are skipped.
+    It reads RESP3's reply types too, but not its out-of-band pushes (``>``), which redis-py
+    hands to its push handler: an executor reads RESP3 connections through redis-py, and a
+    push here is a protocol error.
 
     ::
 
@@ -113,13 +115,11 @@ class Reader:
 
     def get(self) -> Any:
         """The next whole reply, or :data:`INCOMPLETE` until more has been fed."""
-        while True:
-            try:
-                reply, self._pos = self._parse(self._buffer, self._pos)
-            except _NeedMore:
-                return INCOMPLETE
-            if type(reply) is not _Push:
-                return reply
+        try:
+            reply, self._pos = self._parse(self._buffer, self._pos)
+        except _NeedMore:
+            return INCOMPLETE
+        return reply
 
     def _parse(self, buffer: bytes, pos: int) -> tuple[Any, int]:
         """The reply starting at ``pos`` and where it ends."""
@@ -129,7 +129,7 @@ class Reader:
         kind = buffer[pos]
         line = buffer[pos + 1 : eol]
         pos = eol + 2
-        if kind == 42 or kind == 126 or kind == 62:  # '*' array, '~' set, '>' push
+        if kind == 42 or kind == 126:  # '*' array, '~' set
             size = int(line)
             if size < 0:
                 return None, pos
@@ -145,7 +145,7 @@ class Reader:
                 else:
                     item, pos = self._parse(buffer, pos)
                     items.append(item)
-            return (_Push(items) if kind == 62 else items), pos
+            return items, pos
         if kind == 58 or kind == 40:  # ':' integer, '(' big number
             return int(line), pos
         if kind == 36 or kind == 61 or kind == 33:  # '$' bulk, '=' verbatim, '!' bulk error
@@ -185,4 +185,4 @@ class Reader:
 
     @staticmethod
     def _error(message: bytes) -> Exception:
-        return _parse_error(message.decode("utf-8", errors="replace"))
+        return reply_error(message.decode("utf-8", errors="replace"))

@@ -9,47 +9,36 @@ callers are then served in the order they asked, each told exactly how long to w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from . import _core
-from ._exceptions import ConfigurationError
-from ._limits import RateLimit
-from ._models import Decision, Reservation
+from .core import buckets
+from .core.keys import KeySpace
+from .core.rates import LimitSpec, as_limits
+from .core.results import Decision, Reservation
 
 if TYPE_CHECKING:
-    from ._backend import AsyncRedisBackend, RedisBackend
+    from .executors import AsyncExecutor, Executor
 
-__all__ = ["AsyncRateLimiter", "LimitSpec", "RateLimiter", "as_limits"]
+__all__ = ["AsyncRateLimiter", "RateLimiter"]
 
-B = TypeVar("B", "RedisBackend", "AsyncRedisBackend")
-
-#: What a limit may be given as: a RateLimit, a Celery-style string, or a list of them.
-LimitSpec = RateLimit | str | Sequence[RateLimit | str]
+E = TypeVar("E", "Executor", "AsyncExecutor")
 
 
-def as_limits(limits: LimitSpec) -> tuple[RateLimit, ...]:
-    """Normalise one limit or several into RateLimit objects."""
-    items = [limits] if isinstance(limits, RateLimit | str) else list(limits)
-    if not items:
-        raise ConfigurationError("give at least one rate limit")
-    return tuple(item if isinstance(item, RateLimit) else RateLimit(item) for item in items)
-
-
-class _LimiterBase(Generic[B]):
-    def __init__(self, backend: B, limits: LimitSpec) -> None:
-        self._backend: B = backend
+class _LimiterBase(Generic[E]):
+    def __init__(self, executor: E, keys: KeySpace, limits: LimitSpec) -> None:
+        self._executor: E = executor
+        self._keyspace = keys
         self.limits = as_limits(limits)
         self._specs = tuple(limit.spec for limit in self.limits)
 
     def _keys(self, key: str) -> tuple[str, ...]:
-        return self._backend._keys.rate(key, self._specs)
+        return self._keyspace.rate(key, self._specs)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {', '.join(map(str, self.limits))}>"
 
 
-class RateLimiter(_LimiterBase["RedisBackend"]):
+class RateLimiter(_LimiterBase["Executor"]):
     """A token bucket per key, shared by every process on the same Redis.
 
     ::
@@ -62,7 +51,7 @@ class RateLimiter(_LimiterBase["RedisBackend"]):
 
     def hit(self, key: str, cost: int = 1) -> Decision:
         """Take ``cost`` tokens from ``key``'s buckets if every limit has them; one command."""
-        return self._backend._one(_core.hit(self._keys(key), self.limits, cost))
+        return self._executor.execute(buckets.hit(self._keys(key), self.limits, cost))
 
     def reserve(self, key: str, cost: int = 1, *, max_wait: float) -> Reservation:
         """Book ``cost`` tokens for the earliest moment every limit has them, if that is within
@@ -71,8 +60,8 @@ class RateLimiter(_LimiterBase["RedisBackend"]):
         Slots are handed out in the order callers ask (first come, first served), and a
         booked slot is spent even if never used. ``max_wait=0`` decides like :meth:`hit`.
         """
-        return self._backend._one(
-            _core.reserve(self._keys(key), self.limits, cost, max_wait=max_wait)
+        return self._executor.execute(
+            buckets.reserve(self._keys(key), self.limits, cost, max_wait=max_wait)
         )
 
     def wait(self, key: str, cost: int = 1, timeout: float | None = None) -> Decision:
@@ -81,21 +70,21 @@ class RateLimiter(_LimiterBase["RedisBackend"]):
         :class:`RateLimitExceeded` at once (nothing taken) when the slot is beyond
         ``timeout`` seconds. A wait interrupted after booking has spent its slot.
         """
-        return self._backend._run(_core.wait(self._keys(key), self.limits, cost, timeout=timeout))
+        return self._executor.run(buckets.wait(self._keys(key), self.limits, cost, timeout=timeout))
 
 
-class AsyncRateLimiter(_LimiterBase["AsyncRedisBackend"]):
+class AsyncRateLimiter(_LimiterBase["AsyncExecutor"]):
     """The asyncio twin of :class:`RateLimiter`: same methods, awaited."""
 
     async def hit(self, key: str, cost: int = 1) -> Decision:
         """Take ``cost`` tokens from ``key``'s buckets if every limit has them; one command."""
-        return await self._backend._one(_core.hit(self._keys(key), self.limits, cost))
+        return await self._executor.execute(buckets.hit(self._keys(key), self.limits, cost))
 
     async def reserve(self, key: str, cost: int = 1, *, max_wait: float) -> Reservation:
         """Book ``cost`` tokens for the earliest moment every limit has them, if that is within
         ``max_wait`` seconds; one command. See :meth:`RateLimiter.reserve`."""
-        return await self._backend._one(
-            _core.reserve(self._keys(key), self.limits, cost, max_wait=max_wait)
+        return await self._executor.execute(
+            buckets.reserve(self._keys(key), self.limits, cost, max_wait=max_wait)
         )
 
     async def wait(self, key: str, cost: int = 1, timeout: float | None = None) -> Decision:
@@ -105,6 +94,6 @@ class AsyncRateLimiter(_LimiterBase["AsyncRedisBackend"]):
         ``timeout`` seconds. A task cancelled after booking has spent its slot (the limit
         stays conservative: nobody else gets it).
         """
-        return await self._backend._run(
-            _core.wait(self._keys(key), self.limits, cost, timeout=timeout)
+        return await self._executor.run(
+            buckets.wait(self._keys(key), self.limits, cost, timeout=timeout)
         )

@@ -9,8 +9,8 @@
     │   └── LockNotOwnedError                           release/extend after losing the lock
     ├── DuplicateTaskError                              .task_id, .ttl; picklable
     ├── RateLimitExceeded                               .retry_after
-    └── BackendError                                    chained from the redis error
-        └── BackendUnavailable                          connection refused, timeout
+    └── BackendError                                    refused by Redis; chained, .outcome_unknown
+        └── BackendUnavailable                          refused, timed out, loading, failing over
 
 Context travels on attributes, never argument values (they may be secrets); every message
 says what to do next.
@@ -92,11 +92,24 @@ class RateLimitExceeded(CeleryUniqueError):
 
 
 class BackendError(CeleryUniqueError):
-    """Redis answered with an error; the redis-py exception is chained as ``__cause__``."""
+    """Redis refused the command (out of memory, no permission, ...); the message says what to
+    change and the redis-py exception is chained as ``__cause__``.
+
+    ``outcome_unknown`` is true when the command had left for Redis and no answer came back:
+    it may have run. A caller that cleans up after it (an interrupted acquire) must assume so.
+    """
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.outcome_unknown = outcome_unknown
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuild, (type(self), str(self), self.__dict__)
 
 
 class BackendUnavailable(BackendError):
-    """Redis could not be reached in time (refused, timed out, pool exhausted)."""
+    """Redis did not answer in time or cannot serve now: refused, timed out, no free pooled
+    connection, or a passing state (loading, failing over, cluster down). Retry later."""
 
 
 def _rebuild(cls: type[BaseException], message: str, state: dict[str, object]) -> BaseException:

@@ -11,12 +11,12 @@ from typing import Any, ClassVar
 
 from celery import Task
 
-from ._backend import RedisBackend
-from ._exceptions import ConfigurationError
-from ._keys import ArgumentKey
-from ._limits import RateLimit
-from ._ratelimit import RateLimiter, as_limits
-from ._tasks import _setting, _static_option, backend_for, defer
+from ..backends import RedisBackend
+from ..core.arguments import ArgumentKey
+from ..core.rates import RateLimit, as_limits
+from ..errors import ConfigurationError
+from ..limiters import RateLimiter
+from .unique import _setting, _static_option, backend_for, defer
 
 __all__ = ["RateLimitedTask"]
 

@@ -1,86 +1,20 @@
-"""Redis key layout: ``<prefix><kind>:{<name>}``.
+"""A unique task's key from its call: arguments bound to the signature, canonical JSON, a digest.
 
-The ``{...}`` hash tag makes every key one script touches land in one Redis Cluster slot.
-A name that would break the tag (it contains a brace, or is empty) is tagged by its digest
-instead and kept in full after the tag, so distinct names still give distinct keys.
+Argument values never appear in a key, a log line or an error: only their digest does.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from ._exceptions import ConfigurationError
+from ..errors import ConfigurationError
+from .keys import task_lock_name
 
-__all__ = ["DEFAULT_PREFIX", "ArgumentKey", "KeySpace", "LockKeys", "canonical_json", "hash_tag"]
-
-DEFAULT_PREFIX = "cu:"
-
-
-def hash_tag(name: str) -> str:
-    """The ``{tag}`` part (plus any remainder) that places ``name``'s keys in one slot."""
-    if name and "{" not in name and "}" not in name:
-        return "{" + name + "}"
-    digest = hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
-    return "{#" + digest + "}" + name
-
-
-@dataclass(frozen=True, slots=True)
-class LockKeys:
-    """The two keys of one lock: the lock itself and its fence counter."""
-
-    lock: str
-    fence: str
-
-
-@dataclass(frozen=True, slots=True)
-class KeySpace:
-    """Builds the keys of one backend from its prefix."""
-
-    prefix: str = DEFAULT_PREFIX
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.prefix, str):
-            raise ConfigurationError(f"key_prefix must be a str, got {type(self.prefix).__name__}")
-        if "{" in self.prefix or "}" in self.prefix:
-            # A brace here would become the key's hash tag and scatter one lock's keys
-            # over several cluster slots.
-            raise ConfigurationError(
-                "key_prefix must not contain '{' or '}': they are reserved for the hash tag"
-            )
-
-    def lock(self, name: str) -> LockKeys:
-        _check_name(name, "a lock name")
-        return _lock_keys(self.prefix, name)
-
-    def rate(self, name: str, specs: Sequence[str]) -> tuple[str, ...]:
-        """One bucket key per limit spec, all in the slot of ``name``."""
-        _check_name(name, "a rate limit key")
-        return _rate_keys(self.prefix, name, tuple(specs))
-
-
-def _check_name(name: object, what: str) -> None:
-    if not isinstance(name, str):
-        raise ConfigurationError(f"{what} must be a str, got {type(name).__name__}")
-
-
-@functools.lru_cache(maxsize=4096)
-def _lock_keys(prefix: str, name: str) -> LockKeys:
-    # Cached: the same few names are locked over and over, and this sits on every call.
-    tag = hash_tag(name)
-    return LockKeys(f"{prefix}lock:{tag}", f"{prefix}fence:{tag}")
-
-
-@functools.lru_cache(maxsize=4096)
-def _rate_keys(prefix: str, name: str, specs: tuple[str, ...]) -> tuple[str, ...]:
-    # Cached like _lock_keys: a limiter decides for the same few keys over and over.
-    tag = hash_tag(name)
-    return tuple(f"{prefix}rate:{tag}:{spec}" for spec in specs)
+__all__ = ["ArgumentKey", "UniqueOn", "canonical_json"]
 
 
 def canonical_json(value: object, encoder: type[json.JSONEncoder] | None = None) -> str:
@@ -148,7 +82,7 @@ class ArgumentKey:
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(self._not_serialisable(value)) from exc
         digest = hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
-        return f"task:{self.task_name}:{digest}"
+        return task_lock_name(self.task_name, digest)
 
     def _bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Arguments by name, defaults filled in: ``Signature.bind`` + ``apply_defaults``."""
@@ -170,10 +104,6 @@ class ArgumentKey:
                     arguments[name] = self._defaults[name]
         # In signature order, like Signature.bind, though canonical JSON sorts anyway.
         return {name: arguments[name] for name in names}
-
-    def prefix(self) -> str:
-        """The start every key of this task shares (for clearing its locks)."""
-        return f"task:{self.task_name}:"
 
     def _serialisable(self, value: object) -> bool:
         try:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from ._exceptions import ConfigurationError
+from ..errors import ConfigurationError
 
-__all__ = ["RateLimit"]
+__all__ = ["LimitSpec", "RateLimit", "as_limits"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SPEC = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*(?:\.\d+)?)\s*([smhd])?\s*$")
@@ -34,8 +35,9 @@ class RateLimit:
     count: float
     per: float
     burst: int
-    _n: int = field(repr=False, compare=False)
-    _period_us: int = field(repr=False, compare=False)
+    #: The exact rate the bucket script works with: ``n`` tokens per ``period_us`` microseconds.
+    n: int = field(repr=False, compare=False)
+    period_us: int = field(repr=False, compare=False)
 
     def __init__(
         self,
@@ -60,8 +62,8 @@ class RateLimit:
         object.__setattr__(self, "count", int(count) if count.denominator == 1 else float(count))
         object.__setattr__(self, "per", float(period))
         object.__setattr__(self, "burst", burst)
-        object.__setattr__(self, "_n", n)
-        object.__setattr__(self, "_period_us", period_us)
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "period_us", period_us)
 
     @property
     def rate(self) -> float:
@@ -71,7 +73,7 @@ class RateLimit:
     @property
     def spec(self) -> str:
         """The exact rate and burst, as the bucket's key spells them."""
-        return f"{self._n}/{self._period_us}/{self.burst}"
+        return f"{self.n}/{self.period_us}/{self.burst}"
 
     def __str__(self) -> str:
         return f"{self.count:g}/{self.per:g}s (burst {self.burst})"
@@ -118,3 +120,15 @@ def _parse(
             f"rate limit {rate!r}: give the period too, e.g. RateLimit({rate!r}, per=60)"
         )
     return _number(rate, "the count", rate), _number(per, "the period", rate)
+
+
+#: What a limit may be given as: a RateLimit, a Celery-style string, or a list of them.
+LimitSpec = RateLimit | str | Sequence[RateLimit | str]
+
+
+def as_limits(limits: LimitSpec) -> tuple[RateLimit, ...]:
+    """Normalise one limit or several into RateLimit objects."""
+    items = [limits] if isinstance(limits, RateLimit | str) else list(limits)
+    if not items:
+        raise ConfigurationError("give at least one rate limit")
+    return tuple(item if isinstance(item, RateLimit) else RateLimit(item) for item in items)

@@ -1,0 +1,122 @@
+"""The Redis key layout, in one place: ``<prefix><kind>:{<name>}``.
+
+* a lock: ``<prefix>lock:{<name>}``, one key whose value is ``<fence>:<token>``;
+* a rate limit: ``<prefix>rate:{<name>}:<spec>``, one bucket per limit;
+* a unique task's lock is the lock named ``task:<task name>:<digest of its arguments>``.
+
+The ``{...}`` hash tag puts every key one script touches in one Redis Cluster slot. A name
+that would break the tag (it contains a brace, or is empty) is tagged by its digest instead
+and kept in full after the tag, so distinct names still give distinct keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "KeySpace",
+    "glob_escape",
+    "hash_tag",
+    "task_lock_name",
+    "task_lock_start",
+]
+
+DEFAULT_PREFIX = "cu:"
+_TASK = "task:"
+
+
+def hash_tag(name: str) -> str:
+    """The ``{tag}`` part (plus any remainder) that places ``name``'s keys in one slot."""
+    if name and "{" not in name and "}" not in name:
+        return "{" + name + "}"
+    digest = hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
+    return "{#" + digest + "}" + name
+
+
+def _untag(tagged: str) -> str:
+    """The name :func:`hash_tag` made ``tagged`` from."""
+    if tagged.startswith("{#"):
+        return tagged[tagged.index("}") + 1 :]
+    return tagged[1:-1]
+
+
+def task_lock_name(task_name: str, digest: str) -> str:
+    """The lock name of a unique task's instance: its task name and its arguments' digest."""
+    return f"{_TASK}{task_name}:{digest}"
+
+
+def task_lock_start(task_name: str | None = None) -> str:
+    """What the lock names of one task (or, with ``None``, of every task) start with."""
+    return _TASK if task_name is None else f"{_TASK}{task_name}:"
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis ``MATCH`` glob."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Builds (and reads back) the keys of one backend from its prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix, str):
+            raise ConfigurationError(f"key_prefix must be a str, got {type(self.prefix).__name__}")
+        if "{" in self.prefix or "}" in self.prefix:
+            # A brace here would become the key's hash tag and scatter one lock's keys
+            # over several cluster slots.
+            raise ConfigurationError(
+                "key_prefix must not contain '{' or '}': they are reserved for the hash tag"
+            )
+
+    def lock(self, name: str) -> str:
+        """The key of lock ``name``."""
+        _check_name(name, "a lock name")
+        return _lock_key(self.prefix, name)
+
+    def rate(self, name: str, specs: Sequence[str]) -> tuple[str, ...]:
+        """One bucket key per limit spec, all in the slot of ``name``."""
+        _check_name(name, "a rate limit key")
+        return _rate_keys(self.prefix, name, tuple(specs))
+
+    def lock_pattern(self, start: str = "") -> str:
+        """A ``SCAN MATCH`` glob for the keys of every lock whose name starts with ``start``.
+
+        Names tagged by their digest (with braces in them) are not matched by a non-empty
+        ``start``; task lock names never hold braces.
+        """
+        return glob_escape(f"{self.prefix}lock:{{{start}") + "*"
+
+    def lock_name(self, key: str | bytes) -> str | None:
+        """The lock name a key of :meth:`lock` was made for; ``None`` for any other key."""
+        text = key.decode() if isinstance(key, bytes) else key
+        head = f"{self.prefix}lock:"
+        if not text.startswith(head):
+            return None
+        return _untag(text[len(head) :])
+
+
+def _check_name(name: object, what: str) -> None:
+    if not isinstance(name, str):
+        raise ConfigurationError(f"{what} must be a str, got {type(name).__name__}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _lock_key(prefix: str, name: str) -> str:
+    # Cached: the same few names are locked over and over, and this sits on every call.
+    return f"{prefix}lock:{hash_tag(name)}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _rate_keys(prefix: str, name: str, specs: tuple[str, ...]) -> tuple[str, ...]:
+    # Cached like _lock_key: a limiter decides for the same few keys over and over.
+    tag = hash_tag(name)
+    return tuple(f"{prefix}rate:{tag}:{spec}" for spec in specs)

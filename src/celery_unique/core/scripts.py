@@ -1,0 +1,47 @@
+"""The Lua scripts, loaded once from package data, each with its SHA1 for EVALSHA."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["ACQUIRE", "EXTEND", "RELEASE", "TOKEN_BUCKET", "Script"]
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script: its name, source and the SHA1 Redis knows it by.
+
+    ``idempotent``: running it twice with the same arguments has the effect and the answer of
+    running it once, so an executor may send it again when a connection broke before the
+    answer came (it never does for the others, whose second run would count twice).
+    """
+
+    name: str
+    source: str = field(repr=False)
+    sha: str = field(repr=False)
+    idempotent: bool = False
+
+    @classmethod
+    def load(cls, name: str, *, idempotent: bool = False) -> Script:
+        source = _read(f"{name}.lua")
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest(), idempotent)
+
+
+def _read(filename: str) -> str:
+    # The wheel ships lua/ inside the package. A source checkout (editable install, running
+    # from the repo) has it at the top level instead, three levels above this module.
+    packaged = resources.files("celery_unique") / "lua" / filename
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parents[3] / "lua" / filename).read_text(encoding="utf-8")
+
+
+# Acquiring again with the same token refreshes the TTL and keeps the fence; extending again
+# sets the same TTL. Releasing twice answers 0 the second time, and a bucket counts twice.
+ACQUIRE = Script.load("acquire", idempotent=True)
+RELEASE = Script.load("release")
+EXTEND = Script.load("extend", idempotent=True)
+TOKEN_BUCKET = Script.load("token_bucket")

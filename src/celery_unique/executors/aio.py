@@ -1,0 +1,119 @@
+"""The asyncio executor: the core's steps on a ``redis.asyncio`` client, batched.
+
+The pieces: :class:`~.batching.Batcher` decides which commands share a round trip,
+:class:`~.sender.BatchSender` carries a batch over one pooled connection, and this module drives
+the core's flows over them. Every operation ends within its deadline, as the sync executor's do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import redis.exceptions as rex
+
+from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
+from ..errors import BackendError
+from .batching import Batcher
+from .connections import deadline_of
+from .errors import backend_error
+from .sender import BatchSender
+
+__all__ = ["AsyncRedisExecutor"]
+
+T = TypeVar("T")
+
+
+class AsyncRedisExecutor:
+    """Carries out the core's operations and flows on an asyncio redis-py client.
+
+    ``timeout``: seconds one operation may take, connecting and waiting for a pooled connection
+    included (default: the client's ``socket_timeout``, else 2 s). ``read_streams=False``
+    reads every reply through redis-py's ``read_response`` (see :mod:`.sender`). Implements
+    :class:`~.protocol.AsyncExecutor`.
+    """
+
+    def __init__(
+        self, client: Any, *, timeout: float | None = None, read_streams: bool = True
+    ) -> None:
+        self.client = client
+        self.timeout = deadline_of(client, timeout)
+        self._sender = BatchSender(client, self.timeout, read_streams=read_streams)
+        self._batcher = Batcher(self._sender)
+
+    async def execute(self, op: Op[T]) -> T:
+        """Carry out a one-round-trip operation."""
+        return op.parse(await self._batcher.one(op.step))
+
+    async def run(self, flow: Flow[T], *, see_through: Callable[[Any], object] | None = None) -> T:
+        """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.
+
+        With ``see_through``, a cancellation that lands while a command is in flight waits for
+        its reply (within the command's deadline), hands the reply (or the error it got) to
+        ``see_through``, and is raised then: the caller learns what the command did, and
+        nothing it sends next can overtake it.
+        """
+        try:
+            step: Step = next(flow)
+            while True:
+                if isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
+                    step = flow.send(None)
+                    continue
+                try:
+                    if see_through is None:
+                        reply = await self._batcher.one(step)
+                    else:
+                        reply = await self._seen_through(step, see_through)
+                except BackendError as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(reply)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+        finally:
+            flow.close()
+
+    async def _seen_through(self, step: Eval | Call, report: Callable[[Any], object]) -> Any:
+        # Once a command is on the wire Redis runs it, read or not. A caller cancelled before
+        # the reply could not tell whether it now holds a lock, and a cleanup sent on another
+        # connection might even overtake it. So the command is seen through (bounded by its
+        # deadline) and the cancellation is raised after it.
+        reply = self._batcher.submit(step)
+        try:
+            return await asyncio.shield(reply)
+        except asyncio.CancelledError:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([reply])
+            if not reply.cancelled():
+                error = reply.exception()
+                report(reply.result() if error is None else error)
+            raise
+
+    async def scan(self, match: str, count: int = 1000) -> AsyncIterator[str]:
+        """Every key matching the glob ``match`` (SCAN, never KEYS; every primary of a
+        cluster), as text."""
+        try:
+            async for key in self.client.scan_iter(match=match, count=count):
+                yield key.decode() if isinstance(key, bytes) else key
+        except rex.RedisError as exc:
+            raise backend_error(exc) from exc
+
+    async def unlink(self, keys: Sequence[str]) -> int:
+        """Delete ``keys`` (UNLINK); returns how many existed."""
+        if not keys:
+            return 0
+        try:
+            return int(await self.client.unlink(*keys))
+        except rex.RedisError as exc:
+            raise backend_error(exc) from exc
+
+    async def aclose(self) -> None:
+        """Close the client and its connections, once the batches under way are answered."""
+        # A batch still waiting for a connection would otherwise take one after the pool
+        # closed, open it afresh and leave it open.
+        await self._batcher.drain()
+        await self.client.aclose()

@@ -1,0 +1,135 @@
+"""From what went wrong on the wire to the library's errors, with what to do about it.
+
+Two steps, one table each. An error *reply* read by the library itself becomes the public
+``redis.exceptions`` class redis-py would raise for it (:func:`reply_error`), so both read paths
+raise the same classes. Any redis-py error then becomes a :class:`BackendError` whose message
+says what to change, or a :class:`BackendUnavailable` for a state that passes (loading, a
+failover under way, a cluster reshaping): :func:`backend_error`.
+"""
+
+from __future__ import annotations
+
+import redis.exceptions as rex
+
+from ..errors import BackendError, BackendUnavailable
+
+__all__ = ["backend_error", "reply_error"]
+
+# Error replies by their first word, onto redis-py's public classes (a prefix redis-py knows
+# is dropped from the message, as redis-py drops it).
+_REPLIES: dict[str, type[rex.RedisError]] = {
+    "NOSCRIPT": rex.NoScriptError,
+    "OOM": rex.OutOfMemoryError,
+    "NOPERM": rex.NoPermissionError,
+    "READONLY": rex.ReadOnlyError,
+    "LOADING": rex.BusyLoadingError,
+    "WRONGPASS": rex.AuthenticationError,
+    "NOAUTH": rex.AuthenticationError,
+    "EXECABORT": rex.ExecAbortError,
+    "TRYAGAIN": rex.TryAgainError,
+    "CLUSTERDOWN": rex.ClusterDownError,
+    "MASTERDOWN": rex.MasterDownError,
+}
+_MAX_CLIENTS = "max number of clients reached"
+
+
+def reply_error(message: str) -> rex.RedisError:
+    """The redis-py exception for an error reply ``message`` (``"NOSCRIPT No matching ..."``)."""
+    code, _, rest = message.partition(" ")
+    cls = _REPLIES.get(code)
+    if cls is not None:
+        return cls(rest)
+    if code == "ERR" and rest.startswith(_MAX_CLIENTS):
+        return rex.ConnectionError(rest)
+    return rex.ResponseError(message)
+
+
+# Passing server states: the command did not run, and will once the state is over.
+_PASSING: tuple[tuple[type[rex.RedisError], str], ...] = (
+    (rex.BusyLoadingError, "Redis is loading its data set into memory (LOADING)"),
+    (
+        rex.ReadOnlyError,
+        "Redis answered READONLY: it is a replica now, so a failover is under way or the URL "
+        "names a replica (point it, or the Sentinel settings, at the master)",
+    ),
+    (rex.MasterDownError, "the replica has lost its master (MASTERDOWN)"),
+    (rex.TryAgainError, "the cluster is moving this key's slot (TRYAGAIN)"),
+    (
+        rex.ClusterDownError,
+        "the cluster is down (CLUSTERDOWN): a primary failed and no replica has taken over yet",
+    ),
+)
+# The same states when they arrive as a plain ResponseError (older redis-py, or a cluster's).
+_PASSING_CODES = {
+    "LOADING": "Redis is loading its data set into memory (LOADING)",
+    "READONLY": "Redis answered READONLY: a failover is under way or the URL names a replica",
+    "MASTERDOWN": "the replica has lost its master (MASTERDOWN)",
+    "TRYAGAIN": "the cluster is moving this key's slot (TRYAGAIN)",
+    "CLUSTERDOWN": "the cluster is down (CLUSTERDOWN)",
+    "BUSY": "Redis is busy running a slow script (BUSY)",
+    "NOREPLICAS": "Redis has too few replicas to accept writes (NOREPLICAS)",
+}
+_RETRY = "; this passes on its own: retry shortly"
+
+_OOM = (
+    "Redis is out of memory (maxmemory reached) and refuses writes: give it more memory, or "
+    "keep the locks on a Redis (or database) of their own with maxmemory-policy noeviction"
+)
+_NOPERM = (
+    "the Redis user lacks a permission the library needs ({detail}): grant it the commands "
+    "and key pattern of the library's ACL rule (see the Deployment guide)"
+)
+_AUTH = (
+    "Redis refused the credentials ({detail}): check the username and password in the URL "
+    "or the username=/password= options"
+)
+_MISCONF = (
+    "Redis cannot save to disk and refuses writes (MISCONF): fix its disk, or set "
+    "stop-writes-on-bgsave-error no"
+)
+
+
+def backend_error(
+    exc: BaseException, *, outcome_unknown: bool = False, waited: float | None = None
+) -> BackendError:
+    """The :class:`BackendError` for redis-py error ``exc`` (chain it: ``raise ... from exc``).
+
+    ``outcome_unknown``: the command had been sent and no answer came (it may have run);
+    ``waited``: seconds the caller waited before giving up, for the message.
+    """
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = str(exc)
+    code = text.partition(" ")[0]
+    if isinstance(exc, rex.AuthenticationError) or code in ("WRONGPASS", "NOAUTH"):
+        return BackendError(_AUTH.format(detail=detail))
+    if _MAX_CLIENTS in text:
+        return BackendUnavailable(
+            "Redis refused the connection: max number of clients reached; raise its "
+            "maxclients, or lower max_connections of the pools that share it" + _RETRY
+        )
+    # Before the connection errors: redis-py makes LOADING one of them.
+    for cls, state in _PASSING:
+        if isinstance(exc, cls):
+            return BackendUnavailable(state + _RETRY)
+    if code in _PASSING_CODES:
+        return BackendUnavailable(_PASSING_CODES[code] + _RETRY)
+    if isinstance(exc, rex.ConnectionError) and "No connection available" in text:
+        return BackendUnavailable(
+            "no pooled Redis connection came free in time: every one is busy (or stuck on an "
+            "unresponsive server); raise max_connections, or find what holds them"
+        )
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
+        within = "" if waited is None else f" within {waited:.2f} s"
+        return BackendUnavailable(
+            f"Redis did not answer{within} ({detail}): check that the server is up and "
+            "reachable at the configured address; a slower network needs a longer "
+            "socket_timeout",
+            outcome_unknown=outcome_unknown,
+        )
+    if isinstance(exc, rex.OutOfMemoryError) or code == "OOM":
+        return BackendError(_OOM)
+    if isinstance(exc, rex.NoPermissionError) or code == "NOPERM":
+        return BackendError(_NOPERM.format(detail=text or detail))
+    if code == "MISCONF":
+        return BackendError(_MISCONF)
+    return BackendError(f"Redis answered with an error: {detail}")

@@ -1,0 +1,208 @@
+"""The async executor's I/O: one batch of commands on one pooled ``redis.asyncio`` connection.
+
+The batch is packed once (:mod:`.wire`), written with redis-py's ``send_packed_command`` and its
+replies read back in order, all within the batch's deadline; on NOSCRIPT the missing scripts
+are loaded and those commands sent again, together, in one more round trip. A failure of the
+connection itself (refused, reset, timed out, cancelled) leaves the stream in an unknown state:
+the connection is dropped and every caller of the batch gets the error.
+
+Replies are read with redis-py's ``read_response``, one call each. Where the connection is a
+RESP2 one over asyncio streams, the whole batch's replies may instead be parsed from the
+stream's buffer in one go (``read_streams=True``, the default): at a few dozen concurrent
+callers redis-py's per-reply timeout and parser pass were most of the client's CPU time. That
+path reads redis-py's private stream attributes, so it is taken only when they are there and
+what they should be; anything else (RESP3, whose pushes redis-py must see, other transports,
+a redis-py that changed) falls back to ``read_response`` by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import redis.exceptions as rex
+
+from ..core.steps import Call, Eval, is_idempotent
+from .batching import Request
+from .connections import checkout_async, decoder, direct_pool, packer
+from .errors import backend_error
+from .wire import INCOMPLETE, Reader
+
+__all__ = ["BatchSender"]
+
+if sys.version_info >= (3, 11):
+    _timeout = asyncio.timeout
+else:
+
+    @contextlib.asynccontextmanager
+    async def _timeout(seconds: float | None) -> AsyncIterator[None]:
+        with anyio.fail_after(seconds):
+            yield
+
+
+_BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
+_READ_SIZE = 65536  # bytes per read of a batch's replies
+
+
+class BatchSender:
+    """Sends batches of steps for :class:`~.batching.Batcher`; see the module docstring."""
+
+    def __init__(self, client: Any, timeout: float, *, read_streams: bool = True) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.read_streams = read_streams
+        self._pool = direct_pool(client)
+        if self._pool is not None:
+            self._packer = packer(self._pool)
+            self._decode = decoder(self._pool)
+
+    async def __call__(self, batch: list[Request]) -> list[Any]:
+        steps = [request.step for request in batch]
+        budget = min([self.timeout, *(s.timeout for s in steps if s.timeout is not None)])
+        if self._pool is None:
+            return await self._through_client(steps, budget)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        again = True  # one more send is allowed, where it is safe
+        while True:
+            left = started + budget - loop.time()
+            try:
+                async with _timeout(left):
+                    connection = await checkout_async(self._pool)
+            except (rex.RedisError, TimeoutError) as exc:
+                raise backend_error(exc, waited=loop.time() - started) from exc
+            # Waiting for a free connection takes time: drop who gave up meanwhile.
+            live = [i for i, request in enumerate(batch) if not request.cancelled()]
+            replies: list[Any] = [None] * len(batch)
+            sent = False
+            try:
+                if live:
+                    async with _timeout(started + budget - loop.time()):
+                        await connection.send_packed_command(
+                            b"".join(self._pack(steps[i]) for i in live)
+                        )
+                        sent = True
+                        answers = await self._read(connection, len(live))
+                        await self._reload_missing(connection, [steps[i] for i in live], answers)
+                    for i, answer in zip(live, answers, strict=True):
+                        replies[i] = answer
+            except (*_BROKEN, TimeoutError) as exc:
+                await self._drop(connection)
+                resend = not sent or (
+                    isinstance(exc, rex.ConnectionError) and all(map(is_idempotent, steps))
+                )
+                if again and resend and loop.time() < started + budget:
+                    again = False
+                    continue
+                raise backend_error(
+                    exc, outcome_unknown=sent, waited=loop.time() - started
+                ) from exc
+            except BaseException:
+                await self._drop(connection)
+                raise
+            await self._pool.release(connection)
+            return [_as_error(reply) for reply in replies]
+
+    async def _drop(self, connection: Any) -> None:
+        with contextlib.suppress(rex.RedisError, OSError):
+            await connection.disconnect(nowait=True)
+        await self._pool.release(connection)  # type: ignore[union-attr]  # only when pooled
+
+    def _pack(self, step: Eval | Call) -> bytes:
+        if isinstance(step, Eval):
+            return self._packer.evalsha(step.script.sha, step.keys, step.args)
+        return self._packer.command(step.args)
+
+    async def _reload_missing(
+        self, connection: Any, steps: list[Eval | Call], answers: list[Any]
+    ) -> None:
+        """Load the scripts answered NOSCRIPT and send those steps again, in one round trip."""
+        missing = [i for i, answer in enumerate(answers) if isinstance(answer, rex.NoScriptError)]
+        if not missing:
+            return
+        scripts = {steps[i].script: None for i in missing}  # type: ignore[union-attr]
+        loads = [self._packer.command(("SCRIPT", "LOAD", script.source)) for script in scripts]
+        await connection.send_packed_command(
+            b"".join(loads + [self._pack(steps[i]) for i in missing])
+        )
+        again = await self._read(connection, len(loads) + len(missing))
+        for i, answer in zip(missing, again[len(loads) :], strict=True):
+            answers[i] = answer
+
+    async def _read(self, connection: Any, count: int) -> list[Any]:
+        """``count`` replies, error replies in place as redis-py exceptions."""
+        stream = self.stream_of(connection)
+        if stream is not None:
+            return await self._read_stream(connection, stream, count)
+        return [await _reply_or_error(connection) for _ in range(count)]
+
+    def stream_of(self, connection: Any) -> asyncio.StreamReader | None:
+        """The connection's stream, when the batch's replies can be parsed straight off it."""
+        if not self.read_streams or str(getattr(connection, "protocol", 2)) != "2":
+            return None
+        reader = getattr(connection, "_reader", None)  # redis-py's own, checked before use
+        return reader if isinstance(reader, asyncio.StreamReader) else None
+
+    async def _read_stream(
+        self, connection: Any, stream: asyncio.StreamReader, count: int
+    ) -> list[Any]:
+        parser = Reader(self._decode)
+        answers: list[Any] = []
+        while len(answers) < count:
+            data = await stream.read(_READ_SIZE)
+            if not data:
+                raise rex.ConnectionError("Connection closed by server.")
+            parser.feed(data)
+            while (answer := parser.get()) is not INCOMPLETE:
+                answers.append(answer)
+        if len(answers) != count:
+            raise rex.InvalidResponse(f"{len(answers)} replies to {count} commands")
+        interval = getattr(connection, "health_check_interval", 0)
+        if interval:  # what read_response does: a connection just heard from needs no PING
+            connection.next_health_check = asyncio.get_running_loop().time() + interval
+        return answers
+
+    async def _through_client(self, steps: list[Eval | Call], budget: float) -> list[Any]:
+        # A cluster routes each key to its node; a single-connection client owns its one.
+        try:
+            async with _timeout(budget):
+                replies = await asyncio.gather(
+                    *(self._one(step) for step in steps), return_exceptions=True
+                )
+        except TimeoutError as exc:
+            raise backend_error(exc, outcome_unknown=True, waited=budget) from exc
+        return list(replies)
+
+    async def _one(self, step: Eval | Call) -> Any:
+        client = self.client
+        try:
+            if isinstance(step, Call):
+                return await client.execute_command(*step.args)
+            command = ("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
+            try:
+                return await client.execute_command(*command)
+            except rex.NoScriptError:
+                await client.script_load(step.script.source)
+                return await client.execute_command(*command)
+        except rex.RedisError as exc:
+            raise backend_error(exc) from exc
+
+
+async def _reply_or_error(connection: Any) -> Any:
+    try:
+        return await connection.read_response()
+    except rex.ResponseError as exc:  # an error reply, read whole: the stream is in step
+        return exc
+
+
+def _as_error(reply: Any) -> Any:
+    """An error reply as the :class:`BackendError` its caller gets, chained."""
+    if isinstance(reply, rex.RedisError):
+        error = backend_error(reply)
+        error.__cause__ = reply
+        return error
+    return reply

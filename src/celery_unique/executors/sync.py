@@ -1,0 +1,193 @@
+"""The synchronous executor: the core's steps on a ``redis.Redis`` (or ``RedisCluster``).
+
+One operation is one write and one read on one pooled connection: the command is packed
+once per script and argument tuple (:mod:`.wire`) and sent with redis-py's
+``send_packed_command``, the reply read with ``read_response``. Most of a redis-py call is its
+generic command machinery, not the round trip, so this is what makes a lock call cheap.
+
+Every operation ends within its deadline (the client's ``socket_timeout``, or a sooner one a
+step asks for): a slow connect leaves the read only what is left of it. A command is sent
+again only when it cannot have run (the connection failed before it was sent) or running it
+twice is harmless (an idempotent script), and only within the same deadline. NOSCRIPT (a
+restarted or flushed server) loads the script and sends the command once more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import redis.exceptions as rex
+
+from ..core.steps import Call, Eval, Flow, Op, Sleep, Step, is_idempotent
+from ..errors import BackendError
+from .connections import checkout, deadline_of, direct_pool, packer
+from .errors import backend_error
+
+__all__ = ["RedisExecutor"]
+
+T = TypeVar("T")
+_BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
+# How far past its deadline a read may end rather than pay for a bounded wait (``can_read``).
+_SLACK = 0.05
+
+
+class RedisExecutor:
+    """Carries out the core's operations and flows on a sync redis-py client.
+
+    ``timeout``: seconds one operation may take, connecting included (default: the client's
+    ``socket_timeout``, else 2 s). Implements :class:`~.protocol.Executor`.
+    """
+
+    def __init__(self, client: Any, *, timeout: float | None = None) -> None:
+        self.client = client
+        self.timeout = deadline_of(client, timeout)
+        self._pool = direct_pool(client)
+        if self._pool is not None:
+            self._packer = packer(self._pool)
+            kwargs = self._pool.connection_kwargs
+            socket_timeout = kwargs.get("socket_timeout")
+            # Connections whose own socket timeout is at most the deadline need no extra
+            # bound on a read that starts with the whole deadline left.
+            self._read_bound = socket_timeout if socket_timeout else float("inf")
+
+    def execute(self, op: Op[T]) -> T:
+        """Carry out a one-round-trip operation."""
+        return op.parse(self._send(op.step))
+
+    def run(self, flow: Flow[T], *, sleep: Callable[[float], object] = time.sleep) -> T:
+        """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.
+
+        ``sleep`` waits out a :class:`~celery_unique.core.steps.Sleep` (renewal threads pass
+        one that wakes up when the lock is released).
+        """
+        try:
+            step: Step = next(flow)
+            while True:
+                if isinstance(step, Sleep):
+                    sleep(step.seconds)
+                    step = flow.send(None)
+                    continue
+                try:
+                    reply = self._send(step)
+                except BackendError as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(reply)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+        finally:
+            flow.close()
+
+    def scan(self, match: str, count: int = 1000) -> Iterator[str]:
+        """Every key matching the glob ``match`` (SCAN, never KEYS; every primary of a
+        cluster), as text."""
+        try:
+            for key in self.client.scan_iter(match=match, count=count):
+                yield key.decode() if isinstance(key, bytes) else key
+        except rex.RedisError as exc:
+            raise backend_error(exc) from exc
+
+    def unlink(self, keys: Sequence[str]) -> int:
+        """Delete ``keys`` (UNLINK: freed off Redis' main thread); returns how many existed."""
+        if not keys:
+            return 0
+        try:
+            return int(self.client.unlink(*keys))
+        except rex.RedisError as exc:
+            raise backend_error(exc) from exc
+
+    def close(self) -> None:
+        """Close the client and its connections."""
+        self.client.close()
+
+    def _send(self, step: Eval | Call) -> Any:
+        if self._pool is None:
+            return self._through_client(step)
+        started = time.monotonic()
+        budget = self.timeout if step.timeout is None else min(self.timeout, step.timeout)
+        deadline = started + budget
+        data = self._pack(step)
+        again = True  # one more send is allowed, where it is safe
+        while True:
+            sent = False
+            try:
+                connection = checkout(self._pool)
+            except rex.RedisError as exc:
+                # Nothing was sent. redis-py's own retry policy already covered the connect.
+                raise backend_error(exc, waited=time.monotonic() - started) from exc
+            if time.monotonic() >= deadline:  # the wait for a free connection used it up
+                self._pool.release(connection)
+                raise backend_error(rex.TimeoutError("no pooled connection in time"), waited=budget)
+            try:
+                connection.send_packed_command((data,))
+                sent = True
+                try:
+                    reply = self._read(connection, deadline)
+                except rex.NoScriptError:
+                    reply = self._load_and_resend(connection, step, data, deadline)
+            except rex.ResponseError as exc:
+                self._pool.release(connection)
+                raise backend_error(exc) from exc
+            except _BROKEN as exc:
+                connection.disconnect()
+                self._pool.release(connection)
+                if again and time.monotonic() < deadline and self._may_resend(step, sent, exc):
+                    again = False
+                    continue
+                raise backend_error(
+                    exc, outcome_unknown=sent, waited=time.monotonic() - started
+                ) from exc
+            except BaseException:
+                # Interrupted mid-exchange (KeyboardInterrupt, a signal's exception): the
+                # stream is in an unknown state, so the connection is not reused.
+                connection.disconnect()
+                self._pool.release(connection)
+                raise
+            self._pool.release(connection)
+            return reply
+
+    @staticmethod
+    def _may_resend(step: Eval | Call, sent: bool, exc: BaseException) -> bool:
+        # A timeout used the deadline up; a broken connection after the send left the
+        # command's fate unknown, which only an idempotent command may shrug off.
+        return not sent or (isinstance(exc, rex.ConnectionError) and is_idempotent(step))
+
+    def _read(self, connection: Any, deadline: float) -> Any:
+        left = deadline - time.monotonic()
+        # The connection's own socket timeout bounds the read; when less than that is left of
+        # the deadline (a slow connect, a caller's sooner deadline), wait only for what is.
+        if left + _SLACK < self._read_bound and not connection.can_read(timeout=max(left, 0.0)):
+            raise rex.TimeoutError("Timeout reading from Redis")
+        return connection.read_response()
+
+    def _load_and_resend(
+        self, connection: Any, step: Eval | Call, data: bytes, deadline: float
+    ) -> Any:
+        assert isinstance(step, Eval)  # only scripts answer NOSCRIPT
+        load = self._packer.command(("SCRIPT", "LOAD", step.script.source))
+        connection.send_packed_command((load,))
+        self._read(connection, deadline)
+        connection.send_packed_command((data,))
+        return self._read(connection, deadline)
+
+    def _pack(self, step: Eval | Call) -> bytes:
+        if isinstance(step, Eval):
+            return self._packer.evalsha(step.script.sha, step.keys, step.args)
+        return self._packer.command(step.args)
+
+    def _through_client(self, step: Eval | Call) -> Any:
+        client = self.client
+        try:
+            if isinstance(step, Call):
+                return client.execute_command(*step.args)
+            command = ("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
+            try:
+                return client.execute_command(*command)
+            except rex.NoScriptError:
+                client.script_load(step.script.source)
+                return client.execute_command(*command)
+        except rex.RedisError as exc:
+            raise backend_error(exc) from exc

@@ -1,0 +1,459 @@
+"""Distributed locks: :class:`Lock` (threads) and :class:`AsyncLock` (asyncio), side by side.
+
+Both keep their state and decisions in :class:`_LockBase` and run the core's flows through an
+executor; they differ only in how they wait and how renewal runs (a thread, a task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+
+from .core import locks
+from .core.keys import KeySpace
+from .core.results import Acquisition
+from .core.steps import Flow, Op, check_timeout, to_ms
+from .errors import BackendError, LockNotOwnedError, LockTimeout
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from .executors import AsyncExecutor, Executor
+
+__all__ = ["AsyncLock", "Lock"]
+
+logger = logging.getLogger("celery_unique")
+
+E = TypeVar("E", "Executor", "AsyncExecutor")
+
+# Background clean-ups of the asyncio flavour, kept referenced until they are done.
+_CLEANUPS: set[asyncio.Task[Any]] = set()
+
+
+def _new_token() -> str:
+    # 128 random bits, like uuid4 but a fifth of its cost on this hot path.
+    return os.urandom(16).hex()
+
+
+class _LockBase(Generic[E]):
+    """State and decisions shared by :class:`Lock` and :class:`AsyncLock`."""
+
+    def __init__(
+        self,
+        executor: E,
+        keys: KeySpace,
+        name: str,
+        ttl: float,
+        *,
+        blocking: bool = True,
+        timeout: float | None = None,
+        auto_renew: bool = False,
+        token: str | None = None,
+        on_lost: Callable[[Any], object] | None = None,
+        lifetime: float | None = None,
+    ) -> None:
+        to_ms(ttl)
+        check_timeout(blocking, timeout)
+        if lifetime is not None:
+            to_ms(lifetime, "lifetime")
+        self._executor: E = executor
+        self._key = keys.lock(name)
+        self.name = name
+        self.ttl = float(ttl)
+        self.blocking = blocking
+        self.timeout = timeout
+        self.auto_renew = auto_renew
+        self._own_token = token is None
+        self.token = _new_token() if token is None else token
+        self.on_lost = on_lost
+        self.lifetime = lifetime
+        self.fence: int | None = None
+        self.lost = False
+        self._held = False
+        self._last: Acquisition | None = None
+        self._renew_until: float | None = None  # time.monotonic() moment, from the lifetime
+
+    def __repr__(self) -> str:
+        state = "held" if self._held else "lost" if self.lost else "not held"
+        return f"<{type(self).__name__} {self.name!r} ttl={self.ttl:g} {state}>"
+
+    def _acquire_flow(self, blocking: bool, timeout: float | None) -> Flow[Acquisition]:
+        return locks.acquire(
+            self._key,
+            self.token,
+            self.ttl,
+            blocking=blocking,
+            timeout=timeout,
+            clock=time.monotonic,
+        )
+
+    def _take_over_op(self, predecessor: str) -> Op[Acquisition]:
+        return locks.acquire_once(self._key, self.token, self.ttl, predecessor)
+
+    def _record(self, result: Acquisition) -> bool:
+        """Note an attempt's outcome; whether renewal should start now."""
+        self._last = result
+        if not result.acquired:
+            return False
+        started = not self._held
+        self._held = True
+        self.lost = False
+        self.fence = result.fence
+        if started and self.lifetime is not None:
+            self._renew_until = time.monotonic() + self.lifetime
+        return self.auto_renew
+
+    def _rotate_token(self) -> str:
+        """The token a clean-up may still release: a generated token is replaced, so that
+        the clean-up, landing late, cannot release what this lock acquires next."""
+        token = self.token
+        if self._own_token:
+            self.token = _new_token()
+        return token
+
+    def _timeout_error(self) -> LockTimeout:
+        last = self._last
+        owner = None if last is None or last.acquired else last.owner
+        ttl = None if last is None or last.acquired else last.ttl
+        return LockTimeout(
+            f"could not acquire lock {self.name!r} in time; it is held by another owner "
+            f"for {ttl if ttl is not None else 'an unknown number of'} more seconds: "
+            "wait longer (timeout=) or let the holder finish",
+            key=self.name,
+            owner=owner,
+            ttl=ttl,
+        )
+
+    def _not_owned(self, action: str) -> LockNotOwnedError:
+        self._held = False
+        return LockNotOwnedError(
+            f"cannot {action} lock {self.name!r}: this owner no longer holds it (its TTL ran "
+            "out or another owner took it); use a longer ttl or auto_renew=True",
+            key=self.name,
+        )
+
+    def _lost_on_exit(self, lost: LockNotOwnedError, body_error: BaseException | None) -> None:
+        if body_error is None:
+            raise lost
+        # The block's own error matters more; do not hide it behind this one.
+        logger.error("lock %r was no longer held when its block raised", self.name)
+
+    def _renew_flow(self) -> Flow[str]:
+        return locks.renew(
+            self._key, self.token, self.ttl, clock=time.monotonic, until=self._renew_until
+        )
+
+    def _renewal_stopped(self, reason: str) -> None:
+        if reason == "until":
+            return  # it expires at the moment it was meant to; held until then
+        self._held = False
+        self.lost = True
+        logger.error(
+            "lock %r was lost while held (%s): another owner may now hold it",
+            self.name,
+            "Redis unreachable for a whole TTL" if reason == "unreachable" else "expired or taken",
+        )
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def _cleanup_flow(self, token: str) -> Flow[bool]:
+        # Off the caller's path: Redis did not answer the acquire, and may not answer this.
+        return locks.release_eventually(self._key, token, self.ttl, clock=time.monotonic)
+
+    def _cleanup_failed(self) -> None:
+        logger.warning("could not free lock %r after an interrupted acquire", self.name)
+
+
+class _Stopped(Exception):
+    """Raised inside the renewal thread's sleep when the lock is released."""
+
+
+class Lock(_LockBase["Executor"]):
+    """A distributed lock for threads and processes, shaped like ``threading.Lock``.
+
+    ::
+
+        with backend.lock("report:42", ttl=30, timeout=5) as lock:
+            ...  # LockTimeout if not acquired in 5 s; lock.fence orders writes
+
+    ``acquire`` is re-entrant for the same lock object (it refreshes the TTL). ``release`` and
+    ``extend`` check ownership in Redis and raise :class:`LockNotOwnedError` when it was lost.
+    With ``auto_renew=True`` a daemon thread extends the lock every ``ttl / 3`` while held
+    (never past ``lifetime`` seconds after it was acquired, if given); if it is lost anyway,
+    ``lock.lost`` becomes true, an error is logged and ``on_lost(lock)`` runs.
+
+    Every call ends within the backend's deadline (about 2 s by default): a hung Redis raises
+    :class:`~celery_unique.BackendUnavailable`, and ``acquire(timeout=T)`` gives up by T
+    (plus at most 0.5 s for its last attempt) however Redis behaves.
+    """
+
+    _renewal: tuple[threading.Thread, threading.Event] | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take the lock; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
+        was_held = self._held
+        try:
+            result = self._executor.run(self._acquire_flow(blocking, timeout))
+        except BackendError as exc:
+            if exc.outcome_unknown and not was_held:
+                self._release_later(self._rotate_token())
+            raise
+        except BaseException:
+            # Interrupted, maybe while the script ran: free what we may have taken.
+            if not was_held:
+                self._release_later(self._rotate_token())
+            raise
+        if self._record(result):
+            self._start_renewal()
+        return result.acquired
+
+    def take_over(self, predecessor: str) -> Acquisition:
+        """Acquire in one attempt, also when the lock is held by token ``predecessor`` (it
+        passes to this lock): a hand-over between owners that know each other.
+
+        The returned :class:`Acquisition` names the holder when it was another token.
+        """
+        result = self._executor.execute(self._take_over_op(predecessor))
+        if self._record(result):
+            self._start_renewal()
+        return result
+
+    def hand_over(self, token: str, ttl: float) -> Acquisition:
+        """Pass the lock to ``token`` for ``ttl`` seconds in one atomic step, and stop holding
+        it. Also takes the lock for ``token`` if it is free (this lock had expired). The
+        result's ``acquired`` is false when another owner holds it: nothing was passed."""
+        self._stop_renewal()
+        self._held = False
+        return self._executor.execute(locks.acquire_once(self._key, token, ttl, self.token))
+
+    def abandon(self) -> None:
+        """Stop renewing and forget the lock without releasing it: it expires by its TTL."""
+        self._stop_renewal()
+        self._held = False
+
+    def release(self) -> None:
+        """Release the lock; :class:`LockNotOwnedError` if this owner no longer holds it."""
+        self._stop_renewal()
+        if not self._executor.execute(locks.release(self._key, self.token)):
+            raise self._not_owned("release")
+        self._held = False
+
+    def extend(self, ttl: float | None = None) -> None:
+        """Reset the TTL to ``ttl`` (default: the lock's) from now; raises if not the owner."""
+        if not self._executor.execute(
+            locks.extend(self._key, self.token, self.ttl if ttl is None else ttl)
+        ):
+            raise self._not_owned("extend")
+
+    def owner(self) -> str | None:
+        """The token of the current holder, or ``None`` when the lock is free."""
+        return self._executor.execute(locks.owner(self._key))
+
+    def locked(self) -> bool:
+        """Whether anyone holds the lock."""
+        return self.owner() is not None
+
+    def __enter__(self) -> Lock:
+        if not self.acquire(self.blocking, self.timeout):
+            raise self._timeout_error()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.release()
+        except LockNotOwnedError as lost:
+            self._lost_on_exit(lost, exc)
+
+    def _release_later(self, token: str) -> None:
+        flow = self._cleanup_flow(token)
+
+        def run() -> None:
+            try:
+                self._executor.run(flow)
+            except Exception:
+                self._cleanup_failed()
+
+        threading.Thread(target=run, name=f"celery-unique free {self.name}", daemon=True).start()
+
+    def _start_renewal(self) -> None:
+        if self._renewal is not None:
+            return
+        stop = threading.Event()
+
+        def sleep(seconds: float) -> None:
+            if stop.wait(seconds):
+                raise _Stopped
+
+        def run() -> None:
+            try:
+                reason = self._executor.run(self._renew_flow(), sleep=sleep)
+            except _Stopped:
+                return
+            self._renewal = None
+            self._renewal_stopped(reason)
+
+        thread = threading.Thread(target=run, name=f"celery-unique renew {self.name}", daemon=True)
+        self._renewal = (thread, stop)
+        thread.start()
+
+    def _stop_renewal(self) -> None:
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None:
+            thread, stop = renewal
+            stop.set()
+            if thread is not threading.current_thread():
+                thread.join()
+
+
+class AsyncLock(_LockBase["AsyncExecutor"]):
+    """The asyncio twin of :class:`Lock`: same methods, awaited.
+
+    ::
+
+        async with abackend.lock("report:42", ttl=30, timeout=5):
+            ...
+
+    Leaving the block releases the lock even when the task is being cancelled, and an
+    ``acquire`` cancelled mid-flight frees whatever it took. ``auto_renew=True`` renews from a
+    task of the running loop.
+    """
+
+    _renewal: asyncio.Task[None] | None = None
+
+    # timeout= mirrors Lock.acquire (and threading.Lock): it answers False, it does not raise.
+    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Take the lock; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
+        was_held = self._held
+        in_flight: list[Any] = []
+        try:
+            result = await self._executor.run(
+                self._acquire_flow(blocking, timeout), see_through=in_flight.append
+            )
+        except BackendError as exc:
+            if exc.outcome_unknown and not was_held:
+                self._release_later(self._rotate_token())
+            raise
+        except BaseException:
+            # Cancelled while a command was in flight: it was seen through, so we know what
+            # it did. Free the lock if it took it (Redis answered: one quick round trip).
+            if not was_held and in_flight:
+                outcome = in_flight[-1]
+                if isinstance(outcome, BaseException):
+                    if getattr(outcome, "outcome_unknown", False):
+                        self._release_later(self._rotate_token())
+                elif locks.parse_acquire(outcome).acquired:
+                    await self._release_quietly()
+            raise
+        if self._record(result):
+            self._start_renewal()
+        return result.acquired
+
+    async def take_over(self, predecessor: str) -> Acquisition:
+        """Acquire in one attempt, also when the lock is held by token ``predecessor``; see
+        :meth:`Lock.take_over`."""
+        result = await self._executor.execute(self._take_over_op(predecessor))
+        if self._record(result):
+            self._start_renewal()
+        return result
+
+    async def hand_over(self, token: str, ttl: float) -> Acquisition:
+        """Pass the lock to ``token`` for ``ttl`` seconds; see :meth:`Lock.hand_over`."""
+        await self._stop_renewal()
+        self._held = False
+        return await self._executor.execute(locks.acquire_once(self._key, token, ttl, self.token))
+
+    async def abandon(self) -> None:
+        """Stop renewing and forget the lock without releasing it: it expires by its TTL."""
+        await self._stop_renewal()
+        self._held = False
+
+    async def release(self) -> None:
+        """Release the lock; :class:`LockNotOwnedError` if this owner no longer holds it."""
+        await self._stop_renewal()
+        if not await self._executor.execute(locks.release(self._key, self.token)):
+            raise self._not_owned("release")
+        self._held = False
+
+    async def extend(self, ttl: float | None = None) -> None:
+        """Reset the TTL to ``ttl`` (default: the lock's) from now; raises if not the owner."""
+        if not await self._executor.execute(
+            locks.extend(self._key, self.token, self.ttl if ttl is None else ttl)
+        ):
+            raise self._not_owned("extend")
+
+    async def owner(self) -> str | None:
+        """The token of the current holder, or ``None`` when the lock is free."""
+        return await self._executor.execute(locks.owner(self._key))
+
+    async def locked(self) -> bool:
+        """Whether anyone holds the lock."""
+        return await self.owner() is not None
+
+    async def __aenter__(self) -> AsyncLock:
+        if not await self.acquire(self.blocking, self.timeout):
+            raise self._timeout_error()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await _shielded(self.release())
+        except LockNotOwnedError as lost:
+            self._lost_on_exit(lost, exc)
+
+    async def _release_quietly(self) -> None:
+        try:
+            await _shielded(self._executor.execute(locks.release(self._key, self.token)))
+        except Exception:
+            self._cleanup_failed()
+
+    def _release_later(self, token: str) -> None:
+        flow = self._cleanup_flow(token)
+
+        async def run() -> None:
+            try:
+                await self._executor.run(flow)
+            except Exception:
+                self._cleanup_failed()
+
+        task = asyncio.get_running_loop().create_task(run())
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+
+    def _start_renewal(self) -> None:
+        if self._renewal is None:
+            self._renewal = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        reason = await self._executor.run(self._renew_flow())
+        self._renewal = None
+        self._renewal_stopped(reason)
+
+    async def _stop_renewal(self) -> None:
+        task, self._renewal = self._renewal, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.wait([task])
+
+
+async def _shielded(coro: Any) -> Any:
+    # anyio's shield stops a cancel scope from cancelling the release again at each await;
+    # asyncio.shield lets it finish even if the task is cancelled natively once more.
+    with anyio.CancelScope(shield=True):
+        return await asyncio.shield(coro)

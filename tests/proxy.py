@@ -1,0 +1,71 @@
+"""A fault proxy: a TCP proxy to a real Redis that a test makes slow, choppy, cut or silent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+
+class Proxy:
+    """A TCP proxy to the test Redis; a test sets how replies come back through it."""
+
+    def __init__(self, upstream: str) -> None:
+        self.host, port = upstream.split("//")[1].split("/")[0].split(":")
+        self.port = int(port)
+        self.chunk: int | None = None  # pass replies on this many bytes at a time
+        self.delay = 0.0  # seconds before passing replies on
+        self.cut_after: int | None = None  # drop a connection after this many reply bytes
+        self.hold = False  # pass commands on, never a reply
+        self.url = ""
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def _replies(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        passed = 0
+        while data := await src.read(65536):
+            if self.hold:
+                continue
+            await asyncio.sleep(self.delay)
+            if self.cut_after is not None and passed + len(data) > self.cut_after:
+                dst.write(data[: self.cut_after - passed])
+                await dst.drain()
+                dst.transport.abort()
+                return
+            passed += len(data)
+            step = self.chunk or len(data)
+            for start in range(0, len(data), step):
+                dst.write(data[start : start + step])
+                await dst.drain()
+                if self.chunk:
+                    await asyncio.sleep(0.0005)  # separate reads on the other side
+        dst.close()
+
+    async def _commands(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+        dst.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self._writers += (writer, up_writer)
+        try:
+            await asyncio.gather(
+                self._commands(reader, up_writer), self._replies(up_reader, writer)
+            )
+        except OSError:
+            pass  # one side went away
+        finally:
+            writer.close()
+            up_writer.close()
+
+    async def run(self) -> AsyncIterator[Proxy]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+        async with server:
+            yield self
+            for writer in self._writers:
+                writer.close()
+            for writer in self._writers:  # closed for good before the test's loop ends
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()

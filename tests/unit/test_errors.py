@@ -1,0 +1,75 @@
+"""What each Redis failure becomes: transient states are BackendUnavailable, refusals are
+BackendError with what to change; never a bare redis-py exception."""
+
+from __future__ import annotations
+
+import pytest
+import redis.exceptions as rex
+
+from celery_unique import BackendError, BackendUnavailable
+from celery_unique.executors.errors import backend_error, reply_error
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "LOADING Redis is loading the dataset in memory",
+        "READONLY You can't write against a read only replica.",
+        "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+        "TRYAGAIN Multiple keys request during rehashing of slot",
+        "CLUSTERDOWN The cluster is down",
+        "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT.",
+        "NOREPLICAS Not enough good replicas to write.",
+        "ERR max number of clients reached",
+    ],
+)
+def test_passing_server_states_are_backend_unavailable(reply: str) -> None:
+    for exc in (reply_error(reply), rex.ResponseError(reply)):  # ours, or as a plain reply
+        error = backend_error(exc)
+        assert isinstance(error, BackendUnavailable), (reply, exc)
+        assert "retry shortly" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("exc", "advice"),
+    [
+        (rex.ConnectionError("Connection refused"), "check that the server is up"),
+        (rex.TimeoutError("Timeout reading from socket"), "check that the server is up"),
+        (TimeoutError(), "check that the server is up"),
+        (rex.ConnectionError("No connection available."), "raise max_connections"),
+    ],
+)
+def test_unreachable_servers_are_backend_unavailable(exc: BaseException, advice: str) -> None:
+    error = backend_error(exc, outcome_unknown=True)
+    assert isinstance(error, BackendUnavailable)
+    assert advice in str(error)
+
+
+@pytest.mark.parametrize(
+    ("reply", "advice"),
+    [
+        ("OOM command not allowed when used memory > 'maxmemory'.", "maxmemory-policy noeviction"),
+        (
+            "NOPERM User cu has no permissions to run the 'evalsha' command",
+            "'evalsha' command",  # the missing permission is named
+        ),
+        ("WRONGPASS invalid username-password pair or user is disabled.", "password"),
+        ("MISCONF Redis is configured to save RDB snapshots", "stop-writes-on-bgsave-error"),
+    ],
+)
+def test_refusals_are_backend_errors_that_say_what_to_change(reply: str, advice: str) -> None:
+    error = backend_error(reply_error(reply))
+    assert type(error) is BackendError
+    assert advice in str(error)
+
+
+def test_an_unknown_error_reply_keeps_its_text() -> None:
+    error = backend_error(reply_error("WRONGTYPE Operation against a key holding the wrong kind"))
+    assert type(error) is BackendError
+    assert "WRONGTYPE" in str(error)
+
+
+def test_outcome_unknown_is_only_set_where_a_command_went_unanswered() -> None:
+    assert backend_error(rex.TimeoutError("x"), outcome_unknown=True).outcome_unknown
+    assert not backend_error(rex.ConnectionError("refused")).outcome_unknown
+    assert not backend_error(reply_error("OOM no")).outcome_unknown
