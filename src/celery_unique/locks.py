@@ -45,6 +45,8 @@ def _new_token() -> str:
 class _LockBase(Generic[E]):
     """State and decisions shared by :class:`Lock` and :class:`AsyncLock`."""
 
+    _renewal: Any = None  # the renewal thread (Lock) or task (AsyncLock) while it runs
+
     def __init__(
         self,
         executor: E,
@@ -79,6 +81,11 @@ class _LockBase(Generic[E]):
         self._held = False
         self._last: Acquisition | None = None
         self._renew_until: float | None = None  # time.monotonic() moment, from the lifetime
+
+    @property
+    def renewing(self) -> bool:
+        """Whether auto-renewal is extending the lock right now."""
+        return self._renewal is not None
 
     def __repr__(self) -> str:
         state = "held" if self._held else "lost" if self.lost else "not held"
@@ -238,6 +245,14 @@ class Lock(_LockBase["Executor"]):
         self._stop_renewal()
         self._held = False
 
+    def release_in_background(self) -> None:
+        """Release without waiting: a thread sends it and, while Redis does not answer, tries
+        again until the lock's TTL is over (by then it has expired anyway). For clean-ups
+        that must not hold their caller up, such as after an acquire Redis never answered."""
+        self._stop_renewal()
+        self._held = False
+        self._release_later(self.token)
+
     def release(self) -> None:
         """Release the lock; :class:`LockNotOwnedError` if this owner no longer holds it."""
         self._stop_renewal()
@@ -378,6 +393,13 @@ class AsyncLock(_LockBase["AsyncExecutor"]):
         """Stop renewing and forget the lock without releasing it: it expires by its TTL."""
         await self._stop_renewal()
         self._held = False
+
+    async def release_in_background(self) -> None:
+        """Release without waiting: a task of the running loop sends it; see
+        :meth:`Lock.release_in_background`."""
+        await self._stop_renewal()
+        self._held = False
+        self._release_later(self.token)
 
     async def release(self) -> None:
         """Release the lock; :class:`LockNotOwnedError` if this owner no longer holds it."""

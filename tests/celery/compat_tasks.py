@@ -223,3 +223,12 @@ def tuple_rate_limit_task(tag: str) -> None:
 @celery.shared_task(base=ShimTask, heimdall={"rate_limit": ShimRateLimit(lambda key: (2, 2))})
 def callable_rate_limit_task(tag: str) -> None:
     record(tag)
+
+
+# -- settings every layer honours ----------------------------------------------------------------
+
+
+@app.task(base=Singleton, name="s.short_lease", unique_lease=2)
+def singleton_short_lease(tag: str) -> None:
+    with Run(tag):
+        time.sleep(1.5)

@@ -50,8 +50,7 @@ MakeApp = Callable[..., Celery]
 @pytest.fixture
 def make_app() -> Iterator[MakeApp]:
     """Throwaway Celery apps, closed afterwards with their lock backends (no stray sockets)."""
-    from celery_unique.celery.unique import _BACKENDS
-    from celery_unique.compat.singleton import _BACKENDS as _SINGLETON_BACKENDS
+    from celery_unique.celery.settings import backends
 
     made: list[Celery] = []
 
@@ -64,10 +63,7 @@ def make_app() -> Iterator[MakeApp]:
 
     yield make
     for app in made:
-        for backends in (_BACKENDS, _SINGLETON_BACKENDS):
-            backend = backends.pop(app, None)
-            if backend is not None:
-                backend.close()
+        backends.close(app)
         app.close()
     made.clear()
     # Celery's Redis result backend has no close(): collect what these apps leave now, rather

@@ -323,17 +323,17 @@ def test_bad_options_are_clear_errors(make_app: MakeApp, redis_url: str) -> None
     with pytest.raises(ConfigurationError, match="uniqe"):
         misspelt.apply_async(queue=nowhere)
     with pytest.raises(ConfigurationError, match="'per'"):
-        _ = times_alone._rated
+        _ = times_alone.rate_config
     with pytest.raises(ConfigurationError, match="unique_timeout"):
         bad_timeout.apply_async(queue=nowhere)
     with pytest.raises(ConfigurationError, match="key"):
         bad_key.apply_async(queue=nowhere)
     with pytest.raises(ConfigurationError, match="RateLimit"):
-        _ = bare_tuple._rated
+        _ = bare_tuple.rate_config
     with pytest.raises(ConfigurationError):
-        _ = zero_times._rated
+        _ = zero_times.rate_config
     with pytest.raises(ConfigurationError, match="times, per"):
-        bad_callable._rated.limits((), {})
+        bad_callable.rate_config.limits((), {})
 
 
 def test_the_shim_serves_old_imports_as_the_same_objects(tmp_path: Path) -> None:

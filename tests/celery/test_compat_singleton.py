@@ -16,6 +16,7 @@ from celery.signals import worker_ready
 
 import celery_unique
 from celery_unique import ConfigurationError, RedisBackend
+from celery_unique.celery.settings import Found
 from celery_unique.compat import singleton as compat
 from celery_unique.compat.singleton import DuplicateTaskError, Singleton, clear_locks
 from celery_unique.core.locks import parse_owner
@@ -218,7 +219,7 @@ def test_task_options_override_the_app_settings(
 
     first = job.apply_async((1,), queue=nowhere)
     assert job.apply_async((1,), queue=nowhere) == first
-    assert 0 < job._unique.backend.client.pttl(key_of(job, 1)) <= 5000
+    assert 0 < job.unique_config.backend.client.pttl(key_of(job, 1)) <= 5000
 
 
 def test_uppercase_settings_with_and_without_a_namespace(make_app: MakeApp, redis_url: str) -> None:
@@ -229,12 +230,12 @@ def test_uppercase_settings_with_and_without_a_namespace(make_app: MakeApp, redi
 
     namespaced = make_app()
     namespaced.config_from_object(Settings, namespace="CELERY")
-    assert compat.config(namespaced, "key_prefix") == "NS_"
-    assert compat.config(namespaced, "raise_on_duplicate") is True
+    assert compat.config(namespaced, "key_prefix") == Found("NS_", "app.conf.singleton_key_prefix")
+    assert getattr(compat.config(namespaced, "raise_on_duplicate"), "value", None) is True
 
     plain = make_app(CELERY_SINGLETON_LOCK_EXPIRY=12, SINGLETON_KEY_PREFIX="P_")
-    assert compat.config(plain, "lock_expiry") == 12
-    assert compat.config(plain, "key_prefix") == "P_"
+    assert compat.config(plain, "lock_expiry") == Found(12, "app.conf.CELERY_SINGLETON_LOCK_EXPIRY")
+    assert compat.config(plain, "key_prefix") == Found("P_", "app.conf.SINGLETON_KEY_PREFIX")
     assert compat.config(plain, "backend_url") is None
 
 
@@ -263,15 +264,15 @@ def test_backend_class_and_kwargs_settings(make_app: MakeApp, redis_url: str) ->
         "celery_singleton.backends.redis.RedisBackend",
         "celery_singleton.backend.RedisBackend",
     ):
-        assert compat._backend_class(default) is RedisBackend
+        assert compat.backend_class(default) is RedisBackend
 
     class Mine(RedisBackend):
         pass
 
-    assert compat._backend_class(Mine) is Mine
-    assert compat._backend_class(f"{RedisBackend.__module__}:RedisBackend") is RedisBackend
+    assert compat.backend_class(Mine) is Mine
+    assert compat.backend_class(f"{RedisBackend.__module__}:RedisBackend") is RedisBackend
     with pytest.raises(ConfigurationError, match="singleton_backend_class"):
-        compat._backend_class("json:JSONEncoder")
+        compat.backend_class("json:JSONEncoder")
 
     app = make_app(
         singleton_backend_url=redis_url,

@@ -17,8 +17,9 @@ from celery import Celery, signals
 from celery.result import AsyncResult
 
 from celery_unique import ConfigurationError, RateLimit, RateLimitedTask
-from celery_unique.celery.ratelimited import BOOKED_HEADER, _Rated
-from celery_unique.celery.unique import backend_for
+from celery_unique.celery.base import BOOKED_HEADER
+from celery_unique.celery.ratelimited import RateConfig
+from celery_unique.celery.settings import backend_for
 from tests.celery import app as t
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -129,20 +130,20 @@ def test_a_bad_max_wait_is_refused_naming_the_option(bad: Any, redis_url: str) -
             _noop
         )
         with pytest.raises(ConfigurationError, match="rate_limit_max_wait"):
-            _Rated.resolve(task)
+            RateConfig.resolve(task)
         app.conf.unique_rate_limit_max_wait = bad
         with pytest.raises(ConfigurationError, match="unique_rate_limit_max_wait"):
-            _Rated.resolve(app.task(base=RateLimitedTask, global_rate_limit="1/s")(_noop2))
+            RateConfig.resolve(app.task(base=RateLimitedTask, global_rate_limit="1/s")(_noop2))
 
 
 def test_the_max_wait_is_a_task_option_or_app_setting(redis_url: str) -> None:
     with throwaway_app(redis_url) as app:
         default = app.task(base=RateLimitedTask, global_rate_limit="1/s")(_noop)
-        assert _Rated.resolve(default).max_wait == 60.0
+        assert RateConfig.resolve(default).max_wait == 60.0
         app.conf.unique_rate_limit_max_wait = 5
-        assert _Rated.resolve(default).max_wait == 5.0
+        assert RateConfig.resolve(default).max_wait == 5.0
         own = app.task(base=RateLimitedTask, global_rate_limit="1/s", rate_limit_max_wait=2)(_noop2)
-        assert _Rated.resolve(own).max_wait == 2.0
+        assert RateConfig.resolve(own).max_wait == 2.0
 
 
 @contextmanager

@@ -124,11 +124,16 @@ async def test_hundreds_of_coroutines_share_a_small_pool_without_failing(
 
 async def test_auto_renew_task_stops_with_release(abackend: AsyncRedisBackend) -> None:
     lock = abackend.lock("job", ttl=0.3, auto_renew=True)
+    before = {task for task in asyncio.all_tasks() if not task.done()}
     async with lock:
-        renewal = lock._renewal
-        assert renewal is not None and not renewal.done()
+        assert lock.renewing
+        (renewal,) = (
+            {task for task in asyncio.all_tasks() if not task.done()}
+            - before
+            - {asyncio.current_task()}
+        )
     assert renewal.done()
-    assert lock._renewal is None
+    assert not lock.renewing
 
 
 # -- coalescing: the calls of one loop iteration share one round trip -------------------------

@@ -1,32 +1,31 @@
-"""Celery integration: :class:`RateLimitedTask`, a fleet-wide rate limit checked at run start."""
+"""RateLimitedTask: a fleet-wide rate limit, a slot booked when a run starts."""
 
 from __future__ import annotations
 
 import functools
-import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from celery import Task
-
 from ..backends import RedisBackend
 from ..core.arguments import ArgumentKey
 from ..core.rates import RateLimit, as_limits
-from ..errors import ConfigurationError
 from ..limiters import RateLimiter
-from .unique import _setting, _static_option, backend_for, defer
+from .base import BOOKED_HEADER, BackedTask, defer
+from .settings import DEFAULT_MAX_WAIT, Found, check_seconds, from_task
 
-__all__ = ["RateLimitedTask"]
+__all__ = ["RateConfig", "RateLimitedTask"]
 
-#: Message header of a copy whose slot is booked: the retry count it was booked for (a retry
-#: of the run is a new request, which books its own slot).
-BOOKED_HEADER = "celery_unique_rate_booked"
-DEFAULT_MAX_WAIT = 60.0
+# Where RateLimitedTask reads each setting: the task option, then app.conf.
+_SOURCES: dict[str, tuple[str | None, str | None]] = {
+    "limit": ("global_rate_limit", "unique_global_rate_limit"),
+    "key": ("rate_limit_key", None),
+    "max_wait": ("rate_limit_max_wait", "unique_rate_limit_max_wait"),
+}
 
 
-class RateLimitedTask(Task):  # type: ignore[misc]
+class RateLimitedTask(BackedTask):
     """A Celery task whose runs are limited fleet-wide, through a token bucket in Redis.
 
     ::
@@ -64,9 +63,16 @@ class RateLimitedTask(Task):  # type: ignore[misc]
     rate_limit_key: ClassVar[Any] = None
     rate_limit_max_wait: ClassVar[float | None] = None
 
+    def rate_setting(self, name: str) -> Found | None:
+        """The configured value of setting ``name`` (``limit``, ``key``, ``max_wait``) and
+        where it was set, ``None`` if unset: the task's options, then ``app.conf``."""
+        option, conf_key = _SOURCES[name]
+        return from_task(self, option, conf_key)
+
     @functools.cached_property
-    def _rated(self) -> _Rated:
-        return _Rated.resolve(self)
+    def rate_config(self) -> RateConfig:
+        """This task's resolved settings (read on first use)."""
+        return RateConfig.resolve(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
@@ -82,7 +88,7 @@ class RateLimitedTask(Task):  # type: ignore[misc]
 
     def _take_slot(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Book this run's slot: return if it is now, else defer the instance (raises Retry)."""
-        rated = self._rated
+        rated = self.rate_config
         limits = rated.limits(args, kwargs)
         if limits is None:
             return
@@ -100,10 +106,11 @@ class RateLimitedTask(Task):  # type: ignore[misc]
 
 
 @dataclass(frozen=True, slots=True)
-class _Rated:
-    """A rate-limited task's resolved settings."""
+class RateConfig:
+    """A rate-limited task's resolved settings (``backend`` is ``None`` without a limit: a
+    task that limits nothing needs no Redis)."""
 
-    backend: RedisBackend
+    backend: RedisBackend | None
     static: tuple[RateLimit, ...] | None
     dynamic: Callable[..., Any] | None
     key: Callable[[Sequence[Any], Mapping[str, Any]], str]
@@ -111,17 +118,17 @@ class _Rated:
     _limiters: dict[tuple[str, ...], RateLimiter] = field(default_factory=dict)
 
     @classmethod
-    def resolve(cls, task: Task) -> _Rated:
-        spec = _static_option(task, "global_rate_limit")
-        if spec is None:
-            spec = task.app.conf.get("unique_global_rate_limit")
-        static = None if spec is None or callable(spec) else as_limits(spec)
+    def resolve(cls, task: RateLimitedTask) -> RateConfig:
+        found = task.rate_setting("limit")
+        spec = None if found is None else found.value
+        key = task.rate_setting("key")
+        max_wait = task.rate_setting("max_wait") or Found(DEFAULT_MAX_WAIT, "the default")
         return cls(
-            backend=backend_for(task.app),
-            static=static,
+            backend=None if spec is None else task.redis_backend(),
+            static=None if spec is None or callable(spec) else as_limits(spec),
             dynamic=spec if callable(spec) else None,
-            key=_rate_key(task, _static_option(task, "rate_limit_key")),
-            max_wait=_max_wait(task),
+            key=_rate_key(task, None if key is None else key.value),
+            max_wait=check_seconds(max_wait),
         )
 
     def limits(
@@ -136,26 +143,12 @@ class _Rated:
         specs = tuple(limit.spec for limit in limits)
         limiter = self._limiters.get(specs)
         if limiter is None:
+            assert self.backend is not None  # limits come only with a limit configured
             limiter = self._limiters[specs] = self.backend.rate_limiter(limits)
         return limiter
 
 
-def _max_wait(task: Task) -> float:
-    value = _setting(task, "rate_limit_max_wait", "unique_rate_limit_max_wait", DEFAULT_MAX_WAIT)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(
-            f"rate_limit_max_wait (app.conf.unique_rate_limit_max_wait) of task {task.name!r} "
-            f"must be a finite number of seconds > 0, got {value!r}"
-        )
-    return float(value)
-
-
-def _rate_key(task: Task, option: Any) -> Callable[[Sequence[Any], Mapping[str, Any]], str]:
+def _rate_key(task: BackedTask, option: Any) -> Callable[[Sequence[Any], Mapping[str, Any]], str]:
     if option is None:
         name = f"task:{task.name}"
         return lambda args, kwargs: name

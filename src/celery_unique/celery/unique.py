@@ -1,227 +1,124 @@
-"""Celery integration: :class:`UniqueTask` and :func:`clear_locks`.
+"""UniqueTask: Celery's hooks and signals mapped onto the core's lifecycle of a unique key.
 
-This package and ``compat/`` are the only places Celery is imported. The lock a
-unique task holds goes through three owners, all in one Redis key:
-
-* ``<task id>`` while queued: taken by ``apply_async`` before publishing, for ``unique_ttl``
-  plus any countdown/ETA delay;
-* ``<task id>\\x1f<run id>`` while running: handed over at start by the worker that runs it
-  (a second delivery of the same id sees another run's token and cannot run beside it),
-  for a short lease renewed every third of it, so a killed worker frees it within a lease;
-* back to ``<task id>`` when the run retries or is deferred (the re-published message is the
-  same instance), or released when it ends for good.
+Every decision (what to acquire, hand over or release, and what the caller gets) is the
+core's (:mod:`celery_unique.core.lifecycle`); this module translates ``apply_async``, the
+run, Celery's exceptions (``Retry``, ``Reject``, ``Ignore``) and the worker's signals into
+its events, and carries out the lock operations the plans ask for.
 """
 
 from __future__ import annotations
 
-import datetime
 import functools
-import inspect
-import json
 import logging
 import os
-import random
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
-from celery import Celery, Task, signals
+from celery import Celery, signals
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from celery.result import AsyncResult, EagerResult
 from celery.utils import uuid
-from kombu.utils.imports import symbol_by_name
 
 from ..backends import RedisBackend
+from ..core import lifecycle as lc
 from ..core.arguments import ArgumentKey, UniqueOn
-from ..core.keys import DEFAULT_PREFIX, task_lock_start
-from ..core.results import Acquisition
-from ..errors import (
-    BackendError,
-    BackendUnavailable,
-    ConfigurationError,
-    DuplicateTaskError,
-    LockNotOwnedError,
-)
+from ..core.keys import task_lock_start
+from ..errors import BackendError, BackendUnavailable, DuplicateTaskError, LockNotOwnedError
 from ..locks import Lock
+from .base import DEFERRED_HEADER, HOLD_HEADER, KEY_HEADER, BackedTask, defer, delay_of
+from .settings import (
+    DEFAULT_LEASE,
+    DEFAULT_TTL,
+    Found,
+    backend_for,
+    check_choice,
+    check_encoder,
+    check_flag,
+    check_seconds,
+    from_task,
+)
 
-__all__ = ["UniqueTask", "clear_locks", "defer"]
+__all__ = ["RUN_SEPARATOR", "UniqueConfig", "UniqueTask", "clear_locks", "force_release"]
 
 logger = logging.getLogger("celery_unique")
 
-#: Separates a task id from the run id in the token of a running task's lock.
-RUN_SEPARATOR = "\x1f"
-#: Message header carrying the unique key, so the worker never has to re-derive it from
-#: arguments that serialisation may have changed (tuples to lists, datetimes to strings).
-KEY_HEADER = "celery_unique_key"
-#: Message header (epoch seconds) when the instance's ``unique_ttl`` ends: until then
-#: ``unique_until="expired"`` keeps the lock, and a hard TTL never renews past it.
-HOLD_HEADER = "celery_unique_hold_until"
-#: Message header marking a copy deferred because another delivery of it was running.
-DEFERRED_HEADER = "celery_unique_deferred"
-
-DEFAULT_TTL = 3600.0
-DEFAULT_LEASE = 30.0
+RUN_SEPARATOR = lc.RUN_SEPARATOR
 UNTIL_CHOICES = ("executed", "started", "expired")
 ON_DUPLICATE_CHOICES = ("return", "raise")
-
-_BACKENDS: weakref.WeakKeyDictionary[Celery, RedisBackend] = weakref.WeakKeyDictionary()
-_BACKENDS_LOCK = threading.Lock()
-# The run locks this process holds, by task id: a retry publishes from inside the run and
-# hands the run's lock back to the queued instance.
-_RUNNING: dict[str, Lock] = {}
-
-
-def holder_id(owner: str) -> str:
-    """The task id in a lock token (a queued token is the id, a run token extends it)."""
-    return owner.partition(RUN_SEPARATOR)[0]
-
-
-def _is_redis_url(url: object) -> bool:
-    return isinstance(url, str) and url.split("://", 1)[0] in ("redis", "rediss", "unix")
-
-
-def backend_for(app: Celery) -> RedisBackend:
-    """The backend unique tasks of ``app`` use, built once from ``app.conf``."""
-    with _BACKENDS_LOCK:
-        backend = _BACKENDS.get(app)
-        if backend is None:
-            conf = app.conf
-            url = conf.get("unique_backend_url")
-            if not url:
-                url = next(
-                    (u for u in (conf.result_backend, conf.broker_url) if _is_redis_url(u)), None
-                )
-            if not url:
-                raise ConfigurationError(
-                    "unique tasks need Redis: set app.conf.unique_backend_url "
-                    "(e.g. 'redis://localhost:6379/0'); neither the result backend nor the "
-                    "broker is a Redis URL"
-                )
-            prefix = conf.get("unique_key_prefix") or DEFAULT_PREFIX
-            backend = _BACKENDS[app] = RedisBackend.from_url(url, key_prefix=prefix)
-        return backend
-
-
-def _setting(task: Task, option: str, conf_key: str, default: Any) -> Any:
-    value = getattr(task, option, None)
-    if value is None:
-        value = task.app.conf.get(conf_key)
-    return default if value is None else value
-
-
-def _static_option(task: Task, option: str) -> Any:
-    # Options given to @app.task become class attributes; a function there (unique_on=lambda)
-    # would come back bound to the task. Read it as stored.
-    value = inspect.getattr_static(task, option, None)
-    return value.__func__ if isinstance(value, staticmethod | classmethod) else value
-
-
-def _encoder(value: object, option: str = "unique_json_encoder") -> type[json.JSONEncoder] | None:
-    if value is None:
-        return None
-    encoder: object = symbol_by_name(value) if isinstance(value, str) else value  # type: ignore[no-untyped-call]
-    if not (isinstance(encoder, type) and issubclass(encoder, json.JSONEncoder)):
-        raise ConfigurationError(
-            f"{option} must be a json.JSONEncoder subclass or its dotted path, got {value!r}"
-        )
-    return encoder
-
-
-def _positive(task: Task, option: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(
-            f"{option} of task {task.name!r} must be a number of seconds > 0, got {value!r}"
-        )
-    return float(value)
-
-
-def _choice(task: Task, option: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigurationError(
-            f"{option} of task {task.name!r} must be one of {list(choices)}, got {value!r}"
-        )
-    return str(value)
-
 
 #: Derives a lock name from a call's arguments.
 KeyFunction = Callable[[tuple[Any, ...], dict[str, Any]], str]
 
+# Where UniqueTask reads each setting: the task option, then app.conf.
+_SOURCES: dict[str, tuple[str | None, str | None]] = {
+    "on": ("unique_on", None),
+    "ttl": ("unique_ttl", "unique_ttl"),
+    "lease": ("unique_lease", "unique_lease"),
+    "until": ("unique_until", "unique_until"),
+    "on_duplicate": ("on_duplicate", "unique_on_duplicate"),
+    "fail_open": ("unique_fail_open", "unique_fail_open"),
+    "json_encoder": (None, "unique_json_encoder"),
+    "hard_ttl": (None, None),
+}
+
 
 @dataclass(frozen=True, slots=True)
-class _Unique:
-    """A task's resolved settings: task options first, then ``app.conf``, then defaults.
-
-    ``hard_ttl`` (for the compat layers, whose libraries promised it): ``ttl`` counts from
-    publishing and bounds the lock's whole life, running included; the run's lease renews up
-    to that moment and no further, and a run starting after it runs without the lock.
-    """
+class UniqueConfig:
+    """A unique task's resolved settings (see :meth:`UniqueTask.unique_setting`)."""
 
     backend: RedisBackend
     key: KeyFunction
-    ttl: float
-    lease: float
-    until: str
+    policy: lc.Policy
     on_duplicate: str
     fail_open: bool
-    hard_ttl: bool = False
-
-    @property
-    def holds_until(self) -> bool:
-        """Whether messages carry the moment the TTL ends (:data:`HOLD_HEADER`)."""
-        return self.hard_ttl or self.until == "expired"
-
-    @classmethod
-    def resolve(cls, task: Task) -> _Unique:
-        ttl = _positive(task, "unique_ttl", _setting(task, "unique_ttl", "unique_ttl", DEFAULT_TTL))
-        lease = _positive(
-            task, "unique_lease", _setting(task, "unique_lease", "unique_lease", DEFAULT_LEASE)
-        )
-        return cls(
-            backend=backend_for(task.app),
-            key=ArgumentKey(
-                task.name,
-                task.run,
-                _static_option(task, "unique_on"),
-                _encoder(task.app.conf.get("unique_json_encoder")),
-            ),
-            ttl=ttl,
-            lease=min(lease, ttl),
-            until=_choice(
-                task,
-                "unique_until",
-                _setting(task, "unique_until", "unique_until", "executed"),
-                UNTIL_CHOICES,
-            ),
-            on_duplicate=_choice(
-                task,
-                "on_duplicate",
-                _setting(task, "on_duplicate", "unique_on_duplicate", "return"),
-                ON_DUPLICATE_CHOICES,
-            ),
-            fail_open=bool(_setting(task, "unique_fail_open", "unique_fail_open", False)),
-        )
 
 
-def _delay(app: Celery, options: Mapping[str, Any]) -> float:
-    """Seconds until an ETA/countdown message may run: the queued lock must outlive it."""
-    countdown = options.get("countdown")
-    if countdown:
-        return max(0.0, float(countdown))
-    eta = options.get("eta")
-    if eta is None:
-        return 0.0
-    if isinstance(eta, str):
-        eta = datetime.datetime.fromisoformat(eta)
-    if eta.tzinfo is None:
-        eta = eta.replace(tzinfo=datetime.timezone.utc)
-    seconds: float = (eta - app.now()).total_seconds()
-    return max(0.0, seconds)
+def resolve(task: UniqueTask) -> UniqueConfig:
+    """Read and check every setting of ``task``, once."""
+
+    def get(name: str, default: Any) -> Found:
+        return task.unique_setting(name) or Found(default, f"the default {name}")
+
+    ttl = check_seconds(get("ttl", DEFAULT_TTL))
+    lease = check_seconds(get("lease", DEFAULT_LEASE))
+    policy = lc.Policy(
+        ttl=ttl,
+        lease=min(lease, ttl),
+        until=check_choice(get("until", "executed"), UNTIL_CHOICES),
+        hard_ttl=check_flag(task.unique_setting("hard_ttl")),
+    )
+    return UniqueConfig(
+        backend=task.redis_backend(),
+        key=task.unique_key_function(),
+        policy=policy,
+        on_duplicate=check_choice(get("on_duplicate", "return"), ON_DUPLICATE_CHOICES),
+        fail_open=check_flag(task.unique_setting("fail_open")),
+    )
 
 
-class UniqueTask(Task):  # type: ignore[misc]
+@dataclass(slots=True)
+class _Run:
+    """A delivery of an instance running in this thread, and its run lock."""
+
+    task_id: str
+    key: str
+    state: lc.KeyState
+    lock: Lock | None = None
+    ends: float | None = None  # time.monotonic() when the instance's TTL ends, if it counts
+
+    def ttl_left(self) -> float | None:
+        return None if self.ends is None else self.ends - time.monotonic()
+
+
+# The run of this thread (Celery's own request stack is thread-local too): a retry or a
+# deferral publishes from inside the run and hands the run's lock back to the queued copy.
+_current = threading.local()
+
+
+class UniqueTask(BackedTask):
     """A Celery task of which at most one instance per key is queued or running.
 
     ::
@@ -241,9 +138,14 @@ class UniqueTask(Task):  # type: ignore[misc]
     * ``on_duplicate`` (``app.conf.unique_on_duplicate``): ``"return"`` or ``"raise"``;
     * ``unique_fail_open``: publish without the lock, with a warning, if Redis is down.
 
-    Calling the task directly (``task(...)``) or through ``task.apply()`` runs it in-process
-    without a lock; in ``task_always_eager`` mode ``apply_async`` holds the lock while the
-    task runs inline, like a worker would.
+    ``apply_async`` raises :class:`~celery_unique.BackendUnavailable` within the backend's
+    deadline (about 2 s) when Redis does not answer, and publishes nothing. Calling the task
+    directly (``task(...)``) or through ``task.apply()`` runs it in-process without a lock;
+    in ``task_always_eager`` mode ``apply_async`` holds the lock while the task runs inline.
+
+    Subclasses (the compat layers) adapt it through :meth:`unique_setting`,
+    :meth:`unique_key_function`, :meth:`redis_backend`, :meth:`duplicate_error` and
+    :meth:`key_taken`.
     """
 
     unique_on: ClassVar[UniqueOn] = None
@@ -253,16 +155,55 @@ class UniqueTask(Task):  # type: ignore[misc]
     on_duplicate: ClassVar[str | None] = None
     unique_fail_open: ClassVar[bool | None] = None
 
+    # -- override points ----------------------------------------------------------------------
+
+    def unique_setting(self, name: str) -> Found | None:
+        """The configured value of setting ``name`` and where it was set, ``None`` if unset:
+        ``on``, ``ttl``, ``lease``, ``until``, ``on_duplicate``, ``fail_open``,
+        ``json_encoder`` or ``hard_ttl`` (``ttl`` bounds the key's whole life, the run
+        included). Read from the task's options, then ``app.conf.unique_*``."""
+        option, conf_key = _SOURCES[name]
+        return from_task(self, option, conf_key)
+
+    def unique_key_function(self) -> KeyFunction:
+        """How a call's arguments become its lock name (default: ``unique_on``)."""
+        on = self.unique_setting("on")
+        return ArgumentKey(
+            self.name,
+            self.run,
+            None if on is None else on.value,
+            check_encoder(self.unique_setting("json_encoder")),
+        )
+
+    def duplicate_error(self, holder: str, ttl: float | None) -> DuplicateTaskError:
+        """What a duplicate raises with ``on_duplicate="raise"``."""
+        return DuplicateTaskError(duplicate_message(self, holder, ttl), task_id=holder, ttl=ttl)
+
+    def key_taken(self, holder: str) -> Any:
+        """What a run returns when its key is held by another instance (default: nothing
+        is stored, ``Ignore``).
+
+        That happens when this instance outlived its ``unique_ttl`` in the queue, or was sent
+        around ``apply_async`` (``send_task``, beat) while another held the key. The holder
+        does the work; running both would break the promise.
+        """
+        logger.warning(
+            "%s[%s] not run: its unique key is held by %s", self.name, self.request.id, holder
+        )
+        raise Ignore()
+
+    # -- the public surface -------------------------------------------------------------------
+
     @functools.cached_property
-    def _unique(self) -> _Unique:
-        # Resolved on first use: the app is configured and finalized by then.
-        return _Unique.resolve(self)
+    def unique_config(self) -> UniqueConfig:
+        """This task's resolved settings (read on first use: the app is configured then)."""
+        return resolve(self)
 
     def unique_key(
         self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None
     ) -> str:
         """The lock name a call with these arguments uses (no argument value appears in it)."""
-        return self._unique.key(tuple(args or ()), dict(kwargs or {}))
+        return self.unique_config.key(tuple(args or ()), dict(kwargs or {}))
 
     def clear_locks(self) -> int:
         """Delete every lock of this task (SCAN, not KEYS); returns how many were deleted."""
@@ -279,28 +220,39 @@ class UniqueTask(Task):  # type: ignore[misc]
         shadow: str | None = None,
         **options: Any,
     ) -> AsyncResult:
-        """Take the lock in one Redis call, then publish; a duplicate publishes nothing."""
-        unique = self._unique
+        """Take the key in one Redis call, then publish; a duplicate publishes nothing."""
+        config = self.unique_config
+        policy = config.policy
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         headers = dict(options.pop("headers", None) or {})
         task_id = task_id or uuid()
         request = self.request
-        # A retry or deferral re-publishes the running instance from inside its own run.
+        # A retry or a deferral re-publishes the instance from inside its own delivery.
         inside = not request.called_directly and not request.is_eager and request.id == task_id
+        run: _Run | None = getattr(_current, "run", None) if inside else None
+        if run is not None and run.task_id != task_id:
+            run = None
         key = (
             headers.get(KEY_HEADER)
             or (getattr(request, KEY_HEADER, None) if inside else None)
-            or unique.key(args, kwargs)
+            or config.key(args, kwargs)
         )
-        ttl = unique.ttl + _delay(self.app, options)
-        running = _RUNNING.get(task_id) if inside else None
+        ttl = policy.ttl + delay_of(self.app, options)
+        state: lc.KeyState
+        event: lc.Event
+        if run is not None and run.state is lc.KeyState.RUNNING:
+            state, event = run.state, lc.Retry(ttl)
+        elif inside:
+            state, event = (run.state if run else lc.KeyState.QUEUED), lc.Republish(ttl)
+        else:
+            state, event = lc.KeyState.NEW, lc.Apply(ttl)
+        plan = lc.plan(state, event, policy, task_id)
         try:
-            if running is not None:  # hand the run's lock back to the queued instance
-                got = running.hand_over(task_id, ttl)
-            else:
-                got = unique.backend.acquire_or_owner(key, task_id, ttl)
-        except BackendUnavailable:
-            if not unique.fail_open:
+            transition = self._perform(plan, key, run)
+        except BackendUnavailable as exc:
+            if exc.outcome_unknown and isinstance(plan.action, lc.Take):
+                self._free_later(key, task_id)  # it may have been taken: not for an hour
+            if not config.fail_open:
                 raise
             logger.warning(
                 "Redis unreachable: publishing %s[%s] without its unique lock (unique_fail_open)",
@@ -308,13 +260,16 @@ class UniqueTask(Task):  # type: ignore[misc]
                 task_id,
                 exc_info=True,
             )
-            got = None
-        if got is not None and not got.acquired:
-            holder = holder_id(got.owner)
-            if not (inside and holder == task_id):  # another delivery of this very instance
-                return self._duplicate(holder, got.ttl)
+            transition = lc.Transition(state, lc.Publish(locked=False))
+        if run is not None:
+            run.state = transition.state
+        outcome = transition.outcome
+        if isinstance(outcome, lc.Duplicate):
+            if config.on_duplicate == "raise":
+                raise self.duplicate_error(outcome.holder, outcome.ttl)
+            return self.AsyncResult(outcome.holder)
         headers[KEY_HEADER] = key
-        if unique.holds_until:
+        if policy.holds_until:
             headers[HOLD_HEADER] = self.app.now().timestamp() + ttl
         try:
             result = super().apply_async(
@@ -329,58 +284,34 @@ class UniqueTask(Task):  # type: ignore[misc]
                 **options,
             )
         except BaseException:
-            if got is not None and got.acquired:
-                self._release_quietly(key, task_id)
+            if isinstance(outcome, lc.Publish) and outcome.locked:
+                failed = lc.plan(transition.state, lc.PublishFailed(), policy, task_id)
+                self._quietly(failed, key, task_id)
             raise
-        if isinstance(result, EagerResult) and unique.until != "expired":
-            # Ran inline already (no worker, no hand-over): the instance is done.
-            self._release_quietly(key, task_id)
+        if isinstance(result, EagerResult) and transition.state is lc.KeyState.QUEUED:
+            done = lc.plan(lc.KeyState.QUEUED, lc.EagerDone(), policy, task_id)
+            self._quietly(done, key, task_id)
         return result
-
-    def _duplicate(self, holder: str, ttl: float | None) -> AsyncResult:
-        if self._unique.on_duplicate == "raise":
-            raise self._duplicate_error(holder, ttl)
-        return self.AsyncResult(holder)
-
-    def _duplicate_error(self, holder: str, ttl: float | None) -> DuplicateTaskError:
-        """What a duplicate raises with ``on_duplicate="raise"`` (the compat layers' own)."""
-        return DuplicateTaskError(duplicate_message(self, holder, ttl), task_id=holder, ttl=ttl)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         if request.called_directly or request.is_eager:
             return super().__call__(*args, **kwargs)
-        unique = self._unique
+        config = self.unique_config
+        policy = config.policy
         task_id: str = request.id
-        key = getattr(request, KEY_HEADER, None) or unique.key(args, kwargs)
-        if unique.until == "started":
-            self._release_quietly(key, task_id)
-            return super().__call__(*args, **kwargs)
-
-        lease = unique.lease
-        left = self._ttl_left(request) if unique.holds_until else None
-        ends = None if left is None else time.monotonic() + left
-        if left is not None and unique.hard_ttl:
-            if left <= 0:
-                # The TTL promised the key to newer instances from this moment on.
-                logger.info(
-                    "%s[%s] starts after its unique_ttl ended: running without the lock",
-                    self.name,
-                    task_id,
-                )
-                return super().__call__(*args, **kwargs)
-            lease = min(lease, left)
-        lock = unique.backend.lock(
-            key,
-            ttl=lease,
-            token=f"{task_id}{RUN_SEPARATOR}{os.urandom(8).hex()}",
-            auto_renew=True,
-            lifetime=left if unique.hard_ttl else None,
-        )
+        key = getattr(request, KEY_HEADER, None) or config.key(args, kwargs)
+        left = self._ttl_left(request) if policy.holds_until else None
+        deferred = bool(getattr(request, DEFERRED_HEADER, None))
+        state = lc.KeyState.HANDED_BACK if request.retries or deferred else lc.KeyState.QUEUED
+        run = _Run(task_id, key, state, ends=None if left is None else time.monotonic() + left)
+        # A copy deferred for another delivery of it may find that delivery done by now.
+        done = deferred and self.AsyncResult(task_id).successful()
+        start = lc.Start(os.urandom(8).hex(), ttl_left=left, deferred=deferred, done_elsewhere=done)
         try:
-            got = lock.take_over(task_id)
+            transition = self._start(run, lc.plan(state, start, policy, task_id))
         except BackendUnavailable:
-            if not unique.fail_open:
+            if not config.fail_open:
                 raise
             logger.warning(
                 "Redis unreachable: running %s[%s] without its unique lock (unique_fail_open)",
@@ -389,96 +320,152 @@ class UniqueTask(Task):  # type: ignore[misc]
                 exc_info=True,
             )
             return super().__call__(*args, **kwargs)
-        if not got.acquired:
-            holder = holder_id(got.owner)
-            if holder != task_id:
-                return self._key_taken(holder)
-            self._running_elsewhere(task_id, got)
-        if getattr(request, DEFERRED_HEADER, None) and self.AsyncResult(task_id).successful():
-            # The delivery this copy waited for has run the instance to success meanwhile.
-            self._finish(key, lock, ends)
+        run.state, outcome = transition.state, transition.outcome
+        if isinstance(outcome, lc.Skip):
+            return self.key_taken(outcome.holder)
+        if isinstance(outcome, lc.Deferral):
+            logger.warning(
+                "%s[%s] is already running elsewhere: deferred by %.1f s",
+                self.name,
+                task_id,
+                outcome.countdown,
+            )
+            _current.run = run  # its copy is published from here: a Republish
+            try:
+                defer(self, outcome.countdown, "already running elsewhere", {DEFERRED_HEADER: True})
+            finally:
+                _current.run = None
+        if isinstance(outcome, lc.Run) and not outcome.locked:
+            if outcome.why:
+                logger.info(
+                    "%s[%s] runs without its unique lock: %s", self.name, task_id, outcome.why
+                )
+            _current.run = run
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                _current.run = None
+        if isinstance(outcome, lc.Done):
+            self._end(run, lc.Success(run.ttl_left()))
             raise Ignore()
-        _RUNNING[task_id] = lock
+        return self._run_locked(run, args, kwargs)
+
+    # -- carrying the plans out ---------------------------------------------------------------
+
+    def _run_locked(self, run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        _current.run = run
         try:
             retval = super().__call__(*args, **kwargs)
         except Retry:
-            raise  # apply_async handed the lock back to the queued retry
+            raise  # apply_async handed the key back to the queued copy
         except Reject as reject:
-            self._finish(key, lock, ends, requeued=bool(reject.requeue))
+            self._end(run, lc.Requeue() if reject.requeue else lc.Rejected())
+            raise
+        except Ignore:
+            self._end(run, lc.Ignored(run.ttl_left()))
             raise
         except BaseException:
-            self._finish(key, lock, ends)
+            self._end(run, lc.Failure(run.ttl_left()))
             raise
         else:
-            self._finish(key, lock, ends)
+            self._end(run, lc.Success(run.ttl_left()))
             return retval
         finally:
-            _RUNNING.pop(task_id, None)
-            lock.abandon()
+            _current.run = None
+            if run.lock is not None:
+                run.lock.abandon()
+
+    def _start(self, run: _Run, plan: lc.Plan) -> lc.Transition:
+        action = plan.action
+        if not isinstance(action, lc.TakeOver):
+            return self._perform(plan, run.key, run)
+        run.lock = self.unique_config.backend.lock(
+            run.key,
+            ttl=action.ttl,
+            token=action.token,
+            auto_renew=True,
+            lifetime=action.lifetime,
+            on_lost=lambda _lock: self._lease_lost(run),
+        )
+        return plan.settle(run.lock.take_over(action.predecessor))
+
+    def _perform(self, plan: lc.Plan, key: str, run: _Run | None = None) -> lc.Transition:
+        """Carry out ``plan``'s lock operation and settle it with the answer."""
+        action, backend = plan.action, self.unique_config.backend
+        answer: Any = None
+        if isinstance(action, lc.Take):
+            answer = backend.acquire_or_owner(key, action.token, action.ttl)
+        elif isinstance(action, lc.HandOver):
+            assert run is not None and run.lock is not None  # only a run hands its lock over
+            answer = run.lock.hand_over(action.token, action.ttl)
+        elif isinstance(action, lc.Release):
+            assert run is not None and run.lock is not None
+            try:
+                run.lock.release()
+                answer = True
+            except LockNotOwnedError:
+                answer = False  # lost (expired, or taken over): nothing of ours to free
+        elif isinstance(action, lc.ReleaseAny):
+            answer = backend.release(
+                key, action.task_id, owner_prefix=action.task_id + RUN_SEPARATOR
+            )
+        elif action is not None:
+            raise lc.IllegalTransition(f"{action!r} is carried out at the start of a run")
+        return plan.settle(answer)
+
+    def _end(self, run: _Run, event: lc.Event) -> None:
+        """The run is over (or requeued): release, keep, or hand back, as the plan says."""
+        plan = lc.plan(run.state, event, self.unique_config.policy, run.task_id)
+        transition = self._quietly(plan, run.key, run.task_id, run)
+        if transition is not None:
+            run.state = transition.state
+
+    def _quietly(
+        self, plan: lc.Plan, key: str, task_id: str, run: _Run | None = None
+    ) -> lc.Transition | None:
+        # The work is done or lost by now; a Redis failure must not turn it into an error.
+        try:
+            return self._perform(plan, key, run)
+        except BackendError:
+            logger.warning(
+                "could not update the unique lock of %s[%s]; it expires within %.0f s",
+                self.name,
+                task_id,
+                self.unique_config.policy.ttl if run is None else self.unique_config.policy.lease,
+                exc_info=True,
+            )
+            return None
+
+    def _free_later(self, key: str, task_id: str) -> None:
+        # An acquire Redis never answered may have taken the key for the whole TTL.
+        config = self.unique_config
+        config.backend.lock(key, ttl=config.policy.ttl, token=task_id).release_in_background()
+
+    def _lease_lost(self, run: _Run) -> None:
+        plan = lc.plan(run.state, lc.LeaseLost(), self.unique_config.policy, run.task_id)
+        run.state = plan.settle().state
+        logger.error(
+            "%s[%s] lost its unique lock while running: another instance may start",
+            self.name,
+            run.task_id,
+        )
+
+    def seen_from_main_process(self, task_id: str, key: str, event: lc.Event) -> None:
+        """Carry out ``event`` (a revoke, an expiry, a time limit, a lost child), which the
+        worker's main process saw and the run itself may never see."""
+        killed = isinstance(event, lc.Revoked | lc.Expired)
+        state = lc.KeyState.QUEUED if killed else lc.KeyState.RUNNING
+        self._quietly(lc.plan(state, event, self.unique_config.policy, task_id), key, task_id)
 
     def _ttl_left(self, request: Any) -> float:
         """Seconds until this instance's ``unique_ttl`` ends (from now if it never had one)."""
         hold = getattr(request, HOLD_HEADER, None)
         if not hold:  # sent around apply_async (send_task, beat): the TTL runs from now
-            return self._unique.ttl
+            return self.unique_config.policy.ttl
         return float(hold) - float(self.app.now().timestamp())
 
-    def _key_taken(self, holder: str) -> Any:
-        """The run found its key held by another instance: what the run returns instead.
 
-        That happens when this instance outlived its ``unique_ttl`` in the queue, or was sent
-        around ``apply_async`` (``send_task``, beat) while another held the key. The holder
-        does the work; running both would break the promise. Ignored: no result is stored.
-        """
-        logger.warning(
-            "%s[%s] not run: its unique key is held by %s", self.name, self.request.id, holder
-        )
-        raise Ignore()
-
-    def _running_elsewhere(self, task_id: str, got: Acquisition) -> NoReturn:
-        # Another delivery of this very instance is running (a broker redelivered it), or
-        # died less than a lease ago. Never run beside it: come back when its lease is over.
-        countdown = (got.ttl or self._unique.lease) + random.uniform(0.5, 2.0)
-        logger.warning(
-            "%s[%s] is already running elsewhere: deferred by %.1f s", self.name, task_id, countdown
-        )
-        defer(self, countdown, "already running elsewhere", {DEFERRED_HEADER: True})
-
-    def _finish(self, key: str, lock: Lock, ends: float | None, *, requeued: bool = False) -> None:
-        """The run is over (or requeued): release, or hand back to the queued instance.
-
-        ``ends`` is the ``time.monotonic()`` moment this instance's TTL ends, if it counts.
-        """
-        unique, task_id = self._unique, holder_id(lock.token)
-        if requeued:
-            keep = unique.ttl
-        elif unique.until == "expired" and ends is not None:
-            keep = ends - time.monotonic()
-        else:
-            keep = 0.0
-        try:
-            if keep > 0:
-                lock.hand_over(task_id, keep)
-            else:
-                lock.release()
-        except LockNotOwnedError:
-            pass  # lost (expired, or taken over): nothing of ours to free
-        except BackendError:
-            logger.warning(
-                "could not free the unique lock of %s[%s]; it expires within %.0f s",
-                self.name, task_id, unique.lease, exc_info=True,
-            )  # fmt: skip
-
-    def _release_quietly(self, key: str, task_id: str) -> None:
-        try:
-            self._unique.backend.release(key, task_id, owner_prefix=task_id + RUN_SEPARATOR)
-        except BackendError:
-            logger.warning(
-                "could not free the unique lock of %s[%s]", self.name, task_id, exc_info=True
-            )
-
-
-def duplicate_message(task: Task, holder: str, ttl: float | None) -> str:
+def duplicate_message(task: BackedTask, holder: str, ttl: float | None) -> str:
     """Why a call was refused as a duplicate, and what to do about it."""
     left = "an unknown time" if ttl is None else f"{ttl:.1f} s"
     return (
@@ -487,34 +474,13 @@ def duplicate_message(task: Task, holder: str, ttl: float | None) -> str:
     )
 
 
-def defer(
-    task: Task, countdown: float, reason: str, headers: Mapping[str, Any] | None = None
-) -> NoReturn:
-    """Put the running instance back in the queue for ``countdown`` seconds and stop this run.
-
-    Same task id, same retry count (a deferral is not a retry: it uses none of
-    ``max_retries`` up), options untouched. Published through ``apply_async``, so a unique
-    task hands its lock back to the queued instance.
-    """
-    request = task.request
-    task.signature_from_request(
-        request,
-        request.args,
-        request.kwargs,
-        countdown=countdown,
-        retries=request.retries,
-        headers={**(request.headers or {}), **(headers or {})},
-    ).apply_async()
-    raise Retry(reason, when=countdown)
-
-
 def clear_locks(app: Celery, task: UniqueTask | None = None) -> int:
     """Delete the unique-task locks of ``app`` (or of one ``task``); returns how many.
 
     Uses SCAN, so it never blocks Redis the way KEYS would.
     """
     if task is not None:
-        return unlink_locks(task._unique.backend, task_lock_start(task.name))
+        return unlink_locks(task.unique_config.backend, task_lock_start(task.name))
     return unlink_locks(backend_for(app), task_lock_start())
 
 
@@ -535,7 +501,7 @@ def unlink_locks(backend: RedisBackend, start: str) -> int:
     return deleted + backend.executor.unlink(batch)
 
 
-# -- signals the worker's main process sends: the run there may never see its end ---------
+# -- what the worker's main process sees: the run there may never see its end -----------------
 
 
 def _key_of(task: UniqueTask, request: Any, args: Any, kwargs: Any) -> str | None:
@@ -549,12 +515,14 @@ def _key_of(task: UniqueTask, request: Any, args: Any, kwargs: Any) -> str | Non
 
 
 @signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.revoked")  # type: ignore[untyped-decorator]
-def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-    """Revoked, expired or terminated: free the lock, whether queued or running."""
+def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+    """Revoked, expired or terminated: free the key, whether queued or running."""
     if isinstance(sender, UniqueTask) and request is not None:
         key = _key_of(sender, request, request.args, request.kwargs)
         if key is not None:
-            sender._release_quietly(key, request.id)
+            sender.seen_from_main_process(
+                request.id, key, lc.Expired() if expired else lc.Revoked()
+            )
 
 
 @signals.task_failure.connect(weak=False, dispatch_uid="celery_unique.failure")  # type: ignore[untyped-decorator]
@@ -571,9 +539,13 @@ def _on_failure(
 
     if not isinstance(sender, UniqueTask) or task_id is None:
         return
-    if not isinstance(exception, WorkerLostError | TimeLimitExceeded | Reject):
+    if isinstance(exception, TimeLimitExceeded):
+        event: lc.Event = lc.TimeLimit()
+    elif isinstance(exception, WorkerLostError | Reject):
+        event = lc.LostChild()
+    else:
         return  # failures inside the run were handled there
     request = sender.request if sender.request.id == task_id else None
     key = _key_of(sender, request, args, kwargs)
     if key is not None:
-        sender._release_quietly(key, task_id)
+        sender.seen_from_main_process(task_id, key, event)

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Mapping
 from types import ModuleType
 
-__all__: list[str] = []
+__all__ = ["install_modules"]
 
 
-def _install_as(name: str, modules: Mapping[str, ModuleType]) -> None:
+def install_modules(name: str, modules: Mapping[str, ModuleType]) -> None:
     """Register ``modules`` in ``sys.modules`` as ``name`` (key ``""``) and ``name.<key>``.
 
     Called from a shim module named ``name`` while it is being imported: the import system

@@ -24,33 +24,19 @@ the import path (``celery_singleton.py``)::
 
 from __future__ import annotations
 
-import functools
-import threading
-import weakref
 from typing import Any, ClassVar
 
 from celery import Celery
 from kombu.utils.imports import symbol_by_name
 
 from ..backends import RedisBackend
-from ..celery.unique import (
-    DEFAULT_LEASE,
-    DEFAULT_TTL,
-    UniqueTask,
-    _encoder,
-    _is_redis_url,
-    _positive,
-    _Unique,
-    duplicate_message,
-    force_release,
-    holder_id,
-    unlink_locks,
-)
-from ..core.arguments import ArgumentKey
+from ..celery.settings import Found, backends, from_task, redis_url
+from ..celery.unique import UniqueTask, duplicate_message, force_release, unlink_locks
 from ..core.keys import task_lock_start
+from ..core.lifecycle import holder_id
 from ..errors import ConfigurationError
-from ..errors import DuplicateTaskError as _DuplicateTaskError
-from . import _install_as
+from ..errors import DuplicateTaskError as BaseDuplicateTaskError
+from . import install_modules
 
 __all__ = ["DuplicateTaskError", "Singleton", "clear_locks", "install_as"]
 
@@ -66,11 +52,8 @@ _DEFAULT_BACKENDS = frozenset(
     }
 )
 
-_BACKENDS: weakref.WeakKeyDictionary[Celery, RedisBackend] = weakref.WeakKeyDictionary()
-_BACKENDS_LOCK = threading.Lock()
 
-
-class DuplicateTaskError(_DuplicateTaskError):
+class DuplicateTaskError(BaseDuplicateTaskError):
     """Raised by a duplicate ``delay()``/``apply_async()`` with ``raise_on_duplicate``.
 
     ``task_id`` is the instance already queued or running. Also a
@@ -82,7 +65,7 @@ class DuplicateTaskError(_DuplicateTaskError):
         super().__init__(message, task_id=task_id, ttl=ttl)
 
 
-def config(app: Celery, name: str, default: Any = None) -> Any:
+def config(app: Celery, name: str) -> Found | None:
     """The setting ``singleton_<name>``, in any of the spellings celery-singleton read.
 
     ``app.conf.get`` already maps namespaced configs (``config_from_object(...,
@@ -96,39 +79,43 @@ def config(app: Celery, name: str, default: Any = None) -> Any:
     ):
         value = conf.get(key)
         if value is not None:
-            return value
-    return default
+            return Found(value, f"app.conf.{key}")
+    return None
+
+
+def _value(found: Found | None, default: Any = None) -> Any:
+    return default if found is None else found.value
 
 
 def singleton_backend(app: Celery) -> RedisBackend:
     """The backend ``Singleton`` tasks of ``app`` use, built once from the singleton settings."""
-    with _BACKENDS_LOCK:
-        backend = _BACKENDS.get(app)
-        if backend is None:
-            url = config(app, "backend_url") or next(
-                (u for u in (app.conf.result_backend, app.conf.broker_url) if _is_redis_url(u)),
-                None,
+
+    def build() -> RedisBackend:
+        url = _value(config(app, "backend_url")) or next(
+            (u for u in (app.conf.result_backend, app.conf.broker_url) if redis_url(u)), None
+        )
+        if not url:
+            raise ConfigurationError(
+                "Singleton tasks need Redis: set app.conf.singleton_backend_url (e.g. "
+                "'redis://localhost:6379/0'); neither the result backend nor the broker is "
+                "a Redis URL"
             )
-            if not url:
-                raise ConfigurationError(
-                    "Singleton tasks need Redis: set app.conf.singleton_backend_url (e.g. "
-                    "'redis://localhost:6379/0'); neither the result backend nor the broker is "
-                    "a Redis URL"
-                )
-            kwargs = config(app, "backend_kwargs", {})
-            if not isinstance(kwargs, dict):
-                raise ConfigurationError(
-                    f"singleton_backend_kwargs must be a dict of redis-py connection options, "
-                    f"got {kwargs!r}"
-                )
-            backend_class = _backend_class(config(app, "backend_class"))
-            backend = _BACKENDS[app] = backend_class.from_url(
-                url, key_prefix=config(app, "key_prefix", DEFAULT_KEY_PREFIX), **kwargs
+        kwargs = _value(config(app, "backend_kwargs"), {})
+        if not isinstance(kwargs, dict):
+            raise ConfigurationError(
+                "singleton_backend_kwargs must be a dict of redis-py connection options, "
+                f"got {kwargs!r}"
             )
-        return backend
+        backend_class_ = backend_class(_value(config(app, "backend_class")))
+        prefix = _value(config(app, "key_prefix"), DEFAULT_KEY_PREFIX)
+        return backend_class_.from_url(url, key_prefix=prefix, **kwargs)
+
+    return backends.get(app, "singleton", build)
 
 
-def _backend_class(value: object) -> type[RedisBackend]:
+def backend_class(value: object) -> type[RedisBackend]:
+    """The backend class ``singleton_backend_class`` names: celery-singleton's own Redis
+    backend (any of its spellings) means ours; a subclass of ours is taken as it is."""
     if value is None or value in _DEFAULT_BACKENDS:
         return RedisBackend
     found: object = symbol_by_name(value) if isinstance(value, str) else value  # type: ignore[no-untyped-call]
@@ -170,34 +157,39 @@ class Singleton(UniqueTask):
     raise_on_duplicate: ClassVar[bool | None] = None
     lock_expiry: ClassVar[float | None] = None
 
-    @functools.cached_property
-    def _unique(self) -> _Unique:
+    def unique_setting(self, name: str) -> Found | None:
+        """celery-singleton's spellings first: ``lock_expiry`` (a hard TTL),
+        ``raise_on_duplicate``, ``unique_on`` as one name, the ``singleton_*`` settings."""
         app = self.app
-        expiry = self.lock_expiry if self.lock_expiry is not None else config(app, "lock_expiry")
-        raises = self.raise_on_duplicate
-        if raises is None:
-            raises = config(app, "raise_on_duplicate", False)
-        unique_on = self.unique_on
-        if isinstance(unique_on, str):
-            unique_on = [unique_on]
-        if expiry is None:
-            ttl = _positive(self, "unique_ttl", app.conf.get("unique_ttl") or DEFAULT_TTL)
-        else:
-            ttl = _positive(self, "lock_expiry", expiry)
-        lease = _positive(self, "unique_lease", app.conf.get("unique_lease") or DEFAULT_LEASE)
-        encoder = _encoder(config(app, "json_encoder_class"), "singleton_json_encoder_class")
-        return _Unique(
-            backend=singleton_backend(app),
-            key=ArgumentKey(self.name, self.run, unique_on, encoder),
-            ttl=ttl,
-            lease=min(lease, ttl),
-            until="executed",
-            on_duplicate="raise" if raises else "return",
-            fail_open=bool(app.conf.get("unique_fail_open")),
-            hard_ttl=expiry is not None,
-        )
+        if name == "on":
+            found = from_task(self, "unique_on", None)
+            if found is not None and isinstance(found.value, str):
+                return Found([found.value], found.where)
+            return found
+        if name in ("ttl", "hard_ttl"):
+            expiry = from_task(self, "lock_expiry", None) or config(app, "lock_expiry")
+            if expiry is None:
+                return super().unique_setting(name)
+            return expiry if name == "ttl" else Found(True, expiry.where)
+        if name == "on_duplicate":
+            raises = from_task(self, "raise_on_duplicate", None) or config(
+                app, "raise_on_duplicate"
+            )
+            if raises is None:
+                return super().unique_setting(name)
+            return Found("raise" if raises.value else "return", raises.where)
+        if name == "until":
+            return Found("executed", "celery-singleton's behaviour")
+        if name == "json_encoder":
+            return config(app, "json_encoder_class") or super().unique_setting(name)
+        return super().unique_setting(name)
 
-    def _duplicate_error(self, holder: str, ttl: float | None) -> DuplicateTaskError:
+    def redis_backend(self) -> RedisBackend:
+        """The Redis of the ``singleton_*`` settings (see :func:`singleton_backend`)."""
+        return singleton_backend(self.app)
+
+    def duplicate_error(self, holder: str, ttl: float | None) -> DuplicateTaskError:
+        """celery-singleton's own :class:`DuplicateTaskError`."""
         return DuplicateTaskError(duplicate_message(self, holder, ttl), holder, ttl)
 
     def generate_lock(
@@ -211,12 +203,12 @@ class Singleton(UniqueTask):
 
     def get_existing_task_id(self, lock: str) -> str | None:
         """The id of the instance holding ``lock`` (from :meth:`generate_lock`), or ``None``."""
-        owner = self._unique.backend.owner(lock)
+        owner = self.unique_config.backend.owner(lock)
         return None if owner is None else holder_id(owner)
 
     def unlock(self, lock: str) -> None:
         """Delete ``lock`` whoever holds it: an administrative reset, like celery-singleton's."""
-        force_release(self._unique.backend, lock)
+        force_release(self.unique_config.backend, lock)
 
     def release_lock(self, task_args: Any = None, task_kwargs: Any = None) -> None:
         """Delete the lock of the call with these arguments, whoever holds it."""
@@ -232,7 +224,7 @@ def install_as(name: str = "celery_singleton") -> None:
     import sys
 
     module = sys.modules[__name__]
-    _install_as(
+    install_modules(
         name,
         {
             sub: module

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from .. import _install_as
+from .. import install_modules
 from . import config, errors, task
 from .errors import AlreadyQueuedError
 from .task import HeimdallTask, RateLimit, Strategy
@@ -33,7 +33,7 @@ def install_as(name: str = "celery_heimdall") -> None:
     For a shim module ``celery_heimdall.py``: ``from celery_unique.compat.heimdall import
     install_as; install_as(__name__)``.
     """
-    _install_as(
+    install_modules(
         name,
         {"": sys.modules[__name__], "task": task, "errors": errors, "config": config},
     )

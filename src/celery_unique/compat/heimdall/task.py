@@ -15,17 +15,13 @@ from celery import Task
 from celery.result import AsyncResult
 
 from ...backends import RedisBackend
-from ...celery.ratelimited import RateLimitedTask, _Rated
-from ...celery.unique import (
-    DEFAULT_LEASE,
-    UniqueTask,
-    _positive,
-    _Unique,
-    backend_for,
-    force_release,
-    holder_id,
-)
+from ...celery.base import BackedTask
+from ...celery.ratelimited import RateLimitedTask
+from ...celery.settings import Found, backend_for
+from ...celery.unique import KeyFunction, UniqueTask, force_release
 from ...core.arguments import ArgumentKey
+from ...core.keys import DEFAULT_PREFIX
+from ...core.lifecycle import holder_id
 from ...core.rates import RateLimit as _Limit
 from ...errors import ConfigurationError
 from .config import Config
@@ -81,7 +77,7 @@ def unique_key_for_task(
     option = (getattr(task, "heimdall", None) or {}).get("key")
     args, kwargs = list(args or ()), dict(kwargs or {})
     if option is None:
-        digest = task._argument_key if isinstance(task, HeimdallTask) else _argument_key(task)
+        digest = task.argument_key if isinstance(task, HeimdallTask) else _argument_key(task)
         return prefix + digest(tuple(args), kwargs)
     key = option(args, kwargs) if callable(option) else option
     if not isinstance(key, str):
@@ -97,8 +93,8 @@ def _argument_key(task: Task) -> ArgumentKey:
 
 
 def _backend(task: Task) -> RedisBackend:
-    if isinstance(task, HeimdallTask):
-        return task._heimdall_backend
+    if isinstance(task, BackedTask):
+        return task.redis_backend()
     return backend_for(task.app)
 
 
@@ -171,18 +167,22 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
     @property
     def heimdall_redis(self) -> Any:
         """The redis-py client this task's locks and limits live in."""
-        return self._heimdall_backend.client
+        return self.redis_backend().client
 
-    @functools.cached_property
-    def _heimdall_backend(self) -> RedisBackend:
+    def redis_backend(self) -> RedisBackend:
+        """The app's backend, or one on the client an overridden :meth:`setup_redis` gives."""
         if type(self).setup_redis is HeimdallTask.setup_redis:
-            return backend_for(self.app)
-        return RedisBackend(
-            self.setup_redis(), key_prefix=self.app.conf.get("unique_key_prefix") or "cu:"
-        )
+            return super().redis_backend()
+        return self._own_backend
 
     @functools.cached_property
-    def _argument_key(self) -> ArgumentKey:
+    def _own_backend(self) -> RedisBackend:
+        prefix = self.app.conf.get("unique_key_prefix") or DEFAULT_PREFIX
+        return RedisBackend(self.setup_redis(), key_prefix=prefix)
+
+    @functools.cached_property
+    def argument_key(self) -> ArgumentKey:
+        """The digest of a call's arguments, bound to the signature (without a ``key``)."""
         return _argument_key(self)
 
     @functools.cached_property
@@ -210,46 +210,50 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
     def _is_unique(self) -> bool:
         return bool(self._options.get("unique"))
 
-    @functools.cached_property
-    def _unique(self) -> _Unique:
-        conf = self.heimdall_config
-        ttl = _positive(self, "unique_timeout", conf.unique_timeout)
-        lease = _positive(self, "unique_lease", self.app.conf.get("unique_lease") or DEFAULT_LEASE)
-        prefix = conf.lock_prefix
-        return _Unique(
-            backend=self._heimdall_backend,
-            key=lambda args, kwargs: unique_key_for_task(self, args, kwargs, prefix=prefix),
-            ttl=ttl,
-            lease=min(lease, ttl),
-            until="expired" if self._options.get("unique_wait_for_expiry") else "executed",
-            on_duplicate="raise" if conf.unique_raises else "return",
-            fail_open=bool(self.app.conf.get("unique_fail_open")),
-            hard_ttl=True,
-        )
+    def unique_setting(self, name: str) -> Found | None:
+        """celery-heimdall's settings first: ``unique_timeout`` (a hard TTL),
+        ``unique_raises``, ``unique_wait_for_expiry``; then ``unique_lease`` and the rest."""
+        conf, where = self.heimdall_config, f"the heimdall option of task {self.name!r}"
+        if name == "ttl":
+            return Found(conf.unique_timeout, f"unique_timeout ({where}, or heimdall_*)")
+        if name == "hard_ttl":
+            return Found(True, "celery-heimdall's behaviour")
+        if name == "until":
+            keep = bool(self._options.get("unique_wait_for_expiry"))
+            return Found("expired" if keep else "executed", where)
+        if name == "on_duplicate":
+            return Found("raise" if conf.unique_raises else "return", where)
+        return super().unique_setting(name)
 
-    @functools.cached_property
-    def _rated(self) -> _Rated:
+    def unique_key_function(self) -> KeyFunction:
+        """The ``key`` option, or the arguments' digest, after ``lock_prefix``."""
+        prefix = self.heimdall_config.lock_prefix
+        return lambda args, kwargs: unique_key_for_task(self, args, kwargs, prefix=prefix)
+
+    def rate_setting(self, name: str) -> Found | None:
+        """``rate_limit`` (or ``times`` and ``per``), bucketed by ``key`` when given."""
+        where = f"the heimdall option of task {self.name!r}"
+        if name == "limit":
+            limit = self._limit_spec()
+            return None if limit is None else Found(limit, where)
+        if name == "key":  # a function of the task's arguments, as rate_limit_key takes
+            return Found(lambda *args, **kwargs: self._bucket(args, kwargs), where)
+        return super().rate_setting(name)
+
+    def _limit_spec(self) -> Any:
         options = self._options
         spec = options.get("rate_limit")
         if spec is None and "times" in options and "per" in options:
             spec = RateLimit((options["times"], options["per"]))
-        static, dynamic = None, None
-        if isinstance(spec, RateLimit):
-            if callable(spec.rate_limit):
-                dynamic = self._dynamic_limit(spec.rate_limit)
-            else:
-                static = (_limit(spec.rate_limit, self),)
-        elif spec is not None:
+        if spec is None:
+            return None
+        if not isinstance(spec, RateLimit):
             raise ConfigurationError(
                 f"heimdall 'rate_limit' of task {self.name!r} must be a RateLimit, got {spec!r}"
             )
-        return dataclasses.replace(
-            _Rated.resolve(self),
-            backend=self._heimdall_backend,
-            static=static,
-            dynamic=dynamic,
-            key=self._bucket,
-        )
+        if callable(spec.rate_limit):
+            return self._dynamic_limit(spec.rate_limit)
+        return (_limit(spec.rate_limit, self),)
 
     def _bucket(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         prefix = self.heimdall_config.rate_limit_prefix
@@ -289,14 +293,15 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
         base: Any = super() if self._is_unique else super(UniqueTask, self)
         return base.__call__(*args, **kwargs)
 
-    def _duplicate_error(self, holder: str, ttl: float | None) -> AlreadyQueuedError:
+    def duplicate_error(self, holder: str, ttl: float | None) -> AlreadyQueuedError:
+        """celery-heimdall's :class:`AlreadyQueuedError`."""
         return AlreadyQueuedError(
             expires_in=None if ttl is None else math.ceil(ttl), likely_culprit=holder
         )
 
-    def _key_taken(self, holder: str) -> None:
-        # celery-heimdall's run-time check (for send_task and beat) returned None: the run
-        # succeeds without running, so whoever waits on its result is not left hanging.
+    def key_taken(self, holder: str) -> None:
+        """``None``: celery-heimdall's run-time check (for ``send_task`` and beat) returned
+        it, so whoever waits on the result is not left hanging."""
         return None
 
     def only_after(self, key: str, seconds: float) -> bool:
@@ -307,4 +312,4 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
             if self.only_after("refresh-cache", 3600): refresh_cache()
         """
         token = f"{self.request.id or 'direct'}:{os.urandom(8).hex()}"
-        return self._heimdall_backend.acquire_or_owner(key, token, seconds).acquired
+        return self.redis_backend().acquire_or_owner(key, token, seconds).acquired

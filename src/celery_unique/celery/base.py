@@ -1,0 +1,81 @@
+"""What both task classes share: the lock store hook, the message headers, and deferral."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from celery import Celery, Task
+from celery.exceptions import Retry
+
+from ..backends import RedisBackend
+from .settings import backend_for
+
+__all__ = [
+    "BOOKED_HEADER",
+    "DEFERRED_HEADER",
+    "HOLD_HEADER",
+    "KEY_HEADER",
+    "BackedTask",
+    "defer",
+    "delay_of",
+]
+
+#: Message header carrying the unique key, so the worker never has to re-derive it from
+#: arguments that serialisation may have changed (tuples to lists, datetimes to strings).
+KEY_HEADER = "celery_unique_key"
+#: Message header (epoch seconds) when the instance's ``unique_ttl`` ends: until then
+#: ``unique_until="expired"`` keeps the key, and a hard TTL never renews past it.
+HOLD_HEADER = "celery_unique_hold_until"
+#: Message header marking a copy deferred because another delivery of it was running.
+DEFERRED_HEADER = "celery_unique_deferred"
+#: Message header of a copy whose rate-limit slot is booked: the retry count it was booked
+#: for (a retry of the run is a new request, which books its own slot).
+BOOKED_HEADER = "celery_unique_rate_booked"
+
+
+class BackedTask(Task):  # type: ignore[misc]
+    """A Celery task whose locks and limits live in Redis."""
+
+    def redis_backend(self) -> RedisBackend:
+        """The backend this task's locks and limits live in: the app's (see
+        :func:`~.settings.backend_for`). Override to use another Redis."""
+        return backend_for(self.app)
+
+
+def delay_of(app: Celery, options: Mapping[str, Any]) -> float:
+    """Seconds until an ETA/countdown message may run: a queued key must outlive it."""
+    countdown = options.get("countdown")
+    if countdown:
+        return max(0.0, float(countdown))
+    eta = options.get("eta")
+    if eta is None:
+        return 0.0
+    if isinstance(eta, str):
+        eta = datetime.datetime.fromisoformat(eta)
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=datetime.timezone.utc)
+    seconds: float = (eta - app.now()).total_seconds()
+    return max(0.0, seconds)
+
+
+def defer(
+    task: Task, countdown: float, reason: str, headers: Mapping[str, Any] | None = None
+) -> NoReturn:
+    """Put the running instance back in the queue for ``countdown`` seconds and stop this run.
+
+    Same task id, same retry count (a deferral is not a retry: it uses none of
+    ``max_retries`` up), options untouched. Published through ``apply_async``, so a unique
+    task hands its key back to the queued copy.
+    """
+    request = task.request
+    task.signature_from_request(
+        request,
+        request.args,
+        request.kwargs,
+        countdown=countdown,
+        retries=request.retries,
+        headers={**(request.headers or {}), **(headers or {})},
+    ).apply_async()
+    raise Retry(reason, when=countdown)

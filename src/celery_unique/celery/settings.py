@@ -1,0 +1,178 @@
+"""Task settings, resolved in one place for UniqueTask, RateLimitedTask and the compat layers.
+
+A setting is looked up, in order, in what the task class answers for it (its options as
+``@app.task(...)`` keywords, or a compat layer's own spellings), in ``app.conf`` (Django's
+``CELERY_`` namespace included, as Celery maps it), then its default; then it is checked once,
+here, with an error that names where the bad value came from. The lock store is the app's
+(:func:`backend_for`), unless the task overrides ``redis_backend()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, Task
+from kombu.utils.imports import symbol_by_name
+
+from ..backends import RedisBackend
+from ..core.keys import DEFAULT_PREFIX
+from ..errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_LEASE",
+    "DEFAULT_MAX_WAIT",
+    "DEFAULT_TTL",
+    "Found",
+    "backend_for",
+    "backends",
+    "check_choice",
+    "check_encoder",
+    "check_seconds",
+    "from_task",
+    "redis_url",
+    "task_option",
+]
+
+DEFAULT_TTL = 3600.0
+DEFAULT_LEASE = 30.0
+DEFAULT_MAX_WAIT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A setting's value and where it was set (for the error if it is wrong)."""
+
+    value: Any
+    where: str
+
+
+def task_option(task: Task, option: str) -> Any:
+    """A task option as given to ``@app.task`` (a class attribute), ``None`` if unset.
+
+    A function given as an option (``unique_on=lambda ...``) would come back bound to the
+    task from plain attribute access: it is read as stored.
+    """
+    value = inspect.getattr_static(task, option, None)
+    return value.__func__ if isinstance(value, staticmethod | classmethod) else value
+
+
+def from_task(task: Task, option: str | None, conf_key: str | None) -> Found | None:
+    """The task option ``option``, else ``app.conf[conf_key]``; ``None`` if neither is set."""
+    if option is not None:
+        value = task_option(task, option)
+        if value is not None:
+            return Found(value, f"the {option} option of task {task.name!r}")
+    if conf_key is not None:
+        value = task.app.conf.get(conf_key)
+        if value is not None:
+            return Found(value, f"app.conf.{conf_key}")
+    return None
+
+
+def check_seconds(found: Found, *, allow_zero: bool = False) -> float:
+    """A finite number of seconds > 0 (or >= 0)."""
+    value = found.value
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(
+            f"{found.where} must be a finite number of seconds {bound}, got {value!r}"
+        )
+    return float(value)
+
+
+def check_choice(found: Found, choices: Sequence[str]) -> str:
+    """One of ``choices``."""
+    if found.value not in choices:
+        raise ConfigurationError(
+            f"{found.where} must be one of {list(choices)}, got {found.value!r}"
+        )
+    return str(found.value)
+
+
+def check_encoder(found: Found | None) -> type[json.JSONEncoder] | None:
+    """A ``json.JSONEncoder`` subclass, or its dotted path."""
+    if found is None:
+        return None
+    value = found.value
+    encoder: object = symbol_by_name(value) if isinstance(value, str) else value  # type: ignore[no-untyped-call]
+    if not (isinstance(encoder, type) and issubclass(encoder, json.JSONEncoder)):
+        raise ConfigurationError(
+            f"{found.where} must be a json.JSONEncoder subclass or its dotted path, got {value!r}"
+        )
+    return encoder
+
+
+def check_flag(found: Found | None) -> bool:
+    """A boolean; unset is false."""
+    return False if found is None else bool(found.value)
+
+
+def redis_url(url: object) -> bool:
+    """Whether ``url`` names a Redis server this library can keep its keys in."""
+    return isinstance(url, str) and url.split("://", 1)[0] in ("redis", "rediss", "unix")
+
+
+class _Backends:
+    """One backend per app and configuration, built on first use, closed with the app."""
+
+    def __init__(self) -> None:
+        self._made: weakref.WeakKeyDictionary[Celery, dict[str, RedisBackend]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    def get(self, app: Celery, name: str, build: Callable[[], RedisBackend]) -> RedisBackend:
+        """The backend ``name`` of ``app``, built by ``build`` the first time."""
+        with self._lock:
+            made = self._made.setdefault(app, {})
+            backend = made.get(name)
+            if backend is None:
+                backend = made[name] = build()
+            return backend
+
+    def close(self, app: Celery) -> None:
+        """Close and forget every backend of ``app``."""
+        with self._lock:
+            made = self._made.pop(app, {})
+        for backend in made.values():
+            backend.close()
+
+
+#: The backends of every app in this process.
+backends = _Backends()
+
+
+def backend_for(app: Celery) -> RedisBackend:
+    """The backend ``app``'s unique and rate-limited tasks use, built once from ``app.conf``:
+    ``unique_backend_url`` (else the result backend, else the broker, if Redis),
+    ``unique_backend_options`` (keywords for ``from_url``) and ``unique_key_prefix``."""
+
+    def build() -> RedisBackend:
+        conf = app.conf
+        url = conf.get("unique_backend_url")
+        if not url:
+            url = next((u for u in (conf.result_backend, conf.broker_url) if redis_url(u)), None)
+        if not url:
+            raise ConfigurationError(
+                "unique tasks need Redis: set app.conf.unique_backend_url "
+                "(e.g. 'redis://localhost:6379/0'); neither the result backend nor the "
+                "broker is a Redis URL"
+            )
+        options = conf.get("unique_backend_options") or {}
+        if not isinstance(options, dict):
+            raise ConfigurationError(
+                "app.conf.unique_backend_options must be a dict of keywords for "
+                f"RedisBackend.from_url (socket_timeout=..., ...), got {options!r}"
+            )
+        prefix = conf.get("unique_key_prefix") or DEFAULT_PREFIX
+        return RedisBackend.from_url(url, key_prefix=prefix, **options)
+
+    return backends.get(app, "unique", build)

@@ -1,0 +1,218 @@
+"""The unique-key lifecycle, transition by transition: no Redis, no worker, no clock but the
+one each event carries."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from celery_unique import Acquisition
+from celery_unique.core import lifecycle as lc
+from celery_unique.core.lifecycle import KeyState as S
+
+POLICY = lc.Policy(ttl=3600.0, lease=30.0)
+ID = "task-1"
+RUN = lc.run_token(ID, "r1")
+
+
+def got(owner: str, *, acquired: bool = False, ttl: float | None = 12.0) -> Acquisition:
+    return Acquisition(acquired, owner, ttl, 7 if acquired else None)
+
+
+def step(state: S, event: lc.Event, answer: Any = None, policy: lc.Policy = POLICY) -> Any:
+    """The plan's action, then the transition its answer leads to."""
+    plan = lc.plan(state, event, policy, ID)
+    return plan.action, plan.settle(answer)
+
+
+# -- apply ---------------------------------------------------------------------------------------
+
+
+def test_apply_takes_the_key_for_the_task_id_and_publishes() -> None:
+    action, transition = step(S.NEW, lc.Apply(3605.0), got(ID, acquired=True))
+    assert action == lc.Take(ID, 3605.0)
+    assert transition == lc.Transition(S.QUEUED, lc.Publish())
+
+
+def test_a_duplicate_publishes_nothing_and_names_the_holder() -> None:
+    _, transition = step(S.NEW, lc.Apply(3600.0), got(lc.run_token("other", "r"), ttl=9.5))
+    assert transition == lc.Transition(S.NEW, lc.Duplicate("other", 9.5))
+
+
+def test_a_failed_publish_frees_the_key_whichever_token_holds_it() -> None:
+    for state in (S.QUEUED, S.HANDED_BACK):
+        action, transition = step(state, lc.PublishFailed(), True)
+        assert action == lc.ReleaseAny(ID)
+        assert transition.state is S.RELEASED
+
+
+def test_an_eager_run_frees_its_key_when_apply_async_returns_unless_it_is_kept() -> None:
+    action, transition = step(S.QUEUED, lc.EagerDone(), True)
+    assert (action, transition.state) == (lc.ReleaseAny(ID), S.RELEASED)
+    kept = lc.Policy(ttl=60.0, lease=30.0, until="expired")
+    action, transition = step(S.QUEUED, lc.EagerDone(), policy=kept)
+    assert (action, transition.state) == (None, S.KEPT)
+
+
+# -- start -----------------------------------------------------------------------------------------
+
+
+def test_start_hands_the_key_to_a_run_token_with_a_lease() -> None:
+    action, transition = step(S.QUEUED, lc.Start("r1"), got(RUN, acquired=True))
+    assert action == lc.TakeOver(RUN, 30.0, ID, None)
+    assert transition == lc.Transition(S.RUNNING, lc.Run())
+
+
+def test_a_retry_or_deferral_copy_starts_the_same_way() -> None:
+    action, transition = step(S.HANDED_BACK, lc.Start("r1"), got(RUN, acquired=True))
+    assert isinstance(action, lc.TakeOver) and transition.state is S.RUNNING
+
+
+def test_a_second_delivery_of_a_running_id_is_deferred_past_the_lease() -> None:
+    other_run = lc.run_token(ID, "r0")
+    _, transition = step(S.QUEUED, lc.Start("r1"), got(other_run, ttl=20.0))
+    assert transition.state is S.QUEUED
+    outcome = transition.outcome
+    assert isinstance(outcome, lc.Deferral) and outcome.reason == "running_elsewhere"
+    assert 20.5 <= outcome.countdown <= 22.0  # past the other run's lease, with jitter
+
+
+def test_a_key_held_by_another_instance_skips_the_run() -> None:
+    _, transition = step(S.QUEUED, lc.Start("r1"), got("task-2"))
+    assert transition == lc.Transition(S.RELEASED, lc.Skip("task-2"))
+
+
+def test_a_deferred_copy_whose_first_delivery_succeeded_does_not_run_again() -> None:
+    event = lc.Start("r1", deferred=True, done_elsewhere=True)
+    _, transition = step(S.HANDED_BACK, event, got(RUN, acquired=True))
+    assert transition.state is S.RUNNING and isinstance(transition.outcome, lc.Done)
+
+
+def test_until_started_frees_the_key_as_the_run_starts() -> None:
+    started = lc.Policy(ttl=60.0, lease=30.0, until="started")
+    action, transition = step(S.QUEUED, lc.Start("r1"), True, policy=started)
+    assert action == lc.ReleaseAny(ID)
+    assert transition.state is S.RELEASED and transition.outcome == lc.Run(
+        locked=False, why=transition.outcome.why
+    )
+
+
+def test_a_hard_ttl_caps_the_lease_and_the_renewal() -> None:
+    hard = lc.Policy(ttl=3600.0, lease=30.0, hard_ttl=True)
+    action, _ = step(S.QUEUED, lc.Start("r1", ttl_left=12.0), got(RUN, acquired=True), hard)
+    assert action == lc.TakeOver(RUN, 12.0, ID, 12.0)
+    action, _ = step(S.QUEUED, lc.Start("r1", ttl_left=100.0), got(RUN, acquired=True), hard)
+    assert action == lc.TakeOver(RUN, 30.0, ID, 100.0)
+
+
+def test_a_run_starting_after_its_hard_ttl_ended_runs_without_the_key() -> None:
+    hard = lc.Policy(ttl=60.0, lease=30.0, hard_ttl=True)
+    action, transition = step(S.QUEUED, lc.Start("r1", ttl_left=-0.5), policy=hard)
+    assert action is None
+    assert transition.state is S.RELEASED and not transition.outcome.locked
+
+
+# -- while running -------------------------------------------------------------------------------
+
+
+def test_retry_and_deferral_hand_the_key_back_to_the_task_id() -> None:
+    action, transition = step(S.RUNNING, lc.Retry(3610.0), got(ID, acquired=True))
+    assert action == lc.HandOver(ID, 3610.0)
+    assert transition == lc.Transition(S.HANDED_BACK, lc.Publish())
+
+
+def test_a_retry_after_the_run_lost_its_key_to_another_instance_is_a_duplicate() -> None:
+    _, transition = step(S.RUNNING, lc.Retry(3600.0), got("task-2", ttl=5.0))
+    assert transition == lc.Transition(S.RELEASED, lc.Duplicate("task-2", 5.0))
+
+
+@pytest.mark.parametrize("state", [S.QUEUED, S.HANDED_BACK, S.RELEASED])
+def test_a_delivery_without_the_key_republishes_by_taking_it(state: S) -> None:
+    action, transition = step(state, lc.Republish(60.0), got(lc.run_token(ID, "r0")))
+    assert action == lc.Take(ID, 60.0)
+    assert transition == lc.Transition(S.HANDED_BACK, lc.Publish())  # waits for its twin
+    _, transition = step(state, lc.Republish(60.0), got("task-2"))
+    assert isinstance(transition.outcome, lc.Duplicate)
+
+
+def test_reject_with_requeue_hands_the_key_back_for_a_full_ttl() -> None:
+    action, transition = step(S.RUNNING, lc.Requeue(), got(ID, acquired=True))
+    assert action == lc.HandOver(ID, 3600.0)
+    assert transition.state is S.HANDED_BACK
+
+
+@pytest.mark.parametrize("event", [lc.Success(), lc.Failure(), lc.Ignored(), lc.Rejected()])
+def test_the_end_of_a_run_releases_its_key(event: lc.Event) -> None:
+    action, transition = step(S.RUNNING, event, True)
+    assert action == lc.Release()
+    assert transition.state is S.RELEASED
+
+
+Ending = type[lc.Success] | type[lc.Failure] | type[lc.Ignored]
+
+
+@pytest.mark.parametrize("end", [lc.Success, lc.Failure, lc.Ignored])
+def test_until_expired_keeps_the_key_for_what_is_left_of_the_ttl(end: Ending) -> None:
+    kept = lc.Policy(ttl=60.0, lease=30.0, until="expired")
+    action, transition = step(S.RUNNING, end(40.0), got(ID, acquired=True), kept)
+    assert action == lc.HandOver(ID, 40.0)
+    assert transition.state is S.KEPT
+    action, transition = step(S.RUNNING, end(-1.0), True, kept)  # the TTL is over
+    assert (action, transition.state) == (lc.Release(), S.RELEASED)
+
+
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [
+        (S.QUEUED, lc.Revoked()),
+        (S.RUNNING, lc.Revoked()),
+        (S.HANDED_BACK, lc.Revoked()),
+        (S.QUEUED, lc.Expired()),
+        (S.HANDED_BACK, lc.Expired()),
+        (S.RUNNING, lc.TimeLimit()),
+        (S.RUNNING, lc.LostChild()),
+    ],
+)
+def test_what_the_main_process_sees_frees_any_token_of_the_instance(
+    state: S, event: lc.Event
+) -> None:
+    action, transition = step(state, event, True)
+    assert action == lc.ReleaseAny(ID)  # the task id or any of its runs, never another's
+    assert transition.state is S.RELEASED
+
+
+def test_a_lost_lease_frees_nothing_and_leaves_the_run_unprotected() -> None:
+    action, transition = step(S.RUNNING, lc.LeaseLost())
+    assert action is None
+    assert transition.state is S.RELEASED
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+
+def test_an_event_that_cannot_happen_in_a_state_is_refused() -> None:
+    with pytest.raises(lc.IllegalTransition, match="Start cannot happen to a running key"):
+        lc.plan(S.RUNNING, lc.Start("r2"), POLICY, ID)
+    with pytest.raises(lc.IllegalTransition):
+        lc.plan(S.RELEASED, lc.Success(), POLICY, ID)
+
+
+def test_every_event_has_a_rule() -> None:
+    events = {pair[1] for pair in lc.TRANSITIONS}
+    assert events == set(lc.Event.__args__)
+
+
+def test_tokens_tell_the_instance_they_belong_to() -> None:
+    assert lc.holder_id(RUN) == ID
+    assert lc.holder_id(ID) == ID
+    assert lc.run_token(ID, "r1") != lc.run_token(ID, "r2")
+
+
+def test_the_documented_table_has_exactly_the_machines_rules() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "lifecycle.md").read_text()
+    rows = re.findall(r"^\| (new|queued|running|handed back|kept|released) \| (\w+)", doc, re.M)
+    documented = {(S(state), event) for state, event in rows}
+    assert documented == {(state, event.__name__) for state, event in lc.TRANSITIONS}
