@@ -175,24 +175,25 @@ class Requeue:
 
 
 @dataclass(frozen=True, slots=True)
-class Success:
-    """The run returned. ``ttl_left`` as for :class:`Start`."""
+class _Ended:
+    """The run is over. ``ttl_left`` as for :class:`Start`."""
 
     ttl_left: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Failure:
+class Success(_Ended):
+    """The run returned."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure(_Ended):
     """The run raised and will not be retried."""
 
-    ttl_left: float | None = None
-
 
 @dataclass(frozen=True, slots=True)
-class Ignored:
+class Ignored(_Ended):
     """The run raised ``Ignore``."""
-
-    ttl_left: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,30 +449,29 @@ def _start(policy: Policy, task_id: str, event: Start) -> Plan:
     return Plan(TakeOver(run_token(task_id, event.run_id), lease, task_id, lifetime), decide)
 
 
-@_rule((KeyState.RUNNING, Retry))
-def _hand_back(policy: Policy, task_id: str, event: Retry) -> Plan:
+def _republished(task_id: str) -> Callable[[Acquisition], Transition]:
+    """How a copy's take (or hand-over) decides: the key is the copy's now, or held by
+    another delivery of this very instance (which the copy will wait for); else another
+    instance holds it, and the copy would be a duplicate of that one (the run lost it)."""
+
     def decide(got: Acquisition) -> Transition:
         if got.acquired or holder_id(got.owner) == task_id:
             return Transition(KeyState.HANDED_BACK, Publish())
-        # The run's lock was lost and another instance holds the key now: its copy would be
-        # a duplicate of that one.
         return Transition(KeyState.RELEASED, Duplicate(holder_id(got.owner), got.ttl))
 
-    return Plan(HandOver(task_id, event.ttl), decide)
+    return decide
+
+
+@_rule((KeyState.RUNNING, Retry))
+def _hand_back(policy: Policy, task_id: str, event: Retry) -> Plan:
+    return Plan(HandOver(task_id, event.ttl), _republished(task_id))
 
 
 @_rule(
     (KeyState.QUEUED, Republish), (KeyState.HANDED_BACK, Republish), (KeyState.RELEASED, Republish)
 )
 def _republish(policy: Policy, task_id: str, event: Republish) -> Plan:
-    def decide(got: Acquisition) -> Transition:
-        if got.acquired or holder_id(got.owner) == task_id:
-            # Free (so now queued for the copy), or held by another delivery of this very
-            # instance, which the copy will wait for.
-            return Transition(KeyState.HANDED_BACK, Publish())
-        return Transition(KeyState.RELEASED, Duplicate(holder_id(got.owner), got.ttl))
-
-    return Plan(Take(task_id, event.ttl), decide)
+    return Plan(Take(task_id, event.ttl), _republished(task_id))
 
 
 @_rule((KeyState.RUNNING, Requeue))
@@ -480,7 +480,7 @@ def _requeue(policy: Policy, task_id: str, event: Requeue) -> Plan:
 
 
 @_rule((KeyState.RUNNING, Success), (KeyState.RUNNING, Failure), (KeyState.RUNNING, Ignored))
-def _end(policy: Policy, task_id: str, event: Success | Failure | Ignored) -> Plan:
+def _end(policy: Policy, task_id: str, event: _Ended) -> Plan:
     left = event.ttl_left
     if policy.until == "expired" and left is not None and left > 0:
         return Plan(HandOver(task_id, left), _fixed(KeyState.KEPT, Done("kept until its TTL")))
