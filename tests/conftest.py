@@ -79,7 +79,7 @@ class Threaded:
     Factories (``lock``) are called directly, like their async twins, and wrapped in turn.
     """
 
-    _FACTORIES = frozenset({"lock", "rate_limiter"})
+    _FACTORIES = frozenset({"lock", "semaphore", "rate_limiter"})
 
     def __init__(self, target: Any) -> None:
         self._target = target

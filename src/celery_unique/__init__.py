@@ -30,7 +30,7 @@ from .errors import (
     RateLimitExceeded,
 )
 from .limiters import AsyncRateLimiter, RateLimiter
-from .locks import AsyncLock, Lock
+from .locks import AsyncLock, AsyncSemaphore, Lock, Semaphore
 
 # The Celery task classes load Celery, so they are imported on first use only: an asyncio
 # web app that just wants AsyncRedisBackend does not pay for Celery.
@@ -60,6 +60,7 @@ __all__ = [
     "AsyncLock",
     "AsyncRateLimiter",
     "AsyncRedisBackend",
+    "AsyncSemaphore",
     "BackendError",
     "BackendUnavailable",
     "CeleryUniqueError",
@@ -76,6 +77,7 @@ __all__ = [
     "RateLimiter",
     "RedisBackend",
     "Reservation",
+    "Semaphore",
     "UniqueTask",
     "clear_locks",
 ]

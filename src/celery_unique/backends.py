@@ -18,23 +18,25 @@ from .errors import ConfigurationError
 from .executors import AsyncExecutor, AsyncRedisExecutor, Executor, RedisExecutor
 from .executors.connect import async_client, sync_client
 from .limiters import AsyncRateLimiter, RateLimiter
-from .locks import AsyncLock, Lock
+from .locks import AsyncLock, AsyncSemaphore, Lock, Semaphore
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
 
 X = TypeVar("X", Executor, AsyncExecutor)
 L = TypeVar("L", Lock, AsyncLock)
+S = TypeVar("S", Semaphore, AsyncSemaphore)
 R = TypeVar("R", RateLimiter, AsyncRateLimiter)
-Backend = TypeVar("Backend", bound="_BackendBase[Any, Any, Any]")
+Backend = TypeVar("Backend", bound="_BackendBase[Any, Any, Any, Any]")
 
 
-class _BackendBase(Generic[X, L, R]):
+class _BackendBase(Generic[X, L, S, R]):
     """What both flavours share: the client check, the key space and the factories."""
 
     _client_types: ClassVar[tuple[type, ...]]
     _other: ClassVar[str]
     _executor_class: Callable[..., X]
     _lock_class: type[L]
+    _semaphore_class: type[S]
     _limiter_class: type[R]
     _client_from_url: ClassVar[Callable[..., Any]]
 
@@ -128,6 +130,36 @@ class _BackendBase(Generic[X, L, R]):
             lifetime=lifetime,
         )
 
+    def semaphore(
+        self,
+        name: str,
+        limit: int,
+        ttl: float,
+        *,
+        blocking: bool = True,
+        timeout: float | None = None,
+        auto_renew: bool = False,
+        token: str | None = None,
+        on_lost: Callable[[S], object] | None = None,
+        lifetime: float | None = None,
+    ) -> S:
+        """A semaphore named ``name`` admitting ``limit`` holders, each for a ``ttl``-second
+        lease once acquired; the options are as for :meth:`lock`. See
+        :class:`~celery_unique.Semaphore`."""
+        return self._semaphore_class(
+            self.executor,  # type: ignore[arg-type]  # each flavour pairs its executor and class
+            self.keys,
+            name,
+            limit,
+            ttl,
+            blocking=blocking,
+            timeout=timeout,
+            auto_renew=auto_renew,
+            token=token,
+            on_lost=on_lost,
+            lifetime=lifetime,
+        )
+
     def rate_limiter(self, limits: LimitSpec) -> R:
         """A limiter for one limit or several (``"10/s"``, ``RateLimit(...)``, or a list of
         them, all of which must admit a request); see :class:`~celery_unique.RateLimiter`."""
@@ -137,7 +169,7 @@ class _BackendBase(Generic[X, L, R]):
         return f"{type(self).__name__}({self.client!r}, key_prefix={self.key_prefix!r})"
 
 
-class RedisBackend(_BackendBase[Executor, Lock, RateLimiter]):
+class RedisBackend(_BackendBase[Executor, Lock, Semaphore, RateLimiter]):
     """Locks and limits on a synchronous ``redis.Redis`` (or ``redis.cluster.RedisCluster``).
 
     ``RedisBackend.from_url("redis://localhost:6379/0")``, or ``RedisBackend(client)``;
@@ -148,6 +180,7 @@ class RedisBackend(_BackendBase[Executor, Lock, RateLimiter]):
     _other = "AsyncRedisBackend"
     _executor_class = RedisExecutor
     _lock_class = Lock
+    _semaphore_class = Semaphore
     _limiter_class = RateLimiter
     _client_from_url = staticmethod(sync_client)
 
@@ -186,7 +219,7 @@ class RedisBackend(_BackendBase[Executor, Lock, RateLimiter]):
         self.close()
 
 
-class AsyncRedisBackend(_BackendBase[AsyncExecutor, AsyncLock, AsyncRateLimiter]):
+class AsyncRedisBackend(_BackendBase[AsyncExecutor, AsyncLock, AsyncSemaphore, AsyncRateLimiter]):
     """Locks and limits on ``redis.asyncio.Redis`` (or ``redis.asyncio.RedisCluster``).
 
     ``AsyncRedisBackend.from_url("redis://localhost:6379/0")``, or ``AsyncRedisBackend(client)``.
@@ -198,6 +231,7 @@ class AsyncRedisBackend(_BackendBase[AsyncExecutor, AsyncLock, AsyncRateLimiter]
     _other = "RedisBackend"
     _executor_class = AsyncRedisExecutor
     _lock_class = AsyncLock
+    _semaphore_class = AsyncSemaphore
     _limiter_class = AsyncRateLimiter
     _client_from_url = staticmethod(async_client)
 

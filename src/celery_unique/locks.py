@@ -1,7 +1,9 @@
-"""Distributed locks: :class:`Lock` (threads) and :class:`AsyncLock` (asyncio), side by side.
+"""What is held for a lease: locks (:class:`Lock`, :class:`AsyncLock`) and semaphore slots
+(:class:`Semaphore`, :class:`AsyncSemaphore`), each sync and asyncio twin side by side.
 
-Both keep their state and decisions in :class:`_LockBase` and run the core's flows through an
-executor; they differ only in how they wait and how renewal runs (a thread, a task).
+A lock and a slot are held alike (acquire with backoff, owner-checked release and extend,
+renewal, clean-up after an unanswered acquire): that is :class:`_Lease`, with a sync and an
+async flavour. What differs is only which of the core's operations they send.
 """
 
 from __future__ import annotations
@@ -16,22 +18,23 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
-from .core import locks
+from .core import locks, semaphores
+from .core.holding import Attempt
 from .core.keys import KeySpace
-from .core.results import Acquisition
+from .core.results import Acquisition, Slot
 from .core.steps import Flow, Op, check_timeout, to_ms
 from .errors import BackendError, LockNotOwnedError, LockTimeout
+from .executors.protocol import AsyncExecutor, Executor
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from .executors import AsyncExecutor, Executor
 
-__all__ = ["AsyncLock", "Lock"]
+__all__ = ["AsyncLock", "AsyncSemaphore", "Lock", "Semaphore"]
 
 logger = logging.getLogger("celery_unique")
 
-E = TypeVar("E", "Executor", "AsyncExecutor")
+E = TypeVar("E")  # the executor: "Executor" for the sync flavour, "AsyncExecutor" for asyncio
 
 # Background clean-ups of the asyncio flavour, kept referenced until they are done.
 _CLEANUPS: set[asyncio.Task[Any]] = set()
@@ -42,15 +45,16 @@ def _new_token() -> str:
     return os.urandom(16).hex()
 
 
-class _LockBase(Generic[E]):
-    """State and decisions shared by :class:`Lock` and :class:`AsyncLock`."""
+class _Lease(Generic[E]):
+    """State and decisions shared by every flavour of every held thing."""
 
-    _renewal: Any = None  # the renewal thread (Lock) or task (AsyncLock) while it runs
+    _what = "lock"  # how messages name it
+    _renewal: Any = None  # the renewal thread (sync) or task (asyncio) while it runs
 
     def __init__(
         self,
         executor: E,
-        keys: KeySpace,
+        key: str,
         name: str,
         ttl: float,
         *,
@@ -66,7 +70,7 @@ class _LockBase(Generic[E]):
         if lifetime is not None:
             to_ms(lifetime, "lifetime")
         self._executor: E = executor
-        self._key = keys.lock(name)
+        self._key = key
         self.name = name
         self.ttl = float(ttl)
         self.blocking = blocking
@@ -76,35 +80,43 @@ class _LockBase(Generic[E]):
         self.token = _new_token() if token is None else token
         self.on_lost = on_lost
         self.lifetime = lifetime
-        self.fence: int | None = None
         self.lost = False
         self._held = False
-        self._last: Acquisition | None = None
+        self._last: Attempt | None = None
         self._renew_until: float | None = None  # time.monotonic() moment, from the lifetime
+
+    # -- what each kind sends ---------------------------------------------------------------
+
+    def _acquire_flow(self, blocking: bool, timeout: float | None) -> Flow[Any]:
+        raise NotImplementedError
+
+    def _parse_attempt(self, reply: Any) -> Attempt:
+        raise NotImplementedError
+
+    def _release_op(self, token: str) -> Op[bool]:
+        raise NotImplementedError
+
+    def _extend_op(self, ttl: float) -> Op[bool]:
+        raise NotImplementedError
+
+    def _renew_flow(self) -> Flow[str]:
+        raise NotImplementedError
+
+    def _cleanup_flow(self, token: str) -> Flow[bool]:
+        raise NotImplementedError
+
+    # -- shared decisions -------------------------------------------------------------------
 
     @property
     def renewing(self) -> bool:
-        """Whether auto-renewal is extending the lock right now."""
+        """Whether auto-renewal is extending the lease right now."""
         return self._renewal is not None
 
     def __repr__(self) -> str:
         state = "held" if self._held else "lost" if self.lost else "not held"
         return f"<{type(self).__name__} {self.name!r} ttl={self.ttl:g} {state}>"
 
-    def _acquire_flow(self, blocking: bool, timeout: float | None) -> Flow[Acquisition]:
-        return locks.acquire(
-            self._key,
-            self.token,
-            self.ttl,
-            blocking=blocking,
-            timeout=timeout,
-            clock=time.monotonic,
-        )
-
-    def _take_over_op(self, predecessor: str) -> Op[Acquisition]:
-        return locks.acquire_once(self._key, self.token, self.ttl, predecessor)
-
-    def _record(self, result: Acquisition) -> bool:
+    def _record(self, result: Attempt) -> bool:
         """Note an attempt's outcome; whether renewal should start now."""
         self._last = result
         if not result.acquired:
@@ -112,14 +124,13 @@ class _LockBase(Generic[E]):
         started = not self._held
         self._held = True
         self.lost = False
-        self.fence = result.fence
         if started and self.lifetime is not None:
             self._renew_until = time.monotonic() + self.lifetime
         return self.auto_renew
 
     def _rotate_token(self) -> str:
         """The token a clean-up may still release: a generated token is replaced, so that
-        the clean-up, landing late, cannot release what this lock acquires next."""
+        the clean-up, landing late, cannot release what this object acquires next."""
         token = self.token
         if self._own_token:
             self.token = _new_token()
@@ -127,12 +138,12 @@ class _LockBase(Generic[E]):
 
     def _timeout_error(self) -> LockTimeout:
         last = self._last
-        owner = None if last is None or last.acquired else last.owner
+        owner = None if last is None or last.acquired else getattr(last, "owner", None)
         ttl = None if last is None or last.acquired else last.ttl
         return LockTimeout(
-            f"could not acquire lock {self.name!r} in time; it is held by another owner "
-            f"for {ttl if ttl is not None else 'an unknown number of'} more seconds: "
-            "wait longer (timeout=) or let the holder finish",
+            f"could not acquire {self._what} {self.name!r} in time; the earliest holder's "
+            f"lease ends in {ttl if ttl is not None else 'an unknown number of'} seconds: "
+            "wait longer (timeout=) or let the holders finish",
             key=self.name,
             owner=owner,
             ttl=ttl,
@@ -141,8 +152,8 @@ class _LockBase(Generic[E]):
     def _not_owned(self, action: str) -> LockNotOwnedError:
         self._held = False
         return LockNotOwnedError(
-            f"cannot {action} lock {self.name!r}: this owner no longer holds it (its TTL ran "
-            "out or another owner took it); use a longer ttl or auto_renew=True",
+            f"cannot {action} {self._what} {self.name!r}: this owner no longer holds it (its "
+            "lease ran out or another owner took it); use a longer ttl or auto_renew=True",
             key=self.name,
         )
 
@@ -150,12 +161,7 @@ class _LockBase(Generic[E]):
         if body_error is None:
             raise lost
         # The block's own error matters more; do not hide it behind this one.
-        logger.error("lock %r was no longer held when its block raised", self.name)
-
-    def _renew_flow(self) -> Flow[str]:
-        return locks.renew(
-            self._key, self.token, self.ttl, clock=time.monotonic, until=self._renew_until
-        )
+        logger.error("%s %r was no longer held when its block raised", self._what, self.name)
 
     def _renewal_stopped(self, reason: str) -> None:
         if reason == "until":
@@ -163,48 +169,27 @@ class _LockBase(Generic[E]):
         self._held = False
         self.lost = True
         logger.error(
-            "lock %r was lost while held (%s): another owner may now hold it",
+            "%s %r was lost while held (%s): another owner may now hold it",
+            self._what,
             self.name,
             "Redis unreachable for a whole TTL" if reason == "unreachable" else "expired or taken",
         )
         if self.on_lost is not None:
             self.on_lost(self)
 
-    def _cleanup_flow(self, token: str) -> Flow[bool]:
-        # Off the caller's path: Redis did not answer the acquire, and may not answer this.
-        return locks.release_eventually(self._key, token, self.ttl, clock=time.monotonic)
-
     def _cleanup_failed(self) -> None:
-        logger.warning("could not free lock %r after an interrupted acquire", self.name)
+        logger.warning("could not free %s %r after an interrupted acquire", self._what, self.name)
 
 
 class _Stopped(Exception):
-    """Raised inside the renewal thread's sleep when the lock is released."""
+    """Raised inside the renewal thread's sleep when the lease is given up."""
 
 
-class Lock(_LockBase["Executor"]):
-    """A distributed lock for threads and processes, shaped like ``threading.Lock``.
-
-    ::
-
-        with backend.lock("report:42", ttl=30, timeout=5) as lock:
-            ...  # LockTimeout if not acquired in 5 s; lock.fence orders writes
-
-    ``acquire`` is re-entrant for the same lock object (it refreshes the TTL). ``release`` and
-    ``extend`` check ownership in Redis and raise :class:`LockNotOwnedError` when it was lost.
-    With ``auto_renew=True`` a daemon thread extends the lock every ``ttl / 3`` while held
-    (never past ``lifetime`` seconds after it was acquired, if given); if it is lost anyway,
-    ``lock.lost`` becomes true, an error is logged and ``on_lost(lock)`` runs.
-
-    Every call ends within the backend's deadline (about 2 s by default): a hung Redis raises
-    :class:`~celery_unique.BackendUnavailable`, and ``acquire(timeout=T)`` gives up by T
-    (plus at most 0.5 s for its last attempt) however Redis behaves.
-    """
-
-    _renewal: tuple[threading.Thread, threading.Event] | None = None
+class _SyncLease(_Lease[Executor]):
+    """The threads flavour: renewal and clean-ups run on daemon threads."""
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        """Take the lock; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
+        """Take it; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
         was_held = self._held
         try:
             result = self._executor.run(self._acquire_flow(blocking, timeout))
@@ -219,63 +204,34 @@ class Lock(_LockBase["Executor"]):
             raise
         if self._record(result):
             self._start_renewal()
-        return result.acquired
+        return bool(result.acquired)
 
-    def take_over(self, predecessor: str) -> Acquisition:
-        """Acquire in one attempt, also when the lock is held by token ``predecessor`` (it
-        passes to this lock): a hand-over between owners that know each other.
-
-        The returned :class:`Acquisition` names the holder when it was another token.
-        """
-        result = self._executor.execute(self._take_over_op(predecessor))
-        if self._record(result):
-            self._start_renewal()
-        return result
-
-    def hand_over(self, token: str, ttl: float) -> Acquisition:
-        """Pass the lock to ``token`` for ``ttl`` seconds in one atomic step, and stop holding
-        it. Also takes the lock for ``token`` if it is free (this lock had expired). The
-        result's ``acquired`` is false when another owner holds it: nothing was passed."""
+    def release(self) -> None:
+        """Give it up; :class:`LockNotOwnedError` if this owner no longer holds it."""
         self._stop_renewal()
-        self._held = False
-        return self._executor.execute(locks.acquire_once(self._key, token, ttl, self.token))
-
-    def abandon(self) -> None:
-        """Stop renewing and forget the lock without releasing it: it expires by its TTL."""
-        self._stop_renewal()
+        if not self._executor.execute(self._release_op(self.token)):
+            raise self._not_owned("release")
         self._held = False
 
     def release_in_background(self) -> None:
-        """Release without waiting: a thread sends it and, while Redis does not answer, tries
-        again until the lock's TTL is over (by then it has expired anyway). For clean-ups
-        that must not hold their caller up, such as after an acquire Redis never answered."""
+        """Give it up without waiting: a thread sends the release and, while Redis does not
+        answer, tries again until the TTL is over (by then it has expired anyway). For
+        clean-ups that must not hold their caller up, such as after an unanswered acquire."""
         self._stop_renewal()
         self._held = False
         self._release_later(self.token)
 
-    def release(self) -> None:
-        """Release the lock; :class:`LockNotOwnedError` if this owner no longer holds it."""
-        self._stop_renewal()
-        if not self._executor.execute(locks.release(self._key, self.token)):
-            raise self._not_owned("release")
-        self._held = False
-
     def extend(self, ttl: float | None = None) -> None:
-        """Reset the TTL to ``ttl`` (default: the lock's) from now; raises if not the owner."""
-        if not self._executor.execute(
-            locks.extend(self._key, self.token, self.ttl if ttl is None else ttl)
-        ):
+        """Reset the lease to ``ttl`` (default: the TTL) from now; raises if not the owner."""
+        if not self._executor.execute(self._extend_op(self.ttl if ttl is None else ttl)):
             raise self._not_owned("extend")
 
-    def owner(self) -> str | None:
-        """The token of the current holder, or ``None`` when the lock is free."""
-        return self._executor.execute(locks.owner(self._key))
+    def abandon(self) -> None:
+        """Stop renewing and forget it without releasing: it expires by its TTL."""
+        self._stop_renewal()
+        self._held = False
 
-    def locked(self) -> bool:
-        """Whether anyone holds the lock."""
-        return self.owner() is not None
-
-    def __enter__(self) -> Lock:
+    def __enter__(self) -> Any:
         if not self.acquire(self.blocking, self.timeout):
             raise self._timeout_error()
         return self
@@ -332,24 +288,13 @@ class Lock(_LockBase["Executor"]):
                 thread.join()
 
 
-class AsyncLock(_LockBase["AsyncExecutor"]):
-    """The asyncio twin of :class:`Lock`: same methods, awaited.
+class _AsyncLease(_Lease[AsyncExecutor]):
+    """The asyncio flavour: renewal and clean-ups run as tasks of the running loop; leaving
+    ``async with`` is shielded, so a cancelled task still gives up what it held."""
 
-    ::
-
-        async with abackend.lock("report:42", ttl=30, timeout=5):
-            ...
-
-    Leaving the block releases the lock even when the task is being cancelled, and an
-    ``acquire`` cancelled mid-flight frees whatever it took. ``auto_renew=True`` renews from a
-    task of the running loop.
-    """
-
-    _renewal: asyncio.Task[None] | None = None
-
-    # timeout= mirrors Lock.acquire (and threading.Lock): it answers False, it does not raise.
+    # timeout= mirrors the sync acquire (and threading.Lock): it answers False, never raises.
     async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:  # noqa: ASYNC109
-        """Take the lock; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
+        """Take it; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
         was_held = self._held
         in_flight: list[Any] = []
         try:
@@ -362,68 +307,44 @@ class AsyncLock(_LockBase["AsyncExecutor"]):
             raise
         except BaseException:
             # Cancelled while a command was in flight: it was seen through, so we know what
-            # it did. Free the lock if it took it (Redis answered: one quick round trip).
+            # it did. Free what it took (Redis answered: one quick round trip).
             if not was_held and in_flight:
                 outcome = in_flight[-1]
                 if isinstance(outcome, BaseException):
                     if getattr(outcome, "outcome_unknown", False):
                         self._release_later(self._rotate_token())
-                elif locks.parse_acquire(outcome).acquired:
+                elif self._parse_attempt(outcome).acquired:
                     await self._release_quietly()
             raise
         if self._record(result):
             self._start_renewal()
-        return result.acquired
+        return bool(result.acquired)
 
-    async def take_over(self, predecessor: str) -> Acquisition:
-        """Acquire in one attempt, also when the lock is held by token ``predecessor``; see
-        :meth:`Lock.take_over`."""
-        result = await self._executor.execute(self._take_over_op(predecessor))
-        if self._record(result):
-            self._start_renewal()
-        return result
-
-    async def hand_over(self, token: str, ttl: float) -> Acquisition:
-        """Pass the lock to ``token`` for ``ttl`` seconds; see :meth:`Lock.hand_over`."""
+    async def release(self) -> None:
+        """Give it up; :class:`LockNotOwnedError` if this owner no longer holds it."""
         await self._stop_renewal()
-        self._held = False
-        return await self._executor.execute(locks.acquire_once(self._key, token, ttl, self.token))
-
-    async def abandon(self) -> None:
-        """Stop renewing and forget the lock without releasing it: it expires by its TTL."""
-        await self._stop_renewal()
+        if not await self._executor.execute(self._release_op(self.token)):
+            raise self._not_owned("release")
         self._held = False
 
     async def release_in_background(self) -> None:
-        """Release without waiting: a task of the running loop sends it; see
+        """Give it up without waiting: a task of the running loop sends the release; see
         :meth:`Lock.release_in_background`."""
         await self._stop_renewal()
         self._held = False
         self._release_later(self.token)
 
-    async def release(self) -> None:
-        """Release the lock; :class:`LockNotOwnedError` if this owner no longer holds it."""
-        await self._stop_renewal()
-        if not await self._executor.execute(locks.release(self._key, self.token)):
-            raise self._not_owned("release")
-        self._held = False
-
     async def extend(self, ttl: float | None = None) -> None:
-        """Reset the TTL to ``ttl`` (default: the lock's) from now; raises if not the owner."""
-        if not await self._executor.execute(
-            locks.extend(self._key, self.token, self.ttl if ttl is None else ttl)
-        ):
+        """Reset the lease to ``ttl`` (default: the TTL) from now; raises if not the owner."""
+        if not await self._executor.execute(self._extend_op(self.ttl if ttl is None else ttl)):
             raise self._not_owned("extend")
 
-    async def owner(self) -> str | None:
-        """The token of the current holder, or ``None`` when the lock is free."""
-        return await self._executor.execute(locks.owner(self._key))
+    async def abandon(self) -> None:
+        """Stop renewing and forget it without releasing: it expires by its TTL."""
+        await self._stop_renewal()
+        self._held = False
 
-    async def locked(self) -> bool:
-        """Whether anyone holds the lock."""
-        return await self.owner() is not None
-
-    async def __aenter__(self) -> AsyncLock:
+    async def __aenter__(self) -> Any:
         if not await self.acquire(self.blocking, self.timeout):
             raise self._timeout_error()
         return self
@@ -441,7 +362,7 @@ class AsyncLock(_LockBase["AsyncExecutor"]):
 
     async def _release_quietly(self) -> None:
         try:
-            await _shielded(self._executor.execute(locks.release(self._key, self.token)))
+            await _shielded(self._executor.execute(self._release_op(self.token)))
         except Exception:
             self._cleanup_failed()
 
@@ -479,3 +400,208 @@ async def _shielded(coro: Any) -> Any:
     # asyncio.shield lets it finish even if the task is cancelled natively once more.
     with anyio.CancelScope(shield=True):
         return await asyncio.shield(coro)
+
+
+# -- locks ---------------------------------------------------------------------------------------
+
+
+class _LockKind(_Lease[E]):
+    """What makes a lease a lock: one owner at a time, and a fence per acquisition."""
+
+    def __init__(self, executor: E, keys: KeySpace, name: str, ttl: float, **options: Any):
+        super().__init__(executor, keys.lock(name), name, ttl, **options)
+        self.fence: int | None = None
+
+    def _record(self, result: Attempt) -> bool:
+        if result.acquired:
+            self.fence = getattr(result, "fence", None)
+        return super()._record(result)
+
+    def _acquire_flow(self, blocking: bool, timeout: float | None) -> Flow[Acquisition]:
+        return locks.acquire(
+            self._key,
+            self.token,
+            self.ttl,
+            blocking=blocking,
+            timeout=timeout,
+            clock=time.monotonic,
+        )
+
+    def _parse_attempt(self, reply: Any) -> Acquisition:
+        return locks.parse_acquire(reply)
+
+    def _release_op(self, token: str) -> Op[bool]:
+        return locks.release(self._key, token)
+
+    def _extend_op(self, ttl: float) -> Op[bool]:
+        return locks.extend(self._key, self.token, ttl)
+
+    def _renew_flow(self) -> Flow[str]:
+        return locks.renew(
+            self._key, self.token, self.ttl, clock=time.monotonic, until=self._renew_until
+        )
+
+    def _cleanup_flow(self, token: str) -> Flow[bool]:
+        # Off the caller's path: Redis did not answer the acquire, and may not answer this.
+        return locks.release_eventually(self._key, token, self.ttl, clock=time.monotonic)
+
+
+class Lock(_LockKind[Executor], _SyncLease):
+    """A distributed lock for threads and processes, shaped like ``threading.Lock``.
+
+    ::
+
+        with backend.lock("report:42", ttl=30, timeout=5) as lock:
+            ...  # LockTimeout if not acquired in 5 s; lock.fence orders writes
+
+    ``acquire`` is re-entrant for the same lock object (it refreshes the TTL). ``release`` and
+    ``extend`` check ownership in Redis and raise :class:`LockNotOwnedError` when it was lost.
+    With ``auto_renew=True`` a daemon thread extends the lock every ``ttl / 3`` while held
+    (never past ``lifetime`` seconds after it was acquired, if given); if it is lost anyway,
+    ``lock.lost`` becomes true, an error is logged and ``on_lost(lock)`` runs.
+
+    Every call ends within the backend's deadline (about 2 s by default): a hung Redis raises
+    :class:`~celery_unique.BackendUnavailable`, and ``acquire(timeout=T)`` gives up by T
+    (plus at most 0.5 s for its last attempt) however Redis behaves.
+    """
+
+    def take_over(self, predecessor: str) -> Acquisition:
+        """Acquire in one attempt, also when the lock is held by token ``predecessor`` (it
+        passes to this lock): a hand-over between owners that know each other.
+
+        The returned :class:`Acquisition` names the holder when it was another token.
+        """
+        result = self._executor.execute(
+            locks.acquire_once(self._key, self.token, self.ttl, predecessor)
+        )
+        if self._record(result):
+            self._start_renewal()
+        return result
+
+    def hand_over(self, token: str, ttl: float) -> Acquisition:
+        """Pass the lock to ``token`` for ``ttl`` seconds in one atomic step, and stop holding
+        it. Also takes the lock for ``token`` if it is free (this lock had expired). The
+        result's ``acquired`` is false when another owner holds it: nothing was passed."""
+        self._stop_renewal()
+        self._held = False
+        return self._executor.execute(locks.acquire_once(self._key, token, ttl, self.token))
+
+    def owner(self) -> str | None:
+        """The token of the current holder, or ``None`` when the lock is free."""
+        return self._executor.execute(locks.owner(self._key))
+
+    def locked(self) -> bool:
+        """Whether anyone holds the lock."""
+        return self.owner() is not None
+
+
+class AsyncLock(_LockKind[AsyncExecutor], _AsyncLease):
+    """The asyncio twin of :class:`Lock`: same methods, awaited.
+
+    ::
+
+        async with abackend.lock("report:42", ttl=30, timeout=5):
+            ...
+
+    Leaving the block releases the lock even when the task is being cancelled, and an
+    ``acquire`` cancelled mid-flight frees whatever it took. ``auto_renew=True`` renews from a
+    task of the running loop.
+    """
+
+    async def take_over(self, predecessor: str) -> Acquisition:
+        """Acquire in one attempt, also when the lock is held by token ``predecessor``; see
+        :meth:`Lock.take_over`."""
+        op = locks.acquire_once(self._key, self.token, self.ttl, predecessor)
+        result = await self._executor.execute(op)
+        if self._record(result):
+            self._start_renewal()
+        return result
+
+    async def hand_over(self, token: str, ttl: float) -> Acquisition:
+        """Pass the lock to ``token`` for ``ttl`` seconds; see :meth:`Lock.hand_over`."""
+        await self._stop_renewal()
+        self._held = False
+        return await self._executor.execute(locks.acquire_once(self._key, token, ttl, self.token))
+
+    async def owner(self) -> str | None:
+        """The token of the current holder, or ``None`` when the lock is free."""
+        return await self._executor.execute(locks.owner(self._key))
+
+    async def locked(self) -> bool:
+        """Whether anyone holds the lock."""
+        return await self.owner() is not None
+
+
+# -- semaphores ----------------------------------------------------------------------------------
+
+
+class _SemaphoreKind(_Lease[E]):
+    """What makes a lease a semaphore slot: up to ``limit`` holders at once."""
+
+    _what = "semaphore"
+
+    def __init__(
+        self, executor: E, keys: KeySpace, name: str, limit: int, ttl: float, **options: Any
+    ):
+        super().__init__(executor, keys.semaphore(name), name, ttl, **options)
+        self.limit = semaphores.check_limit(limit)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f" limit={self.limit}>"
+
+    def _acquire_flow(self, blocking: bool, timeout: float | None) -> Flow[Slot]:
+        return semaphores.acquire(
+            self._key,
+            self.token,
+            self.limit,
+            self.ttl,
+            blocking=blocking,
+            timeout=timeout,
+            clock=time.monotonic,
+        )
+
+    def _parse_attempt(self, reply: Any) -> Slot:
+        return semaphores.parse_slot(reply)
+
+    def _release_op(self, token: str) -> Op[bool]:
+        return semaphores.release(self._key, token)
+
+    def _extend_op(self, ttl: float) -> Op[bool]:
+        return semaphores.extend(self._key, self.token, ttl)
+
+    def _renew_flow(self) -> Flow[str]:
+        return semaphores.renew(
+            self._key, self.token, self.ttl, clock=time.monotonic, until=self._renew_until
+        )
+
+    def _cleanup_flow(self, token: str) -> Flow[bool]:
+        return semaphores.release_eventually(self._key, token, self.ttl, clock=time.monotonic)
+
+
+class Semaphore(_SemaphoreKind[Executor], _SyncLease):
+    """A distributed semaphore: at most ``limit`` holders at once, fleet-wide.
+
+    ::
+
+        with backend.semaphore("partner-api", limit=5, ttl=30, timeout=10):
+            ...  # LockTimeout if no slot came free in 10 s
+
+    Each holder has a lease on Redis time (``ttl``); a holder that dies frees its slot when
+    its lease ends, and expired holders never count. ``acquire``, ``release`` and ``extend``
+    are one round trip each; a blocking acquire backs off (10 ms doubling to 250 ms, with
+    jitter), never sleeping past the moment the earliest lease ends or the deadline.
+    ``auto_renew``, ``on_lost``, ``lifetime`` and the deadlines are as on :class:`Lock`.
+    """
+
+    def holders(self) -> int:
+        """How many live holders the semaphore has now."""
+        return self._executor.execute(semaphores.holders(self._key))
+
+
+class AsyncSemaphore(_SemaphoreKind[AsyncExecutor], _AsyncLease):
+    """The asyncio twin of :class:`Semaphore`: same methods, awaited; leaving ``async with``
+    frees the slot even when the task is being cancelled."""
+
+    async def holders(self) -> int:
+        """How many live holders the semaphore has now."""
+        return await self._executor.execute(semaphores.holders(self._key))

@@ -16,6 +16,7 @@ from celery_unique import (
     AsyncLock,
     AsyncRateLimiter,
     AsyncRedisBackend,
+    AsyncSemaphore,
     BackendError,
     BackendUnavailable,
     CeleryUniqueError,
@@ -28,6 +29,7 @@ from celery_unique import (
     RateLimiter,
     RateLimitExceeded,
     RedisBackend,
+    Semaphore,
 )
 
 
@@ -86,7 +88,12 @@ def _public(cls: type) -> dict[str, inspect.Signature | None]:
 
 @pytest.mark.parametrize(
     ("sync", "async_"),
-    [(Lock, AsyncLock), (RedisBackend, AsyncRedisBackend), (RateLimiter, AsyncRateLimiter)],
+    [
+        (Lock, AsyncLock),
+        (Semaphore, AsyncSemaphore),
+        (RedisBackend, AsyncRedisBackend),
+        (RateLimiter, AsyncRateLimiter),
+    ],
 )
 def test_sync_and_async_twins_have_the_same_names_and_parameters(sync: type, async_: type) -> None:
     sync_members, async_members = _public(sync), _public(async_)
@@ -97,11 +104,20 @@ def test_sync_and_async_twins_have_the_same_names_and_parameters(sync: type, asy
 
 
 @pytest.mark.parametrize(
-    "method", ["acquire", "release", "extend", "owner", "locked", "__aenter__", "__aexit__"]
+    ("sync", "async_", "method"),
+    [
+        *((Lock, AsyncLock, m) for m in ("owner", "locked", "take_over", "hand_over")),
+        (Semaphore, AsyncSemaphore, "holders"),
+        *(
+            (sync, async_, m)
+            for sync, async_ in ((Lock, AsyncLock), (Semaphore, AsyncSemaphore))
+            for m in ("acquire", "release", "extend", "abandon", "__aenter__", "__aexit__")
+        ),
+    ],
 )
-def test_async_lock_methods_are_coroutines(method: str) -> None:
-    assert inspect.iscoroutinefunction(getattr(AsyncLock, method))
-    assert not inspect.iscoroutinefunction(getattr(Lock, method.replace("__a", "__")))
+def test_async_twins_methods_are_coroutines(sync: type, async_: type, method: str) -> None:
+    assert inspect.iscoroutinefunction(getattr(async_, method))
+    assert not inspect.iscoroutinefunction(getattr(sync, method.replace("__a", "__")))
 
 
 def test_error_tree() -> None:

@@ -7,10 +7,9 @@ from typing import Any
 import pytest
 
 from celery_unique import Acquisition, BackendUnavailable, ConfigurationError
+from celery_unique.core.holding import ATTEMPT_FLOOR, BACKOFF_MAX
 from celery_unique.core.keys import KeySpace
 from celery_unique.core.locks import (
-    ATTEMPT_FLOOR,
-    BACKOFF_MAX,
     acquire,
     acquire_once,
     extend,

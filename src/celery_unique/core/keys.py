@@ -1,6 +1,7 @@
 """The Redis key layout, in one place: ``<prefix><kind>:{<name>}``.
 
 * a lock: ``<prefix>lock:{<name>}``, one key whose value is ``<fence>:<token>``;
+* a semaphore: ``<prefix>sem:{<name>}``, a sorted set of holders scored by lease end;
 * a rate limit: ``<prefix>rate:{<name>}:<spec>``, one bucket per limit;
 * a unique task's lock is the lock named ``task:<task name>:<digest of its arguments>``.
 
@@ -81,6 +82,11 @@ class KeySpace:
         """The key of lock ``name``."""
         _check_name(name, "a lock name")
         return _lock_key(self.prefix, name)
+
+    def semaphore(self, name: str) -> str:
+        """The key of semaphore ``name``."""
+        _check_name(name, "a semaphore name")
+        return f"{self.prefix}sem:{hash_tag(name)}"
 
     def rate(self, name: str, specs: Sequence[str]) -> tuple[str, ...]:
         """One bucket key per limit spec, all in the slot of ``name``."""

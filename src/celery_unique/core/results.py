@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Acquisition", "Decision", "Reservation"]
+__all__ = ["Acquisition", "Decision", "Reservation", "Slot"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,3 +54,17 @@ class Reservation:
     remaining: int
     delay: float
     retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """The outcome of one attempt at a semaphore slot.
+
+    ``acquired`` says whether the caller holds a slot now; ``holders`` how many live holders
+    the semaphore has (the caller included, when acquired). ``ttl`` is the caller's lease in
+    seconds when acquired, else the seconds until the earliest holder's lease ends.
+    """
+
+    acquired: bool
+    holders: int
+    ttl: float

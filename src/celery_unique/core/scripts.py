@@ -7,7 +7,17 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["ACQUIRE", "EXTEND", "RELEASE", "TOKEN_BUCKET", "Script"]
+__all__ = [
+    "ACQUIRE",
+    "EXTEND",
+    "RELEASE",
+    "SEMAPHORE_ACQUIRE",
+    "SEMAPHORE_EXTEND",
+    "SEMAPHORE_HOLDERS",
+    "SEMAPHORE_RELEASE",
+    "TOKEN_BUCKET",
+    "Script",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,3 +55,8 @@ ACQUIRE = Script.load("acquire", idempotent=True)
 RELEASE = Script.load("release")
 EXTEND = Script.load("extend", idempotent=True)
 TOKEN_BUCKET = Script.load("token_bucket")
+# A semaphore's acquire with the same token renews its lease; extending twice sets one lease.
+SEMAPHORE_ACQUIRE = Script.load("semaphore_acquire", idempotent=True)
+SEMAPHORE_RELEASE = Script.load("semaphore_release")
+SEMAPHORE_EXTEND = Script.load("semaphore_extend", idempotent=True)
+SEMAPHORE_HOLDERS = Script.load("semaphore_holders", idempotent=True)

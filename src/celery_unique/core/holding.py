@@ -1,0 +1,144 @@
+"""Flows shared by everything that is held for a lease (locks, semaphore slots): waiting to
+acquire with backoff, keeping a lease alive, and freeing one after an unanswered acquire."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from ..errors import BackendError
+from .steps import Call, Clock, Eval, Flow, Sleep, check_timeout, flag
+
+__all__ = [
+    "ATTEMPT_FLOOR",
+    "BACKOFF_FIRST",
+    "BACKOFF_MAX",
+    "Attempt",
+    "acquire",
+    "release_eventually",
+    "renew",
+]
+
+# Blocking acquire backs off from the first to the last delay, doubling, with jitter,
+# and never sleeps past the moment a holder's lease ends nor the caller's deadline.
+BACKOFF_FIRST = 0.01
+BACKOFF_MAX = 0.25
+#: Seconds an attempt of a blocking acquire with a timeout may take at least, however little
+#: of the timeout is left: the last attempt must be able to answer "held" on a slow day rather
+#: than fail for want of time. A hung server thus ends ``acquire(timeout=T)`` by T + this.
+ATTEMPT_FLOOR = 0.5
+
+
+class Attempt(Protocol):
+    """What an attempt answers: whether it acquired, and if not, how soon a holder's lease
+    ends (``ttl``, seconds; ``None`` when unknown)."""
+
+    @property
+    def acquired(self) -> bool: ...
+
+    @property
+    def ttl(self) -> float | None: ...
+
+
+R = TypeVar("R", bound=Attempt)
+
+
+def acquire(
+    attempt: Callable[[float | None], Eval],
+    parse: Callable[[Any], R],
+    *,
+    blocking: bool = True,
+    timeout: float | None = None,
+    clock: Clock,
+) -> Flow[R]:
+    """Try ``attempt(step_timeout)`` until it acquires, waiting with capped, jittered backoff
+    when ``blocking``.
+
+    A sleep never outlasts a holder's remaining lease (a place is free then) nor the deadline;
+    the last attempt is made at the deadline. With a ``timeout`` every attempt must be
+    answered by the deadline too (but gets at least :data:`ATTEMPT_FLOOR`), so a hung server
+    cannot stretch the wait past it. An executor's error ends the flow: a fault is never
+    reported as "held by another".
+    """
+    check_timeout(blocking, timeout)
+    deadline = None if timeout is None else clock() + timeout
+    untimed = attempt(None)
+    backoff = BACKOFF_FIRST
+    while True:
+        step = untimed if deadline is None else attempt(max(deadline - clock(), ATTEMPT_FLOOR))
+        result = parse((yield step))
+        if result.acquired or not blocking:
+            return result
+        now = clock()
+        if deadline is not None and now >= deadline:
+            return result
+        delay = backoff * (0.5 + random.random() / 2)
+        if result.ttl is not None:
+            delay = min(delay, result.ttl + 0.001)
+        if deadline is not None:
+            delay = min(delay, deadline - now)
+        yield Sleep(delay)
+        backoff = min(backoff * 2, BACKOFF_MAX)
+
+
+def renew(
+    extend: Callable[[float, float], Eval], ttl: float, *, clock: Clock, until: float | None = None
+) -> Flow[str]:
+    """Keep a lease alive: ``extend(span, step_timeout)`` every ``ttl / 3`` until it is lost.
+
+    Returns why renewal stopped: ``"lost"`` (another holds it, or it expired),
+    ``"unreachable"`` (Redis did not answer for a whole TTL, so the lease has ended there)
+    or ``"until"``: with ``until`` (a ``clock()`` time), no extend reaches past it, and the
+    last one makes the lease end right then.
+    A failed extend is retried sooner, while the lease still has time left.
+    """
+    interval = ttl / 3
+    valid_until = clock() + ttl
+    delay = interval
+    while True:
+        if until is not None and valid_until >= until:
+            return "until"
+        yield Sleep(delay)
+        sent = clock()
+        span = ttl
+        if until is not None and until - sent < ttl:
+            span = until - sent
+            if span < 0.001:  # below Redis' resolution: let the lease end as it stands
+                return "until"
+        # An answer later than the lease's end is worthless: wait no longer than that.
+        step = extend(span, max(valid_until - sent, 0.05))
+        try:
+            renewed = flag((yield step))
+        except BackendError:
+            left = valid_until - clock()
+            if left <= 0:
+                return "unreachable"
+            delay = min(interval / 4, left / 2)
+            continue
+        if not renewed:
+            return "lost"
+        # The new TTL runs from when Redis ran the script, which is after ``sent``.
+        valid_until = sent + span
+        delay = interval
+
+
+def release_eventually(release: Eval | Call, ttl: float, *, clock: Clock) -> Flow[bool]:
+    """Free what an unanswered acquire may have taken: the clean-up behind an interrupted
+    acquire, run off the caller's path.
+
+    Redis did not answer the acquire, so it may not answer this either: ``release`` is sent
+    again, backing off, until it is answered or ``ttl`` is over (what was taken, if anything,
+    has expired by then). Returns whether something was released.
+    """
+    give_up = clock() + ttl
+    backoff = BACKOFF_MAX
+    while True:
+        try:
+            return flag((yield release))
+        except BackendError:  # noqa: PERF203  # the executor throws it in at that yield
+            left = give_up - clock()
+            if left <= 0:
+                return False
+            yield Sleep(min(backoff * (0.5 + random.random() / 2), left))
+            backoff = min(backoff * 2, 4.0)
