@@ -142,10 +142,11 @@ class _BackendBase(Generic[X, L, S, R]):
         token: str | None = None,
         on_lost: Callable[[S], object] | None = None,
         lifetime: float | None = None,
+        queue: bool = False,
     ) -> S:
         """A semaphore named ``name`` admitting ``limit`` holders, each for a ``ttl``-second
-        lease once acquired; the options are as for :meth:`lock`. See
-        :class:`~celery_unique.Semaphore`."""
+        lease once acquired; ``queue=True`` queues callers turned away (see ``retry_after``);
+        the other options are as for :meth:`lock`. See :class:`~celery_unique.Semaphore`."""
         return self._semaphore_class(
             self.executor,  # type: ignore[arg-type]  # each flavour pairs its executor and class
             self.keys,
@@ -158,6 +159,7 @@ class _BackendBase(Generic[X, L, S, R]):
             token=token,
             on_lost=on_lost,
             lifetime=lifetime,
+            queue=queue,
         )
 
     def rate_limiter(self, limits: LimitSpec) -> R:

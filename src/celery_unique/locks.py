@@ -541,17 +541,38 @@ class _SemaphoreKind(_Lease[E]):
     _what = "semaphore"
 
     def __init__(
-        self, executor: E, keys: KeySpace, name: str, limit: int, ttl: float, **options: Any
+        self,
+        executor: E,
+        keys: KeySpace,
+        name: str,
+        limit: int,
+        ttl: float,
+        *,
+        queue: bool = False,
+        **options: Any,
     ):
         super().__init__(executor, keys.semaphore(name), name, ttl, **options)
         self.limit = semaphores.check_limit(limit)
+        self.queue = queue
+        self._keys = keys.semaphore_queue(name) if queue else (self._key,)
+        #: After an acquire was turned away: seconds until this caller should try again (its
+        #: turn in the queue, or when the earliest lease ends); ``None`` otherwise.
+        self.retry_after: float | None = None
+        self._since = 0.0  # time.monotonic() of the acquisition, for the typical hold time
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f" limit={self.limit}>"
 
+    def _record(self, result: Attempt) -> bool:
+        if isinstance(result, Slot):
+            self.retry_after = None if result.acquired else result.due
+            if result.acquired and not self._held:
+                self._since = time.monotonic()
+        return super()._record(result)
+
     def _acquire_flow(self, blocking: bool, timeout: float | None) -> Flow[Slot]:
         return semaphores.acquire(
-            self._key,
+            self._keys,
             self.token,
             self.limit,
             self.ttl,
@@ -564,6 +585,9 @@ class _SemaphoreKind(_Lease[E]):
         return semaphores.parse_slot(reply)
 
     def _release_op(self, token: str) -> Op[bool]:
+        if self.queue and self._held and token == self.token:
+            # How long it was held teaches the queue how soon slots come free.
+            return semaphores.release_held(self._keys, token, time.monotonic() - self._since)
         return semaphores.release(self._key, token)
 
     def _extend_op(self, ttl: float) -> Op[bool]:
@@ -591,6 +615,11 @@ class Semaphore(_SemaphoreKind[Executor], _SyncLease):
     are one round trip each; a blocking acquire backs off (10 ms doubling to 250 ms, with
     jitter), never sleeping past the moment the earliest lease ends or the deadline.
     ``auto_renew``, ``on_lost``, ``lifetime`` and the deadlines are as on :class:`Lock`.
+
+    With ``queue=True``, callers turned away by a non-blocking acquire are queued, first come
+    first served, and ``retry_after`` tells each when its turn comes: one typical hold time
+    (learnt from the releases) per ``limit`` callers apart, so they come back one after another
+    rather than all at once.
     """
 
     def holders(self) -> int:

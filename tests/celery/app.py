@@ -273,3 +273,81 @@ def booked(tag: str, i: int) -> int:
 )
 def short_horizon(tag: str) -> None:
     record_time(tag)
+
+
+# -- concurrency limits ---------------------------------------------------------------------------
+
+
+@app.task(
+    base=RateLimitedTask,
+    bind=True,
+    name="t.concurrent",
+    concurrency_limit=2,
+    concurrency_key=lambda tag, seconds=0.4: tag,
+    max_retries=0,
+)
+def concurrent(self: RateLimitedTask, tag: str, seconds: float = 0.4) -> int:
+    with Run(tag):
+        time.sleep(seconds)
+    return int(self.request.retries)
+
+
+@app.task(
+    base=RateLimitedTask,
+    name="t.concurrent_fails",
+    concurrency_limit=1,
+    concurrency_key=lambda tag: tag,
+)
+def concurrent_fails(tag: str) -> None:
+    with Run(tag):
+        raise ValueError("boom")
+
+
+@app.task(
+    base=RateLimitedTask,
+    name="t.one_per_customer",
+    concurrency_limit=1,
+    concurrency_key=["customer_id"],
+)
+def one_per_customer(customer_id: int, tag: str) -> None:
+    with Run(f"{tag}:{customer_id}"), Run(tag):
+        time.sleep(0.3)
+
+
+@app.task(
+    base=UniqueLimited,
+    bind=True,
+    name="t.unique_concurrent",
+    concurrency_limit=1,
+    concurrency_key=lambda tag, n: tag,
+    max_retries=0,
+)
+def unique_concurrent(self: UniqueTask, tag: str, n: int) -> int:
+    with Run(tag):
+        time.sleep(0.3)
+    return int(self.request.retries)
+
+
+@app.task(
+    base=RateLimitedTask,
+    name="t.concurrent_hard_limit",
+    concurrency_limit=1,
+    concurrency_key=lambda tag: tag,
+    time_limit=1,
+    unique_lease=60,
+)
+def concurrent_hard_limit(tag: str) -> None:
+    with Run(tag):
+        time.sleep(30)
+
+
+@app.task(
+    base=RateLimitedTask,
+    name="t.concurrent_short_lease",
+    concurrency_limit=1,
+    concurrency_key=lambda tag: tag,
+    unique_lease=2,
+)
+def concurrent_short_lease(tag: str) -> None:
+    with Run(tag):
+        time.sleep(60)

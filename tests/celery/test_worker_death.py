@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from celery_unique.celery.unique import RUN_SEPARATOR
+from celery_unique.core.keys import KeySpace
 from celery_unique.core.locks import parse_owner
 from celery_unique.testing import free_port
 from tests.celery import app as t
@@ -107,3 +108,35 @@ def test_fail_open_lets_a_worker_run_a_task_when_its_lock_redis_is_down(
         assert result.get(timeout=30) == tag
     assert t.runs(tag) == 1
     client.delete(key_of(t.slow, tag, 0.0))  # the queued lock the worker could not free
+
+
+# -- concurrency slots ----------------------------------------------------------------------------
+
+
+def slot_key(tag: str) -> str:
+    return KeySpace("cut:").semaphore(tag)
+
+
+def test_a_hard_time_limit_frees_a_concurrency_slot_at_once(
+    shared_worker: tuple[Popen[bytes], str], client: redis.Redis
+) -> None:
+    _, queue = shared_worker
+    tag = uuid.uuid4().hex
+    t.concurrent_hard_limit.apply_async((tag,), queue=queue)  # time_limit 1 s, lease 60 s
+    wait_for_run(tag)
+    assert client.zcard(slot_key(tag)) == 1
+    assert seconds_until_gone(client, slot_key(tag)) < 10  # not the 60 s lease
+
+
+def test_sigkill_of_the_whole_worker_frees_a_concurrency_slot_within_its_lease(
+    redis_url: str, client: redis.Redis
+) -> None:
+    tag = uuid.uuid4().hex
+    with worker_process(redis_url) as (process, queue):
+        t.concurrent_short_lease.apply_async((tag,), queue=queue)  # lease 2 s, body 60 s
+        wait_for_run(tag)
+        time.sleep(3)  # longer than the lease: only renewal can have kept the slot
+        assert client.zcard(slot_key(tag)) == 1
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        assert seconds_until_gone(client, slot_key(tag)) <= 2.0 + 0.5

@@ -82,3 +82,35 @@ def test_nothing_is_written_without_an_expiry(r: redis.Redis, key: str) -> None:
     assert 0 < r.pttl(key) <= 5000
     run(r, SEMAPHORE_ACQUIRE, key, "b", 2, 8000)
     assert 5000 < r.pttl(key) <= 8000
+
+
+def test_callers_turned_away_queue_one_typical_hold_per_limit_apart(
+    r: redis.Redis, prefix: str
+) -> None:
+    keys = KeySpace(prefix).semaphore_queue("api")
+
+    def acquire(token: str, limit: int = 2) -> Any:
+        return r.eval(SEMAPHORE_ACQUIRE.source, 3, *keys, token, limit, 60_000)
+
+    assert acquire("a")[0] == 1 and acquire("b")[0] == 1
+    # No hold time known yet: 1 s per slot, so 0.5 s apart at a limit of 2.
+    dues = [acquire(token)[3] for token in ("c", "d", "e")]
+    assert [round(due, -2) for due in dues] == [500, 1000, 1500]
+    assert r.zrange(keys[1], 0, -1) == ["c", "d", "e"]  # first come, first served
+    # a held its slot 4 s: the typical hold becomes 4 s, so a newcomer queues 2 s after e.
+    assert r.eval(SEMAPHORE_RELEASE.source, 2, keys[0], keys[2], "a", 4000) == 1
+    assert r.get(keys[2]) == "4000"
+    assert acquire("c")[0] == 1  # a's slot went to c, which leaves the queue
+    assert r.zrange(keys[1], 0, -1) == ["d", "e"]
+    assert 3000 <= acquire("f")[3] <= 3600  # after e (~1.5 s), one 2 s step further
+    again = acquire("d")  # back and still turned away: it queues near the front again
+    assert again[0] == 0 and again[3] <= 2000
+    assert 0 < r.pttl(keys[1]) <= 60_000 + 3600  # the queue expires a lease after its last
+
+
+def test_a_caller_that_never_comes_back_leaves_the_queue(r: redis.Redis, prefix: str) -> None:
+    keys = KeySpace(prefix).semaphore_queue("api")
+    r.eval(SEMAPHORE_ACQUIRE.source, 3, *keys, "holder", 1, 1000)
+    r.zadd(keys[1], {"gone": 1})  # due long ago, more than a lease: revoked, say
+    assert r.eval(SEMAPHORE_ACQUIRE.source, 3, *keys, "new", 1, 1000)[0] == 0
+    assert r.zrange(keys[1], 0, -1) == ["new"]

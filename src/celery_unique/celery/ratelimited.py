@@ -1,19 +1,34 @@
-"""RateLimitedTask: a fleet-wide rate limit, a slot booked when a run starts."""
+"""RateLimitedTask: fleet-wide rate and concurrency limits, checked when a run starts."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from celery import signals
+from celery.exceptions import Reject, TimeLimitExceeded
+
 from ..backends import RedisBackend
 from ..core.arguments import ArgumentKey
 from ..core.rates import RateLimit, as_limits
+from ..errors import BackendError, LockNotOwnedError
 from ..limiters import RateLimiter
+from ..locks import Semaphore
 from .base import BOOKED_HEADER, BackedTask, defer
-from .settings import DEFAULT_MAX_WAIT, Found, check_seconds, from_task
+from .settings import (
+    DEFAULT_LEASE,
+    DEFAULT_MAX_WAIT,
+    Found,
+    check_count,
+    check_seconds,
+    from_task,
+)
+
+logger = logging.getLogger("celery_unique")
 
 __all__ = ["RateConfig", "RateLimitedTask"]
 
@@ -22,6 +37,9 @@ _SOURCES: dict[str, tuple[str | None, str | None]] = {
     "limit": ("global_rate_limit", "unique_global_rate_limit"),
     "key": ("rate_limit_key", None),
     "max_wait": ("rate_limit_max_wait", "unique_rate_limit_max_wait"),
+    "concurrency": ("concurrency_limit", None),
+    "concurrency_key": ("concurrency_key", None),
+    "lease": ("unique_lease", "unique_lease"),
 }
 
 
@@ -44,7 +62,14 @@ class RateLimitedTask(BackedTask):
     * ``rate_limit_max_wait`` (``app.conf.unique_rate_limit_max_wait``): how far ahead, in
       seconds, a run may book its slot (default 60). Keep it well below the broker's
       ``visibility_timeout`` (Redis broker: one hour by default), past which a message
-      still waiting for its countdown is delivered again.
+      still waiting for its countdown is delivered again;
+    * ``concurrency_limit``: at most this many runs at once, fleet-wide, per
+      ``concurrency_key`` (``None``: one count per task; argument names or a callable, as for
+      ``rate_limit_key``). A run over the limit is deferred (same id, no retry used, a unique
+      lock kept) to its turn in a first-come-first-served queue, spaced by how long runs
+      typically take; its slot is freed when it ends however it ends (success, failure,
+      ``Ignore``/``Reject``, revoke, time limit, lost child) and by its lease
+      (``unique_lease``, default 30 s, renewed while it runs) if the worker dies.
 
     When a run starts it books the earliest slot the limits have for it within
     ``rate_limit_max_wait`` (one Redis command): a slot now runs at once; a later slot defers
@@ -62,10 +87,13 @@ class RateLimitedTask(BackedTask):
     global_rate_limit: ClassVar[Any] = None
     rate_limit_key: ClassVar[Any] = None
     rate_limit_max_wait: ClassVar[float | None] = None
+    concurrency_limit: ClassVar[int | None] = None
+    concurrency_key: ClassVar[Any] = None
 
     def rate_setting(self, name: str) -> Found | None:
-        """The configured value of setting ``name`` (``limit``, ``key``, ``max_wait``) and
-        where it was set, ``None`` if unset: the task's options, then ``app.conf``."""
+        """The configured value of setting ``name`` (``limit``, ``key``, ``max_wait``,
+        ``concurrency``, ``concurrency_key``, ``lease``) and where it was set, ``None`` if
+        unset: the task's options, then ``app.conf``."""
         option, conf_key = _SOURCES[name]
         return from_task(self, option, conf_key)
 
@@ -76,15 +104,41 @@ class RateLimitedTask(BackedTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        # A copy carrying its booking runs: its slot was taken when it was deferred, and a
-        # broker's redelivery of that copy must not book (or be refused) a second time.
-        if not (
-            request.called_directly
-            or request.is_eager
-            or getattr(request, BOOKED_HEADER, None) == request.retries
-        ):
-            self._take_slot(args, kwargs)
-        return super().__call__(*args, **kwargs)
+        if request.called_directly or request.is_eager:
+            return super().__call__(*args, **kwargs)
+        # The cheaper limit to give back first: a deferral by the rate limit frees the slot,
+        # while a slot refused costs no rate-limit token.
+        running = self._take_run_slot(args, kwargs)
+        try:
+            # A copy carrying its booking runs: its slot was taken when it was deferred, and a
+            # broker's redelivery of that copy must not book (or be refused) a second time.
+            if getattr(request, BOOKED_HEADER, None) != request.retries:
+                self._take_slot(args, kwargs)
+            return super().__call__(*args, **kwargs)
+        finally:
+            if running is not None:
+                self._free_run_slot(running)
+
+    def _take_run_slot(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Semaphore | None:
+        """A slot of the concurrency limit for this run, or defer the instance (raises Retry)."""
+        rated = self.rate_config
+        slot = rated.run_slot(args, kwargs, self.request.id)
+        if slot is None or slot.acquire(blocking=False):
+            return slot
+        # Its turn in the queue of runs turned away, a little jittered against lockstep.
+        countdown = (slot.retry_after or 1.0) * random.uniform(1.0, 1.1)
+        defer(self, countdown, "concurrency limit")
+
+    def _free_run_slot(self, slot: Semaphore) -> None:
+        try:
+            slot.release()
+        except LockNotOwnedError:
+            pass  # its lease ended (a stalled worker): nothing of ours to free
+        except BackendError:
+            logger.warning(
+                "could not free the concurrency slot of %s[%s]; it frees within %.0f s",
+                self.name, self.request.id, slot.ttl, exc_info=True,
+            )  # fmt: skip
 
     def _take_slot(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Book this run's slot: return if it is now, else defer the instance (raises Retry)."""
@@ -107,7 +161,7 @@ class RateLimitedTask(BackedTask):
 
 @dataclass(frozen=True, slots=True)
 class RateConfig:
-    """A rate-limited task's resolved settings (``backend`` is ``None`` without a limit: a
+    """A rate-limited task's resolved settings (``backend`` is ``None`` without any limit: a
     task that limits nothing needs no Redis)."""
 
     backend: RedisBackend | None
@@ -115,6 +169,9 @@ class RateConfig:
     dynamic: Callable[..., Any] | None
     key: Callable[[Sequence[Any], Mapping[str, Any]], str]
     max_wait: float
+    concurrency: int | None = None
+    concurrency_key: Callable[[Sequence[Any], Mapping[str, Any]], str] | None = None
+    lease: float = DEFAULT_LEASE
     _limiters: dict[tuple[str, ...], RateLimiter] = field(default_factory=dict)
 
     @classmethod
@@ -123,12 +180,19 @@ class RateConfig:
         spec = None if found is None else found.value
         key = task.rate_setting("key")
         max_wait = task.rate_setting("max_wait") or Found(DEFAULT_MAX_WAIT, "the default")
+        concurrency = task.rate_setting("concurrency")
+        limit = None if concurrency is None else check_count(concurrency)
+        conc_key = task.rate_setting("concurrency_key")
+        lease = task.rate_setting("lease") or Found(DEFAULT_LEASE, "the default")
         return cls(
-            backend=None if spec is None else task.redis_backend(),
+            backend=None if spec is None and limit is None else task.redis_backend(),
             static=None if spec is None or callable(spec) else as_limits(spec),
             dynamic=spec if callable(spec) else None,
             key=_rate_key(task, None if key is None else key.value),
             max_wait=check_seconds(max_wait),
+            concurrency=limit,
+            concurrency_key=_rate_key(task, None if conc_key is None else conc_key.value),
+            lease=check_seconds(lease),
         )
 
     def limits(
@@ -147,6 +211,22 @@ class RateConfig:
             limiter = self._limiters[specs] = self.backend.rate_limiter(limits)
         return limiter
 
+    def run_slot(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str
+    ) -> Semaphore | None:
+        """The concurrency slot a run of ``task_id`` would hold (``None``: no limit). Its
+        token is the task id, so the worker's main process can free it too."""
+        if self.concurrency is None or self.backend is None or self.concurrency_key is None:
+            return None
+        return self.backend.semaphore(
+            self.concurrency_key(args, kwargs),
+            self.concurrency,
+            self.lease,
+            token=task_id,
+            auto_renew=True,
+            queue=True,
+        )
+
 
 def _rate_key(task: BackedTask, option: Any) -> Callable[[Sequence[Any], Mapping[str, Any]], str]:
     if option is None:
@@ -156,3 +236,46 @@ def _rate_key(task: BackedTask, option: Any) -> Callable[[Sequence[Any], Mapping
         return lambda args, kwargs: str(option(*args, **kwargs))
     # A list of argument names: hashed like unique keys, so no value appears in Redis.
     return ArgumentKey(task.name, task.run, option)
+
+
+# -- what the worker's main process sees: a run killed there never frees its slot itself -------
+
+
+def _free_from_main_process(task: RateLimitedTask, task_id: str, args: Any, kwargs: Any) -> None:
+    try:
+        slot = task.rate_config.run_slot(args or (), kwargs or {}, task_id)
+        if slot is not None:
+            slot.release()  # owner-checked: only the slot of this task id
+    except LockNotOwnedError:
+        pass  # it held none (it had not started, or its lease ended)
+    except Exception:  # arguments that no longer bind, Redis down: the lease frees it
+        logger.warning(
+            "could not free the concurrency slot of %s[%s]", task.name, task_id, exc_info=True
+        )
+
+
+@signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.slot_revoked")  # type: ignore[untyped-decorator]
+def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """Revoked, expired or terminated: a slot it may hold is freed."""
+    if isinstance(sender, RateLimitedTask) and request is not None:
+        if sender.rate_config.concurrency is not None:
+            _free_from_main_process(sender, request.id, request.args, request.kwargs)
+
+
+@signals.task_failure.connect(weak=False, dispatch_uid="celery_unique.slot_failure")  # type: ignore[untyped-decorator]
+def _on_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
+    """A hard time limit or a lost worker child, seen by the main process: free the slot."""
+    from billiard.exceptions import WorkerLostError
+
+    if not isinstance(sender, RateLimitedTask) or task_id is None:
+        return
+    if isinstance(exception, WorkerLostError | TimeLimitExceeded | Reject):
+        if sender.rate_config.concurrency is not None:
+            _free_from_main_process(sender, task_id, args, kwargs)

@@ -33,6 +33,7 @@ __all__ = [
     "backend_for",
     "backends",
     "check_choice",
+    "check_count",
     "check_encoder",
     "check_seconds",
     "from_task",
@@ -86,6 +87,14 @@ def check_seconds(found: Found, *, allow_zero: bool = False) -> float:
             f"{found.where} must be a finite number of seconds {bound}, got {value!r}"
         )
     return float(value)
+
+
+def check_count(found: Found) -> int:
+    """A whole number >= 1."""
+    value = found.value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{found.where} must be a whole number >= 1, got {value!r}")
+    return value
 
 
 def check_choice(found: Found, choices: Sequence[str]) -> str:

@@ -88,6 +88,12 @@ class KeySpace:
         _check_name(name, "a semaphore name")
         return f"{self.prefix}sem:{hash_tag(name)}"
 
+    def semaphore_queue(self, name: str) -> tuple[str, str, str]:
+        """The keys of semaphore ``name`` with a queue of callers turned away: the holders,
+        the queue, and the typical hold time (one cluster slot)."""
+        key = self.semaphore(name)
+        return key, f"{key}:queue", f"{key}:hold"
+
     def rate(self, name: str, specs: Sequence[str]) -> tuple[str, ...]:
         """One bucket key per limit spec, all in the slot of ``name``."""
         _check_name(name, "a rate limit key")

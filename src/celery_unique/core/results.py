@@ -62,9 +62,11 @@ class Slot:
 
     ``acquired`` says whether the caller holds a slot now; ``holders`` how many live holders
     the semaphore has (the caller included, when acquired). ``ttl`` is the caller's lease in
-    seconds when acquired, else the seconds until the earliest holder's lease ends.
+    seconds when acquired, else the seconds until the earliest holder's lease ends. ``due``:
+    when refused with a queue, seconds until the caller's turn to try again (else ``ttl``).
     """
 
     acquired: bool
     holders: int
     ttl: float
+    due: float = 0.0

@@ -7,6 +7,7 @@ lease. Each function returns an :class:`~.steps.Op` or a flow; none does I/O.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -24,6 +25,7 @@ __all__ = [
     "parse_slot",
     "release",
     "release_eventually",
+    "release_held",
     "renew",
 ]
 
@@ -36,17 +38,22 @@ def check_limit(limit: int) -> int:
 
 
 def parse_slot(reply: list[Any]) -> Slot:
-    """``{1, holders, ttl_ms}`` or ``{0, holders, wait_ms}`` -> :class:`Slot`."""
-    return Slot(int(reply[0]) == 1, int(reply[1]), int(reply[2]) / 1000)
+    """``{1, holders, ttl_ms}`` or ``{0, holders, wait_ms, due_ms}`` -> :class:`Slot`."""
+    if int(reply[0]) == 1:
+        return Slot(True, int(reply[1]), int(reply[2]) / 1000)
+    return Slot(False, int(reply[1]), int(reply[2]) / 1000, int(reply[3]) / 1000)
 
 
-def acquire_once(key: str, token: str, limit: int, ttl: float) -> Op[Slot]:
-    """One attempt at a slot (re-acquiring with the same token renews its lease)."""
-    return Op(Eval(SEMAPHORE_ACQUIRE, (key,), (token, limit, to_ms(ttl))), parse_slot)
+def acquire_once(key: str | Sequence[str], token: str, limit: int, ttl: float) -> Op[Slot]:
+    """One attempt at a slot (re-acquiring with the same token renews its lease). With the
+    three keys of ``KeySpace.semaphore_queue``, a caller turned away is queued and told when
+    its turn comes (:attr:`Slot.due`)."""
+    keys = (key,) if isinstance(key, str) else tuple(key)
+    return Op(Eval(SEMAPHORE_ACQUIRE, keys, (token, limit, to_ms(ttl))), parse_slot)
 
 
 def acquire(
-    key: str,
+    key: str | Sequence[str],
     token: str,
     limit: int,
     ttl: float,
@@ -56,10 +63,12 @@ def acquire(
     clock: Clock,
 ) -> Flow[Slot]:
     """Take a slot, waiting with backoff when ``blocking``: never past the moment the earliest
-    lease ends, nor the deadline (see :func:`.holding.acquire`)."""
+    lease ends, nor the deadline (see :func:`.holding.acquire`). ``key`` as for
+    :func:`acquire_once`."""
+    keys = (key,) if isinstance(key, str) else tuple(key)
     args = (token, limit, to_ms(ttl))
     return holding.acquire(
-        lambda within: Eval(SEMAPHORE_ACQUIRE, (key,), args, within),
+        lambda within: Eval(SEMAPHORE_ACQUIRE, keys, args, within),
         parse_slot,
         blocking=blocking,
         timeout=timeout,
@@ -70,6 +79,13 @@ def acquire(
 def release(key: str, token: str) -> Op[bool]:
     """Give up ``token``'s slot; ``True`` if it held a live one."""
     return Op(Eval(SEMAPHORE_RELEASE, (key,), (token,)), flag)
+
+
+def release_held(keys: Sequence[str], token: str, held: float) -> Op[bool]:
+    """Give up ``token``'s slot of a queued semaphore (its three keys) after holding it
+    ``held`` seconds, which the typical hold time learns from."""
+    args = (token, max(0, round(held * 1000)))
+    return Op(Eval(SEMAPHORE_RELEASE, (keys[0], keys[2]), args), flag)
 
 
 def release_eventually(key: str, token: str, ttl: float, *, clock: Clock) -> Flow[bool]:
