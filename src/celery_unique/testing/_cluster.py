@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from ._server import RedisServer, _conf, wait_until
+from ._server import RedisServer, config_line, wait_until
 from ._wire import ReplyError
 
 __all__ = ["ClusterServers", "redis_cluster", "running_cluster"]
@@ -73,7 +73,7 @@ class ClusterServers:
     def _answering(self) -> list[RedisServer]:
         return [node for node in self.nodes if node.alive and not node.paused]
 
-    def _view(self, node: RedisServer | None = None) -> list[_Node]:
+    def view(self, node: RedisServer | None = None) -> list[_Node]:
         """CLUSTER NODES as ``node`` sees it, or as the first node that answers does."""
         if node is not None:
             return _parse_nodes(str(node.command("CLUSTER", "NODES", timeout=1.0)))
@@ -85,7 +85,7 @@ class ClusterServers:
 
     def _view_or_none(self, node: RedisServer) -> list[_Node] | None:
         try:
-            return self._view(node)
+            return self.view(node)
         except (OSError, ReplyError):
             return None
 
@@ -97,12 +97,12 @@ class ClusterServers:
 
     def primaries(self) -> list[RedisServer]:
         """The nodes the cluster holds as primaries (not flagged as failing), in start order."""
-        ports = {e.port for e in self._view() if "master" in e.flags and not e.failing}
+        ports = {e.port for e in self.view() if "master" in e.flags and not e.failing}
         return [node for node in self.nodes if node.port in ports]
 
     def replicas(self, of: RedisServer | None = None) -> list[RedisServer]:
         """The replicas (not flagged as failing), of ``of`` if given, in start order."""
-        view = self._view()
+        view = self.view()
         master_ids = {e.id for e in view if of is None or e.port == of.port}
         ports = {
             e.port
@@ -113,7 +113,7 @@ class ClusterServers:
 
     def node_for_slot(self, slot: int) -> RedisServer:
         """The primary serving ``slot`` (``redis.crc.key_slot(b"key")``)."""
-        for entry in self._view():
+        for entry in self.view():
             if any(low <= slot <= high for low, high in entry.slots):
                 return self._server(entry)
         raise LookupError(f"no node serves slot {slot}")
@@ -129,7 +129,7 @@ class ClusterServers:
                 if "cluster_state:ok" not in info or f"cluster_slots_ok:{SLOTS}" not in info:
                     return False
                 covered = 0
-                for entry in self._view(node):
+                for entry in self.view(node):
                     if entry.slots and (entry.failing or entry.port not in answering_ports):
                         return False
                     covered += sum(high - low + 1 for low, high in entry.slots)
@@ -142,7 +142,7 @@ class ClusterServers:
 
 def _replicas_synced(cluster: ClusterServers, masters: int, replicas: int) -> bool:
     for node in cluster.nodes:
-        view = cluster._view(node)
+        view = cluster.view(node)
         if sum("master" in e.flags and bool(e.slots) for e in view) != masters:
             return False
         if sum("slave" in e.flags for e in view) != masters * replicas:
@@ -177,10 +177,10 @@ def running_cluster(
     Killed nodes restart with their identity (``nodes.conf`` stays in their folder).
     """
     config = (
-        _conf("cluster-node-timeout", node_timeout_ms)
+        config_line("cluster-node-timeout", node_timeout_ms)
         # Any replica may take over, however long since it heard from its primary: tests
         # pause and kill nodes at will, and must not end with a cluster that stays down.
-        + _conf("cluster-replica-validity-factor", 0)
+        + config_line("cluster-replica-validity-factor", 0)
     )
     with ExitStack() as stack:
         nodes = [
@@ -196,7 +196,7 @@ def running_cluster(
 
         def all_met() -> bool:
             return all(
-                len(view := cluster._view(node)) == len(nodes)
+                len(view := cluster.view(node)) == len(nodes)
                 and not any(entry.failing for entry in view)
                 for node in nodes
             )

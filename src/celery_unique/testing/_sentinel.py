@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from urllib.parse import quote
 
-from ._server import HOST, RedisServer, _conf, wait_until
+from ._server import HOST, RedisServer, config_line, wait_until
 from ._wire import Reply, ReplyError
 
 __all__ = ["SentinelServers", "redis_sentinel"]
@@ -193,7 +193,7 @@ def redis_sentinel(
             return stack.enter_context(server)
 
         master = run(RedisServer(binary=binary, password=password))
-        replica_config = _conf("replicaof", HOST, master.port)
+        replica_config = config_line("replicaof", HOST, master.port)
         data_replicas = [
             run(RedisServer(binary=binary, password=password, config=replica_config))
             for _ in range(replicas)
@@ -207,16 +207,16 @@ def redis_sentinel(
         )
         name = master_name
         config = (
-            _conf("sentinel", "monitor", name, HOST, master.port, quorum)
-            + _conf("sentinel", "down-after-milliseconds", name, down_after_ms)
-            + _conf("sentinel", "failover-timeout", name, failover_timeout_ms)
-            + _conf("sentinel", "parallel-syncs", name, 1)
+            config_line("sentinel", "monitor", name, HOST, master.port, quorum)
+            + config_line("sentinel", "down-after-milliseconds", name, down_after_ms)
+            + config_line("sentinel", "failover-timeout", name, failover_timeout_ms)
+            + config_line("sentinel", "parallel-syncs", name, 1)
         )
         if password is not None:
-            config += _conf("sentinel", "auth-pass", name, password)
+            config += config_line("sentinel", "auth-pass", name, password)
         if sentinel_password is not None:
             # password= makes it requirepass; sentinel-pass is what a sentinel gives its peers.
-            config += _conf("sentinel", "sentinel-pass", sentinel_password)
+            config += config_line("sentinel", "sentinel-pass", sentinel_password)
         watchers = [
             run(
                 RedisServer(binary=binary, sentinel=True, password=sentinel_password, config=config)

@@ -90,7 +90,7 @@ def wait_until(
         time.sleep(interval)
 
 
-def _conf(*words: str | int | os.PathLike[str]) -> str:
+def config_line(*words: str | int | os.PathLike[str]) -> str:
     # Quote every word: paths may hold spaces, and `save ""` needs an explicit empty one.
     def quoted(word: str | int | os.PathLike[str]) -> str:
         text = str(word).replace("\\", "\\\\").replace('"', '\\"')
@@ -166,22 +166,22 @@ class RedisServer:
         self._started = False  # answered PING once: its port is its own from then on
         self._options = ""
         if password is not None:
-            self._options += _conf("requirepass", password)
+            self._options += config_line("requirepass", password)
             if not sentinel:  # a replica, or a master demoted by a failover, logs in with it
-                self._options += _conf("masterauth", password)
+                self._options += config_line("masterauth", password)
         for rule in users:
-            self._options += _conf("user", *rule.split())
+            self._options += config_line("user", *rule.split())
         if acl_file is not None:
-            self._options += _conf("aclfile", os.fspath(acl_file))
+            self._options += config_line("aclfile", os.fspath(acl_file))
         if tls is not None:
             self._options += (
-                _conf("tls-cert-file", tls.server_cert)
-                + _conf("tls-key-file", tls.server_key)
-                + _conf("tls-ca-cert-file", tls.ca_cert)
-                + _conf("tls-auth-clients", tls_auth_clients)
+                config_line("tls-cert-file", tls.server_cert)
+                + config_line("tls-key-file", tls.server_key)
+                + config_line("tls-ca-cert-file", tls.ca_cert)
+                + config_line("tls-auth-clients", tls_auth_clients)
             )
         if cluster:
-            self._options += _conf("cluster-enabled", "yes")
+            self._options += config_line("cluster-enabled", "yes")
         self._options += config if config.endswith("\n") or not config else config + "\n"
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.release)
@@ -296,15 +296,17 @@ class RedisServer:
                 self._port = _free_cluster_port() if self.cluster else free_port()
 
     def _base_config(self, folder: Path) -> str:
-        lines = _conf("bind", HOST) + _conf("dir", folder) + _conf("daemonize", "no")
+        lines = (
+            config_line("bind", HOST) + config_line("dir", folder) + config_line("daemonize", "no")
+        )
         if self.tls is not None:
-            lines += _conf("port", 0) + _conf("tls-port", self._port)
+            lines += config_line("port", 0) + config_line("tls-port", self._port)
         else:
-            lines += _conf("port", self._port)
+            lines += config_line("port", self._port)
         if not self.sentinel:
-            lines += _conf("save", "") + _conf("appendonly", "no")
+            lines += config_line("save", "") + config_line("appendonly", "no")
             # Redis 7 syncs a new replica diskless after waiting 5 s for more replicas to join.
-            lines += _conf("repl-diskless-sync-delay", 0)
+            lines += config_line("repl-diskless-sync-delay", 0)
         return lines
 
     def _spawn(self, config: Path, log_file: Path) -> None:
