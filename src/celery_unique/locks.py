@@ -408,9 +408,28 @@ async def _shielded(coro: Any) -> Any:
 class _LockKind(_Lease[E]):
     """What makes a lease a lock: one owner at a time, and a fence per acquisition."""
 
-    def __init__(self, executor: E, keys: KeySpace, name: str, ttl: float, **options: Any):
-        super().__init__(executor, keys.lock(name), name, ttl, **options)
+    def __init__(
+        self,
+        executor: E,
+        keys: KeySpace,
+        name: str,
+        ttl: float,
+        *,
+        key: str | None = None,
+        **options: Any,
+    ):
+        super().__init__(executor, keys.lock(name) if key is None else key, name, ttl, **options)
         self.fence: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The Redis key the lock lives in."""
+        return self._key
+
+    def _take_over_op(self, predecessor: str, freeing: str | None) -> Op[Acquisition]:
+        if freeing is None:
+            return locks.acquire_once(self._key, self.token, self.ttl, predecessor)
+        return locks.move(self._key, self.token, self.ttl, predecessor, freeing)
 
     def _record(self, result: Attempt) -> bool:
         if result.acquired:
@@ -465,15 +484,15 @@ class Lock(_LockKind[Executor], _SyncLease):
     (plus at most 0.5 s for its last attempt) however Redis behaves.
     """
 
-    def take_over(self, predecessor: str) -> Acquisition:
+    def take_over(self, predecessor: str, *, freeing: str | None = None) -> Acquisition:
         """Acquire in one attempt, also when the lock is held by token ``predecessor`` (it
         passes to this lock): a hand-over between owners that know each other.
 
-        The returned :class:`Acquisition` names the holder when it was another token.
+        With ``freeing`` (the :attr:`key` of another lock in the same hash slot), that lock
+        is freed in the same atomic step if ``predecessor`` holds it. The returned
+        :class:`Acquisition` names the holder when it was another token.
         """
-        result = self._executor.execute(
-            locks.acquire_once(self._key, self.token, self.ttl, predecessor)
-        )
+        result = self._executor.execute(self._take_over_op(predecessor, freeing))
         if self._record(result):
             self._start_renewal()
         return result
@@ -508,11 +527,10 @@ class AsyncLock(_LockKind[AsyncExecutor], _AsyncLease):
     task of the running loop.
     """
 
-    async def take_over(self, predecessor: str) -> Acquisition:
+    async def take_over(self, predecessor: str, *, freeing: str | None = None) -> Acquisition:
         """Acquire in one attempt, also when the lock is held by token ``predecessor``; see
         :meth:`Lock.take_over`."""
-        op = locks.acquire_once(self._key, self.token, self.ttl, predecessor)
-        result = await self._executor.execute(op)
+        result = await self._executor.execute(self._take_over_op(predecessor, freeing))
         if self._record(result):
             self._start_renewal()
         return result

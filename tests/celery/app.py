@@ -351,3 +351,33 @@ def concurrent_hard_limit(tag: str) -> None:
 def concurrent_short_lease(tag: str) -> None:
     with Run(tag):
         time.sleep(60)
+
+
+# -- one queued + one running ------------------------------------------------------------------
+
+
+@app.task(
+    base=UniqueTask,
+    bind=True,
+    name="t.queued_and_running",
+    unique_until="started",
+    unique_while_running=True,
+    unique_on=["key"],
+    max_retries=0,
+)
+def queued_and_running(self: UniqueTask, key: str, tag: str, seconds: float = 0.8) -> int:
+    with Run(tag):
+        store().rpush(f"spans:{tag}", f"start {redis_now_us()}")
+        time.sleep(seconds)
+        store().rpush(f"spans:{tag}", f"end {redis_now_us()}")
+        store().expire(f"spans:{tag}", 600)
+    return int(self.request.retries)
+
+
+def spans(tag: str) -> list[tuple[str, int]]:
+    """The ``(start|end, Redis µs)`` marks ``queued_and_running`` left, in order."""
+    marks = []
+    for entry in store().lrange(f"spans:{tag}", 0, -1):
+        kind, at = (entry.decode() if isinstance(entry, bytes) else str(entry)).split()
+        marks.append((kind, int(at)))
+    return marks

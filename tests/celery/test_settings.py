@@ -3,18 +3,20 @@ option means the same thing, and a bad value is refused, whichever class reads i
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 
 from celery_unique import ConfigurationError, RateLimitedTask, UniqueTask
-from celery_unique.compat.heimdall import HeimdallTask, RateLimit
+from celery_unique.compat.heimdall import HeimdallTask
 from celery_unique.compat.singleton import Singleton
 from tests.celery import app as t
 from tests.celery import compat_tasks as c
@@ -66,54 +68,66 @@ def test_a_singleton_run_holds_its_key_for_its_own_lease(client: redis.Redis) ->
     result.get(timeout=20)
 
 
-@pytest.fixture
-def memory_app() -> Iterator[Celery]:
-    """An app whose broker and result backend are not Redis (Celery's in-memory ones)."""
-    app = Celery(f"memory-{uuid.uuid4().hex[:6]}", set_as_current=False)
-    app.conf.update(
-        broker_url="memory://",
-        result_backend="cache+memory://",
-        broker_connection_retry_on_startup=True,
-    )
-    yield app
-    app.close()
+# Celery's in-memory broker lives in one process, and two in-process workers cannot run one
+# after the other in one process (stopping one stops Celery's worker state for both): this
+# runs in a process of its own, with its own worker.
+MEMORY_APP = """
+import json, sys, uuid
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from celery_unique.compat.heimdall import HeimdallTask, RateLimit
+from celery_unique.core.keys import KeySpace
+from celery_unique.core.locks import parse_owner
+
+url, prefix = sys.argv[1], sys.argv[2]
+app = Celery("memory", set_as_current=False)
+app.conf.update(broker_url="memory://", result_backend="cache+memory://",
+                broker_connection_retry_on_startup=True, unique_key_prefix=prefix)
+clients = []
+
+class OwnRedis(HeimdallTask):
+    def setup_redis(self):
+        client = redis.Redis.from_url(url)
+        clients.append(client)
+        return client
+
+@app.task(base=OwnRedis, bind=True, heimdall={"unique": True}, name="unique_job")
+def unique_job(self, x):
+    return self.redis_backend().owner(self.unique_key((x,)))  # who holds it, mid-run
+
+@app.task(base=OwnRedis, heimdall={"rate_limit": RateLimit((5, 1))}, name="limited_job")
+def limited_job(x):
+    return x
+
+with start_worker(app, pool="threads", perform_ping_check=False):
+    result = unique_job.delay(1)
+    holder = result.get(timeout=20)
+    limited = [limited_job.delay(i).get(timeout=20) for i in range(3)]
+after = parse_owner(clients[0].get(KeySpace(prefix).lock(unique_job.unique_key((1,)))))
+print(json.dumps({"id": result.id, "holder": holder, "limited": limited, "after": after}))
+"""
 
 
 def test_heimdall_with_its_own_redis_runs_on_a_broker_that_is_not_redis(
-    memory_app: Celery, redis_url: str
+    redis_url: str, tmp_path: Path
 ) -> None:
-    clients: list[redis.Redis] = []
-
-    class OwnRedis(HeimdallTask):
-        def setup_redis(self) -> redis.Redis:
-            client = redis.Redis.from_url(redis_url)
-            clients.append(client)
-            return client
-
+    script = tmp_path / "memory_app.py"
+    script.write_text(MEMORY_APP)
     prefix = f"h{uuid.uuid4().hex[:6]}:"
-    memory_app.conf.unique_key_prefix = prefix
-
-    @memory_app.task(base=OwnRedis, bind=True, heimdall={"unique": True}, shared=False)
-    def unique_job(self: OwnRedis, x: int) -> str | None:
-        return self.redis_backend().owner(self.unique_key((x,)))  # who holds it, mid-run
-
-    @memory_app.task(
-        base=OwnRedis, heimdall={"rate_limit": RateLimit((5, 1))}, shared=False, name="limited"
+    done = subprocess.run(
+        [sys.executable, str(script), redis_url, prefix],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
     )
-    def limited_job(x: int) -> int:
-        return x
-
-    try:
-        with start_worker(memory_app, pool="threads", perform_ping_check=False):
-            result = unique_job.delay(1)
-            holder = result.get(timeout=20)
-            assert holder is not None and holder.startswith(result.id)  # held in our Redis
-            assert [limited_job.delay(i).get(timeout=20) for i in range(3)] == [0, 1, 2]
-        name = unique_job.unique_key((1,))
-        assert lock_owner(clients[0], prefix, name) is None  # freed after the run
-    finally:
-        for client in clients:
-            client.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["holder"].startswith(seen["id"])  # the run held its key in our Redis
+    assert seen["limited"] == [0, 1, 2]  # the rate-limited task ran too
+    assert seen["after"] is None  # and the key was freed after the run
 
 
 def test_a_rate_limited_task_without_a_limit_needs_no_redis(make_app: MakeApp) -> None:

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from celery_unique.core.keys import KeySpace
-from celery_unique.core.scripts import ACQUIRE, EXTEND, RELEASE, Script
+from celery_unique.core.scripts import ACQUIRE, EXTEND, MOVE, RELEASE, Script
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def owner(r: redis.Redis, key: str) -> str | None:
 
 
 def test_every_script_opens_with_its_contract() -> None:
-    for script in (ACQUIRE, RELEASE, EXTEND):
+    for script in (ACQUIRE, RELEASE, EXTEND, MOVE):
         head = script.source.splitlines()[:4]
         assert head[0].startswith(f"-- {script.name}:")
         assert any("KEYS[1]" in line for line in head)
@@ -143,3 +144,26 @@ def test_release_by_owner_prefix_frees_any_run_of_a_task(r: redis.Redis, key: st
     assert run(r, RELEASE, key, "task-1", "task-2\x1f") == 0
     assert run(r, RELEASE, key, "task-1", "task-1\x1f") == 1
     assert r.exists(key) == 0
+
+
+def test_move_takes_the_running_lock_and_frees_the_queued_one(r: redis.Redis, prefix: str) -> None:
+    space = KeySpace(prefix)
+    queued, running = space.lock("job"), space.running_lock("job")
+    assert key_slot(queued.encode()) == key_slot(running.encode())
+    run(r, ACQUIRE, queued, "task-1", 60_000)
+    moved = r.eval(MOVE.source, 2, queued, running, "task-1", "task-1\x1fr1", 5000)
+    assert moved[:3] == [1, "task-1\x1fr1", 5000] and moved[3] > 0
+    assert r.exists(queued) == 0  # the next call can queue now
+    assert owner(r, running) == "task-1\x1fr1"
+    # Another instance, queued meanwhile, cannot move while the first runs: nothing changes.
+    run(r, ACQUIRE, queued, "task-2", 60_000)
+    refused = r.eval(MOVE.source, 2, queued, running, "task-2", "task-2\x1fr1", 5000)
+    assert refused[:2] == [0, "task-1\x1fr1"]
+    assert owner(r, queued) == "task-2" and owner(r, running) == "task-1\x1fr1"
+    # The same run moving again keeps its fence; a retry handed back to task-1 is taken over.
+    again = r.eval(MOVE.source, 2, queued, running, "task-1", "task-1\x1fr1", 5000)
+    assert again == moved  # refreshed: same token, same fence
+    run(r, ACQUIRE, running, "task-1", 60_000, "task-1\x1fr1")  # handed back for a retry
+    retried = r.eval(MOVE.source, 2, queued, running, "task-1", "task-1\x1fr2", 5000)
+    assert retried[0] == 1 and retried[3] > moved[3]
+    assert owner(r, queued) == "task-2"  # never another instance's queued lock

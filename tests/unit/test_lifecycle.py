@@ -216,3 +216,35 @@ def test_the_documented_table_has_exactly_the_machines_rules() -> None:
     rows = re.findall(r"^\| (new|queued|running|handed back|kept|released) \| (\w+)", doc, re.M)
     documented = {(S(state), event) for state, event in rows}
     assert documented == {(state, event.__name__) for state, event in lc.TRANSITIONS}
+
+
+# -- one queued + one running -------------------------------------------------------------------
+
+WHILE_RUNNING = lc.Policy(ttl=3600.0, lease=30.0, until="started", while_running=True)
+
+
+def test_with_while_running_a_start_moves_to_the_running_twin() -> None:
+    action, transition = step(S.QUEUED, lc.Start("r1"), got(RUN, acquired=True), WHILE_RUNNING)
+    assert action == lc.TakeOver(RUN, 30.0, ID, None, running=True)  # and frees the queued key
+    assert transition == lc.Transition(S.RUNNING, lc.Run())
+
+
+def test_with_while_running_a_queued_instance_waits_for_the_running_one() -> None:
+    other = lc.run_token("task-2", "r")
+    countdowns = []
+    for waited in range(8):
+        event = lc.Start("r1", waited=waited)
+        _, transition = step(S.QUEUED, event, got(other, ttl=20.0), WHILE_RUNNING)
+        assert transition.state is S.QUEUED  # it keeps its queued key while it waits
+        assert isinstance(transition.outcome, lc.Deferral)
+        assert transition.outcome.reason == "while_running"
+        countdowns.append(transition.outcome.countdown)
+    assert 0.5 <= countdowns[0] <= 0.5 * 1.25  # soon at first: runs are often short
+    assert countdowns[1] > countdowns[0]  # then less often
+    assert max(countdowns) <= 20.0 * 1.25  # never much past the running one's lease
+
+
+def test_with_while_running_a_redelivery_of_the_running_id_still_waits_as_a_twin() -> None:
+    _, transition = step(S.QUEUED, lc.Start("r2"), got(RUN, ttl=20.0), WHILE_RUNNING)
+    assert isinstance(transition.outcome, lc.Deferral)
+    assert transition.outcome.reason == "running_elsewhere"

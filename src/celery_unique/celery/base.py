@@ -17,6 +17,7 @@ __all__ = [
     "DEFERRED_HEADER",
     "HOLD_HEADER",
     "KEY_HEADER",
+    "WAITED_HEADER",
     "BackedTask",
     "defer",
     "delay_of",
@@ -30,6 +31,9 @@ KEY_HEADER = "celery_unique_key"
 HOLD_HEADER = "celery_unique_hold_until"
 #: Message header marking a copy deferred because another delivery of it was running.
 DEFERRED_HEADER = "celery_unique_deferred"
+#: Message header counting how often a queued instance waited for a running one
+#: (``unique_while_running``): each wait is longer.
+WAITED_HEADER = "celery_unique_waited"
 #: Message header of a copy whose rate-limit slot is booked: the retry count it was booked
 #: for (a retry of the run is a new request, which books its own slot).
 BOOKED_HEADER = "celery_unique_rate_booked"

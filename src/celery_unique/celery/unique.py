@@ -24,11 +24,26 @@ from celery.utils import uuid
 
 from ..backends import RedisBackend
 from ..core import lifecycle as lc
+from ..core import locks
 from ..core.arguments import ArgumentKey, UniqueOn
 from ..core.keys import task_lock_start
-from ..errors import BackendError, BackendUnavailable, DuplicateTaskError, LockNotOwnedError
+from ..errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigurationError,
+    DuplicateTaskError,
+    LockNotOwnedError,
+)
 from ..locks import Lock
-from .base import DEFERRED_HEADER, HOLD_HEADER, KEY_HEADER, BackedTask, defer, delay_of
+from .base import (
+    DEFERRED_HEADER,
+    HOLD_HEADER,
+    KEY_HEADER,
+    WAITED_HEADER,
+    BackedTask,
+    defer,
+    delay_of,
+)
 from .settings import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
@@ -62,6 +77,7 @@ _SOURCES: dict[str, tuple[str | None, str | None]] = {
     "fail_open": ("unique_fail_open", "unique_fail_open"),
     "json_encoder": (None, "unique_json_encoder"),
     "hard_ttl": (None, None),
+    "while_running": ("unique_while_running", "unique_while_running"),
 }
 
 
@@ -84,11 +100,19 @@ def resolve(task: UniqueTask) -> UniqueConfig:
 
     ttl = check_seconds(get("ttl", DEFAULT_TTL))
     lease = check_seconds(get("lease", DEFAULT_LEASE))
+    until = check_choice(get("until", "executed"), UNTIL_CHOICES)
+    while_running = check_flag(task.unique_setting("while_running"))
+    if while_running and until != "started":
+        raise ConfigurationError(
+            f"unique_while_running of task {task.name!r} needs unique_until='started' (one "
+            f"queued and one running instance per key), got unique_until={until!r}"
+        )
     policy = lc.Policy(
         ttl=ttl,
         lease=min(lease, ttl),
-        until=check_choice(get("until", "executed"), UNTIL_CHOICES),
+        until=until,
         hard_ttl=check_flag(task.unique_setting("hard_ttl")),
+        while_running=while_running,
     )
     return UniqueConfig(
         backend=task.redis_backend(),
@@ -136,7 +160,11 @@ class UniqueTask(BackedTask):
     * ``unique_lease``: seconds a running instance holds it between renewals (default 30);
     * ``unique_until``: ``"executed"`` (default), ``"started"`` or ``"expired"``;
     * ``on_duplicate`` (``app.conf.unique_on_duplicate``): ``"return"`` or ``"raise"``;
-    * ``unique_fail_open``: publish without the lock, with a warning, if Redis is down.
+    * ``unique_fail_open``: publish without the lock, with a warning, if Redis is down;
+    * ``unique_while_running`` (with ``unique_until="started"``): at most one queued and one
+      running instance per key: a call while one runs queues one more, further calls are
+      duplicates of that queued one, which starts only once the running one has ended (it
+      is deferred, not failed, if a worker gets it earlier).
 
     ``apply_async`` raises :class:`~celery_unique.BackendUnavailable` within the backend's
     deadline (about 2 s) when Redis does not answer, and publishes nothing. Calling the task
@@ -154,6 +182,7 @@ class UniqueTask(BackedTask):
     unique_until: ClassVar[str | None] = None
     on_duplicate: ClassVar[str | None] = None
     unique_fail_open: ClassVar[bool | None] = None
+    unique_while_running: ClassVar[bool | None] = None
 
     # -- override points ----------------------------------------------------------------------
 
@@ -303,11 +332,18 @@ class UniqueTask(BackedTask):
         key = getattr(request, KEY_HEADER, None) or config.key(args, kwargs)
         left = self._ttl_left(request) if policy.holds_until else None
         deferred = bool(getattr(request, DEFERRED_HEADER, None))
+        waited = int(getattr(request, WAITED_HEADER, None) or 0)
         state = lc.KeyState.HANDED_BACK if request.retries or deferred else lc.KeyState.QUEUED
         run = _Run(task_id, key, state, ends=None if left is None else time.monotonic() + left)
         # A copy deferred for another delivery of it may find that delivery done by now.
         done = deferred and self.AsyncResult(task_id).successful()
-        start = lc.Start(os.urandom(8).hex(), ttl_left=left, deferred=deferred, done_elsewhere=done)
+        start = lc.Start(
+            os.urandom(8).hex(),
+            ttl_left=left,
+            deferred=deferred,
+            done_elsewhere=done,
+            waited=waited,
+        )
         try:
             transition = self._start(run, lc.plan(state, start, policy, task_id))
         except BackendUnavailable:
@@ -324,15 +360,16 @@ class UniqueTask(BackedTask):
         if isinstance(outcome, lc.Skip):
             return self.key_taken(outcome.holder)
         if isinstance(outcome, lc.Deferral):
+            if outcome.reason == "while_running":
+                why, headers = "another instance is running", {WAITED_HEADER: waited + 1}
+            else:
+                why, headers = "already running elsewhere", {DEFERRED_HEADER: True}
             logger.warning(
-                "%s[%s] is already running elsewhere: deferred by %.1f s",
-                self.name,
-                task_id,
-                outcome.countdown,
+                "%s[%s]: %s, deferred by %.1f s", self.name, task_id, why, outcome.countdown
             )
             _current.run = run  # its copy is published from here: a Republish
             try:
-                defer(self, outcome.countdown, "already running elsewhere", {DEFERRED_HEADER: True})
+                defer(self, outcome.countdown, why, headers)
             finally:
                 _current.run = None
         if isinstance(outcome, lc.Run) and not outcome.locked:
@@ -379,15 +416,21 @@ class UniqueTask(BackedTask):
         action = plan.action
         if not isinstance(action, lc.TakeOver):
             return self._perform(plan, run.key, run)
-        run.lock = self.unique_config.backend.lock(
+        backend = self.unique_config.backend
+        keys = backend.keys
+        run.lock = Lock(
+            backend.executor,
+            keys,
             run.key,
-            ttl=action.ttl,
+            action.ttl,
+            key=keys.running_lock(run.key) if action.running else None,
             token=action.token,
             auto_renew=True,
             lifetime=action.lifetime,
             on_lost=lambda _lock: self._lease_lost(run),
         )
-        return plan.settle(run.lock.take_over(action.predecessor))
+        freeing = keys.lock(run.key) if action.running else None
+        return plan.settle(run.lock.take_over(action.predecessor, freeing=freeing))
 
     def _perform(self, plan: lc.Plan, key: str, run: _Run | None = None) -> lc.Transition:
         """Carry out ``plan``'s lock operation and settle it with the answer."""
@@ -406,9 +449,12 @@ class UniqueTask(BackedTask):
             except LockNotOwnedError:
                 answer = False  # lost (expired, or taken over): nothing of ours to free
         elif isinstance(action, lc.ReleaseAny):
-            answer = backend.release(
-                key, action.task_id, owner_prefix=action.task_id + RUN_SEPARATOR
-            )
+            prefix = action.task_id + RUN_SEPARATOR
+            answer = backend.release(key, action.task_id, owner_prefix=prefix)
+            if self.unique_config.policy.while_running:  # and the running twin, run or retry
+                twin = backend.keys.running_lock(key)
+                freed = backend.executor.execute(locks.release(twin, action.task_id, prefix))
+                answer = answer or freed
         elif action is not None:
             raise lc.IllegalTransition(f"{action!r} is carried out at the start of a run")
         return plan.settle(answer)

@@ -21,6 +21,7 @@ from ..errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "RUNNING_SUFFIX",
     "KeySpace",
     "glob_escape",
     "hash_tag",
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 DEFAULT_PREFIX = "cu:"
+#: What a running twin's key adds to its lock's key (after the hash tag: the same slot).
+RUNNING_SUFFIX = ":running"
 _TASK = "task:"
 
 
@@ -83,6 +86,11 @@ class KeySpace:
         _check_name(name, "a lock name")
         return _lock_key(self.prefix, name)
 
+    def running_lock(self, name: str) -> str:
+        """The key of lock ``name``'s running twin (a unique task with one queued and one
+        running instance): the same hash slot as :meth:`lock`."""
+        return f"{self.lock(name)}{RUNNING_SUFFIX}"
+
     def semaphore(self, name: str) -> str:
         """The key of semaphore ``name``."""
         _check_name(name, "a semaphore name")
@@ -108,12 +116,13 @@ class KeySpace:
         return glob_escape(f"{self.prefix}lock:{{{start}") + "*"
 
     def lock_name(self, key: str | bytes) -> str | None:
-        """The lock name a key of :meth:`lock` was made for; ``None`` for any other key."""
+        """The lock name a key of :meth:`lock` (or :meth:`running_lock`) was made for;
+        ``None`` for any other key."""
         text = key.decode() if isinstance(key, bytes) else key
         head = f"{self.prefix}lock:"
         if not text.startswith(head):
             return None
-        return _untag(text[len(head) :])
+        return _untag(text[len(head) :].removesuffix(RUNNING_SUFFIX))
 
 
 def _check_name(name: object, what: str) -> None:

@@ -72,6 +72,10 @@ __all__ = [
     "run_token",
 ]
 
+#: Seconds a queued instance first waits for the running one (``Policy.while_running``);
+#: each further wait doubles, up to the running one's lease.
+WAIT_FIRST = 0.5
+
 #: Separates the task id from the run id in a running instance's token.
 RUN_SEPARATOR = "\x1f"
 
@@ -104,12 +108,15 @@ class Policy:
     ``until``: ``"executed"`` (held queued and running), ``"started"`` (freed when the run
     starts) or ``"expired"`` (kept until ``ttl`` after publishing). ``hard_ttl``: ``ttl``
     bounds the key's whole life, the run included (the compat layers' promise).
+    ``while_running`` (with ``until="started"``): a run holds the key's running twin, so at
+    most one instance is queued and one runs; a queued one starts once the running one ended.
     """
 
     ttl: float
     lease: float
     until: str = "executed"
     hard_ttl: bool = False
+    while_running: bool = False
 
     @property
     def holds_until(self) -> bool:
@@ -143,12 +150,14 @@ class Start:
     """A worker starts a delivery of the instance. ``ttl_left``: seconds until the
     instance's TTL ends, when that counts (:attr:`Policy.holds_until`); ``deferred``: this
     copy was deferred because another delivery ran; ``done_elsewhere``: that delivery has
-    since run the instance to success."""
+    since run the instance to success; ``waited``: how many times this instance was deferred
+    already because another instance was running (``Policy.while_running``)."""
 
     run_id: str
     ttl_left: float | None = None
     deferred: bool = False
     done_elsewhere: bool = False
+    waited: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,12 +270,15 @@ class Take:
 @dataclass(frozen=True, slots=True)
 class TakeOver:
     """Acquire the key for ``token``, taking it from ``predecessor`` if that holds it, and
-    renew it every ``ttl / 3`` (never past ``lifetime`` seconds from now, if given)."""
+    renew it every ``ttl / 3`` (never past ``lifetime`` seconds from now, if given).
+    ``running``: take the key's running twin instead, and free the queued key (if
+    ``predecessor`` holds it) in the same step."""
 
     token: str
     ttl: float
     predecessor: str
     lifetime: float | None = None
+    running: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +433,7 @@ def _eager_done(policy: Policy, task_id: str, event: EagerDone) -> Plan:
 
 @_rule((KeyState.QUEUED, Start), (KeyState.HANDED_BACK, Start))
 def _start(policy: Policy, task_id: str, event: Start) -> Plan:
-    if policy.until == "started":
+    if policy.until == "started" and not policy.while_running:
         # Free for the next instance from the moment the body starts.
         why = "unique_until='started' frees the key when the run starts"
         return Plan(ReleaseAny(task_id), _fixed(KeyState.RELEASED, Run(locked=False, why=why)))
@@ -436,6 +448,13 @@ def _start(policy: Policy, task_id: str, event: Start) -> Plan:
     def decide(got: Acquisition) -> Transition:
         if not got.acquired:
             holder = holder_id(got.owner)
+            if holder != task_id and policy.while_running:
+                # Another instance runs: this one stays queued and comes back once that one
+                # has ended, checking sooner at first (runs are often short), then less often,
+                # never later than the other run's lease.
+                backoff = min(WAIT_FIRST * 2**event.waited, got.ttl or policy.lease)
+                countdown = backoff * random.uniform(1.0, 1.25)
+                return Transition(KeyState.QUEUED, Deferral(countdown, "while_running"))
             if holder != task_id:
                 return Transition(KeyState.RELEASED, Skip(holder))
             # Another delivery of this very instance runs (a broker redelivery), or died
@@ -446,7 +465,8 @@ def _start(policy: Policy, task_id: str, event: Start) -> Plan:
             return Transition(KeyState.RUNNING, Done("another delivery ran it to success"))
         return Transition(KeyState.RUNNING, Run())
 
-    return Plan(TakeOver(run_token(task_id, event.run_id), lease, task_id, lifetime), decide)
+    token = run_token(task_id, event.run_id)
+    return Plan(TakeOver(token, lease, task_id, lifetime, policy.while_running), decide)
 
 
 def _republished(task_id: str) -> Callable[[Acquisition], Transition]:

@@ -10,13 +10,14 @@ from typing import Any
 
 from . import holding
 from .results import Acquisition
-from .scripts import ACQUIRE, EXTEND, RELEASE
+from .scripts import ACQUIRE, EXTEND, MOVE, RELEASE
 from .steps import Call, Clock, Eval, Flow, Op, decode, flag, to_ms
 
 __all__ = [
     "acquire",
     "acquire_once",
     "extend",
+    "move",
     "owner",
     "parse_acquire",
     "parse_owner",
@@ -53,6 +54,12 @@ def acquire_once(key: str, token: str, ttl: float, previous: str | None = None) 
     """One attempt: acquire, re-acquire (same token: TTL refreshed, fence kept), take over
     from ``previous`` if that token holds the lock, or learn the owner."""
     return Op(Eval(ACQUIRE, (key,), _acquire_args(token, to_ms(ttl), previous)), parse_acquire)
+
+
+def move(key: str, token: str, ttl: float, predecessor: str, freeing: str) -> Op[Acquisition]:
+    """Acquire lock ``key`` for ``token`` (also from ``predecessor``) and, in the same step,
+    free lock ``freeing`` (same hash slot) if ``predecessor`` holds it."""
+    return Op(Eval(MOVE, (freeing, key), (predecessor, token, to_ms(ttl))), parse_acquire)
 
 
 def acquire(

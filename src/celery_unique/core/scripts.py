@@ -10,6 +10,7 @@ from pathlib import Path
 __all__ = [
     "ACQUIRE",
     "EXTEND",
+    "MOVE",
     "RELEASE",
     "SEMAPHORE_ACQUIRE",
     "SEMAPHORE_EXTEND",
@@ -55,6 +56,8 @@ ACQUIRE = Script.load("acquire", idempotent=True)
 RELEASE = Script.load("release")
 EXTEND = Script.load("extend", idempotent=True)
 TOKEN_BUCKET = Script.load("token_bucket")
+# Moving again for the same run finds the running lock its own: the TTL is refreshed.
+MOVE = Script.load("move", idempotent=True)
 # A semaphore's acquire with the same token renews its lease; extending twice sets one lease.
 SEMAPHORE_ACQUIRE = Script.load("semaphore_acquire", idempotent=True)
 SEMAPHORE_RELEASE = Script.load("semaphore_release")
