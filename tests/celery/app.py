@@ -381,3 +381,19 @@ def spans(tag: str) -> list[tuple[str, int]]:
         kind, at = (entry.decode() if isinstance(entry, bytes) else str(entry)).split()
         marks.append((kind, int(at)))
     return marks
+
+
+# -- replace (debounce) ---------------------------------------------------------------------------
+
+
+@app.task(base=UniqueTask, name="t.debounced", on_duplicate="replace", unique_on=["key"])
+def debounced(key: str, value: int, tag: str, seconds: float = 0.0) -> int:
+    with Run(tag):
+        store().rpush(f"values:{tag}", value)
+        store().expire(f"values:{tag}", 600)
+        time.sleep(seconds)
+    return value
+
+
+def values(tag: str) -> list[int]:
+    return [int(v) for v in store().lrange(f"values:{tag}", 0, -1)]

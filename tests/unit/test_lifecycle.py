@@ -42,6 +42,23 @@ def test_a_duplicate_publishes_nothing_and_names_the_holder() -> None:
     assert transition == lc.Transition(S.NEW, lc.Duplicate("other", 9.5))
 
 
+def test_a_duplicate_says_whether_its_holder_is_still_queued() -> None:
+    _, transition = step(S.NEW, lc.Apply(3600.0), got("other", ttl=9.5))
+    assert transition.outcome == lc.Duplicate("other", 9.5, queued=True)
+
+
+def test_replace_takes_the_place_of_a_queued_holder_in_one_step() -> None:
+    action, transition = step(S.NEW, lc.Displace("other", 3600.0), got(ID, acquired=True))
+    assert action == lc.Take(ID, 3600.0, "other")  # only from that very (queued) token
+    assert transition == lc.Transition(S.QUEUED, lc.Publish(replaces="other"))
+
+
+def test_replace_of_a_holder_that_started_meanwhile_is_a_duplicate() -> None:
+    running = lc.run_token("other", "r")
+    _, transition = step(S.NEW, lc.Displace("other", 3600.0), got(running, ttl=20.0))
+    assert transition == lc.Transition(S.NEW, lc.Duplicate("other", 20.0, queued=False))
+
+
 def test_a_failed_publish_frees_the_key_whichever_token_holds_it() -> None:
     for state in (S.QUEUED, S.HANDED_BACK):
         action, transition = step(state, lc.PublishFailed(), True)
@@ -126,7 +143,7 @@ def test_retry_and_deferral_hand_the_key_back_to_the_task_id() -> None:
 
 def test_a_retry_after_the_run_lost_its_key_to_another_instance_is_a_duplicate() -> None:
     _, transition = step(S.RUNNING, lc.Retry(3600.0), got("task-2", ttl=5.0))
-    assert transition == lc.Transition(S.RELEASED, lc.Duplicate("task-2", 5.0))
+    assert transition == lc.Transition(S.RELEASED, lc.Duplicate("task-2", 5.0, queued=True))
 
 
 @pytest.mark.parametrize("state", [S.QUEUED, S.HANDED_BACK, S.RELEASED])

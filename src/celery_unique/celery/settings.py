@@ -9,6 +9,7 @@ here, with an error that names where the bad value came from. The lock store is 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import math
@@ -21,7 +22,7 @@ from typing import Any
 from celery import Celery, Task
 from kombu.utils.imports import symbol_by_name
 
-from ..backends import RedisBackend
+from ..backends import AsyncRedisBackend, RedisBackend
 from ..core.keys import DEFAULT_PREFIX
 from ..errors import ConfigurationError
 
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_MAX_WAIT",
     "DEFAULT_TTL",
     "Found",
+    "async_backend_for",
     "backend_for",
     "backends",
     "check_choice",
@@ -130,12 +132,16 @@ def redis_url(url: object) -> bool:
 
 
 class _Backends:
-    """One backend per app and configuration, built on first use, closed with the app."""
+    """One backend per app and configuration (and per event loop for the asyncio ones),
+    built on first use."""
 
     def __init__(self) -> None:
         self._made: weakref.WeakKeyDictionary[Celery, dict[str, RedisBackend]] = (
             weakref.WeakKeyDictionary()
         )
+        self._async: weakref.WeakKeyDictionary[
+            Celery, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisBackend]
+        ] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def get(self, app: Celery, name: str, build: Callable[[], RedisBackend]) -> RedisBackend:
@@ -147,16 +153,60 @@ class _Backends:
                 backend = made[name] = build()
             return backend
 
+    def get_async(
+        self,
+        app: Celery,
+        loop: asyncio.AbstractEventLoop,
+        build: Callable[[], AsyncRedisBackend],
+    ) -> AsyncRedisBackend:
+        """The asyncio backend of ``app`` on ``loop``, built by ``build`` the first time."""
+        with self._lock:
+            made = self._async.setdefault(app, weakref.WeakKeyDictionary())
+            backend = made.get(loop)
+            if backend is None:
+                backend = made[loop] = build()
+            return backend
+
     def close(self, app: Celery) -> None:
-        """Close and forget every backend of ``app``."""
+        """Close and forget every sync backend of ``app``."""
         with self._lock:
             made = self._made.pop(app, {})
         for backend in made.values():
             backend.close()
 
+    async def aclose(self, app: Celery) -> None:
+        """Close and forget ``app``'s asyncio backend on the running loop (an app serving
+        an event loop that ends may call this; others are closed with their process)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            backend = self._async.get(app, weakref.WeakKeyDictionary()).pop(loop, None)
+        if backend is not None:
+            await backend.aclose()
+
 
 #: The backends of every app in this process.
 backends = _Backends()
+
+
+def _source(app: Celery) -> tuple[str, dict[str, Any], str]:
+    """Where ``app``'s lock store is: its URL, ``from_url`` keywords and key prefix."""
+    conf = app.conf
+    url = conf.get("unique_backend_url")
+    if not url:
+        url = next((u for u in (conf.result_backend, conf.broker_url) if redis_url(u)), None)
+    if not url:
+        raise ConfigurationError(
+            "unique tasks need Redis: set app.conf.unique_backend_url "
+            "(e.g. 'redis://localhost:6379/0'); neither the result backend nor the "
+            "broker is a Redis URL"
+        )
+    options = conf.get("unique_backend_options") or {}
+    if not isinstance(options, dict):
+        raise ConfigurationError(
+            "app.conf.unique_backend_options must be a dict of keywords for "
+            f"RedisBackend.from_url (socket_timeout=..., ...), got {options!r}"
+        )
+    return url, options, conf.get("unique_key_prefix") or DEFAULT_PREFIX
 
 
 def backend_for(app: Celery) -> RedisBackend:
@@ -165,23 +215,19 @@ def backend_for(app: Celery) -> RedisBackend:
     ``unique_backend_options`` (keywords for ``from_url``) and ``unique_key_prefix``."""
 
     def build() -> RedisBackend:
-        conf = app.conf
-        url = conf.get("unique_backend_url")
-        if not url:
-            url = next((u for u in (conf.result_backend, conf.broker_url) if redis_url(u)), None)
-        if not url:
-            raise ConfigurationError(
-                "unique tasks need Redis: set app.conf.unique_backend_url "
-                "(e.g. 'redis://localhost:6379/0'); neither the result backend nor the "
-                "broker is a Redis URL"
-            )
-        options = conf.get("unique_backend_options") or {}
-        if not isinstance(options, dict):
-            raise ConfigurationError(
-                "app.conf.unique_backend_options must be a dict of keywords for "
-                f"RedisBackend.from_url (socket_timeout=..., ...), got {options!r}"
-            )
-        prefix = conf.get("unique_key_prefix") or DEFAULT_PREFIX
+        url, options, prefix = _source(app)
         return RedisBackend.from_url(url, key_prefix=prefix, **options)
 
     return backends.get(app, "unique", build)
+
+
+def async_backend_for(app: Celery) -> AsyncRedisBackend:
+    """The asyncio twin of :func:`backend_for` for the running event loop (an asyncio client
+    belongs to one loop): one per app and loop, built on first use."""
+    loop = asyncio.get_running_loop()
+
+    def build() -> AsyncRedisBackend:
+        url, options, prefix = _source(app)
+        return AsyncRedisBackend.from_url(url, key_prefix=prefix, **options)
+
+    return backends.get_async(app, loop, build)

@@ -8,6 +8,7 @@ its events, and carries out the lock operations the plans ask for.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -17,12 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import anyio
+import anyio.to_thread
 from celery import Celery, signals
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from celery.result import AsyncResult, EagerResult
 from celery.utils import uuid
 
-from ..backends import RedisBackend
+from ..backends import AsyncRedisBackend, RedisBackend
 from ..core import lifecycle as lc
 from ..core import locks
 from ..core.arguments import ArgumentKey, UniqueOn
@@ -48,6 +51,7 @@ from .settings import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
     Found,
+    async_backend_for,
     backend_for,
     check_choice,
     check_encoder,
@@ -62,7 +66,7 @@ logger = logging.getLogger("celery_unique")
 
 RUN_SEPARATOR = lc.RUN_SEPARATOR
 UNTIL_CHOICES = ("executed", "started", "expired")
-ON_DUPLICATE_CHOICES = ("return", "raise")
+ON_DUPLICATE_CHOICES = ("return", "raise", "replace")
 
 #: Derives a lock name from a call's arguments.
 KeyFunction = Callable[[tuple[Any, ...], dict[str, Any]], str]
@@ -137,6 +141,41 @@ class _Run:
         return None if self.ends is None else self.ends - time.monotonic()
 
 
+@dataclass(slots=True)
+class _Call:
+    """One ``apply_async`` call, prepared: what its lock operation and publish need."""
+
+    config: UniqueConfig
+    task_id: str
+    key: str
+    ttl: float
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    options: dict[str, Any]
+    run: _Run | None
+    state: lc.KeyState
+    event: lc.Event
+
+    def plan(self) -> lc.Plan:
+        return lc.plan(self.state, self.event, self.config.policy, self.task_id)
+
+    def displaces(self, transition: lc.Transition) -> bool:
+        """Whether the call, a duplicate of a queued holder, is to take its place."""
+        outcome = transition.outcome
+        return (
+            self.config.on_duplicate == "replace"
+            and isinstance(self.event, lc.Apply)
+            and isinstance(outcome, lc.Duplicate)
+            and outcome.queued
+        )
+
+    def displace(self, transition: lc.Transition) -> lc.Plan:
+        assert isinstance(transition.outcome, lc.Duplicate)
+        event = lc.Displace(transition.outcome.holder, self.ttl)
+        return lc.plan(lc.KeyState.NEW, event, self.config.policy, self.task_id)
+
+
 # The run of this thread (Celery's own request stack is thread-local too): a retry or a
 # deferral publishes from inside the run and hands the run's lock back to the queued copy.
 _current = threading.local()
@@ -159,7 +198,11 @@ class UniqueTask(BackedTask):
     * ``unique_ttl``: seconds a queued instance holds its key (plus any countdown/ETA);
     * ``unique_lease``: seconds a running instance holds it between renewals (default 30);
     * ``unique_until``: ``"executed"`` (default), ``"started"`` or ``"expired"``;
-    * ``on_duplicate`` (``app.conf.unique_on_duplicate``): ``"return"`` or ``"raise"``;
+    * ``on_duplicate`` (``app.conf.unique_on_duplicate``): ``"return"``, ``"raise"``, or
+      ``"replace"``: a call while the holder is still queued takes its place in one atomic
+      step (the newest arguments and options win; the replaced instance never runs and reads
+      ``REVOKED``); while the holder runs it returns the holder's result. With ``countdown=``
+      that is a trailing debounce: only the last of a burst of calls runs;
     * ``unique_fail_open``: publish without the lock, with a warning, if Redis is down;
     * ``unique_while_running`` (with ``unique_until="started"``): at most one queued and one
       running instance per key: a call while one runs queues one more, further calls are
@@ -250,8 +293,67 @@ class UniqueTask(BackedTask):
         **options: Any,
     ) -> AsyncResult:
         """Take the key in one Redis call, then publish; a duplicate publishes nothing."""
+        call = self._prepare(args, kwargs, task_id, options)
+        call.options.update(producer=producer, link=link, link_error=link_error, shadow=shadow)
+        try:
+            transition = self._perform(call.plan(), call.key, call.run)
+            if call.displaces(transition):
+                transition = self._perform(call.displace(transition), call.key)
+        except BackendUnavailable as exc:
+            transition = self._unreachable(call, exc)
+        answer = self._decided(call, transition)
+        return answer if answer is not None else self._publish(call, transition)
+
+    async def aapply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """``apply_async`` for async code: the key is taken through the running loop's
+        :class:`~celery_unique.AsyncRedisBackend` (a duplicate touches neither the broker nor
+        a thread), and a new instance is published from a worker thread, so the event loop
+        never blocks. Cancelled before the publish, it frees the key it took.
+        """
+        backend = self.async_redis_backend()
+        if backend is None:  # no asyncio twin of this task's Redis: all of it off the loop
+            return await anyio.to_thread.run_sync(
+                functools.partial(self.apply_async, args, kwargs, task_id, **options)
+            )
+        call = self._prepare(args, kwargs, task_id, options)
+        try:
+            transition = await self._aperform(backend, call.plan(), call.key)
+            if call.displaces(transition):
+                transition = await self._aperform(backend, call.displace(transition), call.key)
+        except BackendUnavailable as exc:
+            transition = self._unreachable(call, exc)
+        answer = self._decided(call, transition)
+        if answer is not None:
+            return answer
+        # Not cancelled once under way: the message goes out or not, and the key follows it
+        # (freed if publishing fails); a cancellation lands once it has.
+        return await anyio.to_thread.run_sync(self._publish, call, transition)
+
+    async def adelay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """``delay`` for async code; see :meth:`aapply_async`."""
+        return await self.aapply_async(args, kwargs)
+
+    def async_redis_backend(self) -> AsyncRedisBackend | None:
+        """The asyncio twin of :meth:`redis_backend` for the running event loop (one per
+        loop), or ``None`` when there is none (a custom sync client): ``aapply_async`` then
+        runs ``apply_async`` in a worker thread."""
+        return async_backend_for(self.app)
+
+    def _prepare(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        task_id: str | None,
+        options: dict[str, Any],
+    ) -> _Call:
+        """Everything about a call that needs no I/O: its key, TTL and event."""
         config = self.unique_config
-        policy = config.policy
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         headers = dict(options.pop("headers", None) or {})
         task_id = task_id or uuid()
@@ -266,7 +368,7 @@ class UniqueTask(BackedTask):
             or (getattr(request, KEY_HEADER, None) if inside else None)
             or config.key(args, kwargs)
         )
-        ttl = policy.ttl + delay_of(self.app, options)
+        ttl = config.policy.ttl + delay_of(self.app, options)
         state: lc.KeyState
         event: lc.Event
         if run is not None and run.state is lc.KeyState.RUNNING:
@@ -275,52 +377,63 @@ class UniqueTask(BackedTask):
             state, event = (run.state if run else lc.KeyState.QUEUED), lc.Republish(ttl)
         else:
             state, event = lc.KeyState.NEW, lc.Apply(ttl)
-        plan = lc.plan(state, event, policy, task_id)
-        try:
-            transition = self._perform(plan, key, run)
-        except BackendUnavailable as exc:
-            if exc.outcome_unknown and isinstance(plan.action, lc.Take):
-                self._free_later(key, task_id)  # it may have been taken: not for an hour
-            if not config.fail_open:
-                raise
-            logger.warning(
-                "Redis unreachable: publishing %s[%s] without its unique lock (unique_fail_open)",
-                self.name,
-                task_id,
-                exc_info=True,
-            )
-            transition = lc.Transition(state, lc.Publish(locked=False))
-        if run is not None:
-            run.state = transition.state
+        return _Call(config, task_id, key, ttl, args, kwargs, headers, options, run, state, event)
+
+    def _unreachable(self, call: _Call, exc: BackendUnavailable) -> lc.Transition:
+        """Redis did not answer the call's lock operation: fail, or fail open."""
+        if exc.outcome_unknown:
+            self._free_later(call.key, call.task_id)  # it may have been taken: not for an hour
+        if not call.config.fail_open:
+            raise exc
+        logger.warning(
+            "Redis unreachable: publishing %s[%s] without its unique lock (unique_fail_open)",
+            self.name,
+            call.task_id,
+            exc_info=True,
+        )
+        return lc.Transition(call.state, lc.Publish(locked=False))
+
+    def _decided(self, call: _Call, transition: lc.Transition) -> AsyncResult | None:
+        """What a duplicate returns (or raises); ``None`` when the call is to be published."""
+        if call.run is not None:
+            call.run.state = transition.state
         outcome = transition.outcome
-        if isinstance(outcome, lc.Duplicate):
-            if config.on_duplicate == "raise":
-                raise self.duplicate_error(outcome.holder, outcome.ttl)
-            return self.AsyncResult(outcome.holder)
-        headers[KEY_HEADER] = key
+        if not isinstance(outcome, lc.Duplicate):
+            return None
+        if call.config.on_duplicate == "raise":
+            raise self.duplicate_error(outcome.holder, outcome.ttl)
+        return self.AsyncResult(outcome.holder)
+
+    def _publish(self, call: _Call, transition: lc.Transition) -> AsyncResult:
+        """Publish the call's message (the key is taken); free the key if that fails."""
+        policy, outcome = call.config.policy, transition.outcome
+        headers = {**call.headers, KEY_HEADER: call.key}
         if policy.holds_until:
-            headers[HOLD_HEADER] = self.app.now().timestamp() + ttl
+            headers[HOLD_HEADER] = self.app.now().timestamp() + call.ttl
         try:
             result = super().apply_async(
-                args,
-                kwargs,
-                task_id=task_id,
-                producer=producer,
-                link=link,
-                link_error=link_error,
-                shadow=shadow,
-                headers=headers,
-                **options,
+                call.args, call.kwargs, task_id=call.task_id, headers=headers, **call.options
             )
         except BaseException:
             if isinstance(outcome, lc.Publish) and outcome.locked:
-                failed = lc.plan(transition.state, lc.PublishFailed(), policy, task_id)
-                self._quietly(failed, key, task_id)
+                failed = lc.plan(transition.state, lc.PublishFailed(), policy, call.task_id)
+                self._quietly(failed, call.key, call.task_id)
             raise
+        if isinstance(outcome, lc.Publish) and outcome.replaces is not None:
+            self._replaced(outcome.replaces, call.task_id)
         if isinstance(result, EagerResult) and transition.state is lc.KeyState.QUEUED:
-            done = lc.plan(lc.KeyState.QUEUED, lc.EagerDone(), policy, task_id)
-            self._quietly(done, key, task_id)
+            done = lc.plan(lc.KeyState.QUEUED, lc.EagerDone(), policy, call.task_id)
+            self._quietly(done, call.key, call.task_id)
         return result
+
+    def _replaced(self, holder: str, by: str) -> None:
+        # The replaced instance never runs (its key is not its own any more: a worker skips
+        # it); its result says so.
+        logger.info("%s[%s] replaced by %s", self.name, holder, by)
+        try:
+            self.backend.mark_as_revoked(holder, reason=f"replaced by {by}")
+        except Exception:
+            logger.warning("could not mark %s[%s] revoked", self.name, holder, exc_info=True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
@@ -437,7 +550,9 @@ class UniqueTask(BackedTask):
         action, backend = plan.action, self.unique_config.backend
         answer: Any = None
         if isinstance(action, lc.Take):
-            answer = backend.acquire_or_owner(key, action.token, action.ttl)
+            answer = backend.acquire_or_owner(
+                key, action.token, action.ttl, previous=action.predecessor
+            )
         elif isinstance(action, lc.HandOver):
             assert run is not None and run.lock is not None  # only a run hands its lock over
             answer = run.lock.hand_over(action.token, action.ttl)
@@ -457,6 +572,25 @@ class UniqueTask(BackedTask):
                 answer = answer or freed
         elif action is not None:
             raise lc.IllegalTransition(f"{action!r} is carried out at the start of a run")
+        return plan.settle(answer)
+
+    async def _aperform(self, backend: AsyncRedisBackend, plan: lc.Plan, key: str) -> lc.Transition:
+        """:meth:`_perform` for a producer's plan, through ``backend``; a call cancelled while
+        its lock operation is in flight frees what that took."""
+        action = plan.action
+        if not isinstance(action, lc.Take):
+            raise lc.IllegalTransition(f"{action!r} is not a producer's operation")
+        got = asyncio.get_running_loop().create_task(
+            backend.acquire_or_owner(key, action.token, action.ttl, previous=action.predecessor)
+        )
+        try:
+            answer = await asyncio.shield(got)
+        except asyncio.CancelledError:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([got])
+                if not got.cancelled() and got.exception() is None and got.result().acquired:
+                    await backend.release(key, action.token)
+            raise
         return plan.settle(answer)
 
     def _end(self, run: _Run, event: lc.Event) -> None:

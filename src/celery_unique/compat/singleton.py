@@ -24,12 +24,13 @@ the import path (``celery_singleton.py``)::
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, ClassVar
 
 from celery import Celery
 from kombu.utils.imports import symbol_by_name
 
-from ..backends import RedisBackend
+from ..backends import AsyncRedisBackend, RedisBackend
 from ..celery.settings import Found, backends, from_task, redis_url
 from ..celery.unique import UniqueTask, duplicate_message, force_release, unlink_locks
 from ..core.keys import task_lock_start
@@ -87,30 +88,48 @@ def _value(found: Found | None, default: Any = None) -> Any:
     return default if found is None else found.value
 
 
+def _source(app: Celery) -> tuple[str, dict[str, Any], str]:
+    """Where ``Singleton`` tasks keep their locks: URL, redis-py keywords, key prefix."""
+    url = _value(config(app, "backend_url")) or next(
+        (u for u in (app.conf.result_backend, app.conf.broker_url) if redis_url(u)), None
+    )
+    if not url:
+        raise ConfigurationError(
+            "Singleton tasks need Redis: set app.conf.singleton_backend_url (e.g. "
+            "'redis://localhost:6379/0'); neither the result backend nor the broker is "
+            "a Redis URL"
+        )
+    kwargs = _value(config(app, "backend_kwargs"), {})
+    if not isinstance(kwargs, dict):
+        raise ConfigurationError(
+            "singleton_backend_kwargs must be a dict of redis-py connection options, "
+            f"got {kwargs!r}"
+        )
+    return url, kwargs, _value(config(app, "key_prefix"), DEFAULT_KEY_PREFIX)
+
+
 def singleton_backend(app: Celery) -> RedisBackend:
     """The backend ``Singleton`` tasks of ``app`` use, built once from the singleton settings."""
 
     def build() -> RedisBackend:
-        url = _value(config(app, "backend_url")) or next(
-            (u for u in (app.conf.result_backend, app.conf.broker_url) if redis_url(u)), None
-        )
-        if not url:
-            raise ConfigurationError(
-                "Singleton tasks need Redis: set app.conf.singleton_backend_url (e.g. "
-                "'redis://localhost:6379/0'); neither the result backend nor the broker is "
-                "a Redis URL"
-            )
-        kwargs = _value(config(app, "backend_kwargs"), {})
-        if not isinstance(kwargs, dict):
-            raise ConfigurationError(
-                "singleton_backend_kwargs must be a dict of redis-py connection options, "
-                f"got {kwargs!r}"
-            )
+        url, kwargs, prefix = _source(app)
         backend_class_ = backend_class(_value(config(app, "backend_class")))
-        prefix = _value(config(app, "key_prefix"), DEFAULT_KEY_PREFIX)
         return backend_class_.from_url(url, key_prefix=prefix, **kwargs)
 
     return backends.get(app, "singleton", build)
+
+
+def singleton_async_backend(app: Celery) -> AsyncRedisBackend | None:
+    """The asyncio twin of :func:`singleton_backend` for the running loop; ``None`` with a
+    ``singleton_backend_class`` of one's own (it has no asyncio twin)."""
+    if backend_class(_value(config(app, "backend_class"))) is not RedisBackend:
+        return None
+
+    def build() -> AsyncRedisBackend:
+        url, kwargs, prefix = _source(app)
+        return AsyncRedisBackend.from_url(url, key_prefix=prefix, **kwargs)
+
+    return backends.get_async(app, asyncio.get_running_loop(), build)
 
 
 def backend_class(value: object) -> type[RedisBackend]:
@@ -187,6 +206,10 @@ class Singleton(UniqueTask):
     def redis_backend(self) -> RedisBackend:
         """The Redis of the ``singleton_*`` settings (see :func:`singleton_backend`)."""
         return singleton_backend(self.app)
+
+    def async_redis_backend(self) -> AsyncRedisBackend | None:
+        """Its asyncio twin (see :func:`singleton_async_backend`)."""
+        return singleton_async_backend(self.app)
 
     def duplicate_error(self, holder: str, ttl: float | None) -> DuplicateTaskError:
         """celery-singleton's own :class:`DuplicateTaskError`."""

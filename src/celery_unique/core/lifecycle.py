@@ -34,6 +34,7 @@ __all__ = [
     "TRANSITIONS",
     "Apply",
     "Deferral",
+    "Displace",
     "Done",
     "Duplicate",
     "EagerDone",
@@ -132,6 +133,15 @@ class Apply:
     """``apply_async`` from outside a run: take the key for ``ttl`` seconds (queue time
     included) or learn its holder."""
 
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class Displace:
+    """A duplicate call with ``on_duplicate="replace"`` takes the place of ``holder``, still
+    queued, for ``ttl`` seconds: the newest call wins, the holder never runs."""
+
+    holder: str
     ttl: float
 
 
@@ -239,6 +249,7 @@ class LeaseLost:
 
 Event = (
     Apply
+    | Displace
     | PublishFailed
     | EagerDone
     | Start
@@ -261,10 +272,12 @@ Event = (
 
 @dataclass(frozen=True, slots=True)
 class Take:
-    """Acquire the key for ``token`` (or learn its holder): one ``acquire`` call."""
+    """Acquire the key for ``token`` (or learn its holder): one ``acquire`` call; with
+    ``predecessor``, also when that token holds it (it passes to ``token``)."""
 
     token: str
     ttl: float
+    predecessor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,17 +322,20 @@ LockAction = Take | TakeOver | HandOver | Release | ReleaseAny
 @dataclass(frozen=True, slots=True)
 class Publish:
     """Publish the message: the key is the instance's (or, ``locked=False``, it runs
-    without it)."""
+    without it); ``replaces``: the queued instance it took the place of."""
 
     locked: bool = True
+    replaces: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Duplicate:
-    """Another instance holds the key: do not publish; ``holder`` is its task id."""
+    """Another instance holds the key: do not publish; ``holder`` is its task id, ``queued``
+    whether it is still waiting for a worker (it holds the key with its task id)."""
 
     holder: str
     ttl: float | None
+    queued: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,14 +424,30 @@ def _fixed(state: KeyState, outcome: Outcome) -> Callable[[Any], Transition]:
     return lambda _answer: Transition(state, outcome)
 
 
+def _duplicate(got: Acquisition) -> Duplicate:
+    holder = holder_id(got.owner)
+    return Duplicate(holder, got.ttl, queued=got.owner == holder)
+
+
 @_rule((KeyState.NEW, Apply))
 def _apply(policy: Policy, task_id: str, event: Apply) -> Plan:
     def decide(got: Acquisition) -> Transition:
         if got.acquired:
             return Transition(KeyState.QUEUED, Publish())
-        return Transition(KeyState.NEW, Duplicate(holder_id(got.owner), got.ttl))
+        return Transition(KeyState.NEW, _duplicate(got))
 
     return Plan(Take(task_id, event.ttl), decide)
+
+
+@_rule((KeyState.NEW, Displace))
+def _displace(policy: Policy, task_id: str, event: Displace) -> Plan:
+    def decide(got: Acquisition) -> Transition:
+        if got.acquired:
+            return Transition(KeyState.QUEUED, Publish(replaces=event.holder))
+        # It started meanwhile (its token is a run's now), or another took its place first.
+        return Transition(KeyState.NEW, _duplicate(got))
+
+    return Plan(Take(task_id, event.ttl, event.holder), decide)
 
 
 @_rule((KeyState.QUEUED, PublishFailed), (KeyState.HANDED_BACK, PublishFailed))
@@ -477,7 +509,7 @@ def _republished(task_id: str) -> Callable[[Acquisition], Transition]:
     def decide(got: Acquisition) -> Transition:
         if got.acquired or holder_id(got.owner) == task_id:
             return Transition(KeyState.HANDED_BACK, Publish())
-        return Transition(KeyState.RELEASED, Duplicate(holder_id(got.owner), got.ttl))
+        return Transition(KeyState.RELEASED, _duplicate(got))
 
     return decide
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from celery import Task
 from celery.result import AsyncResult
 
-from ...backends import RedisBackend
+from ...backends import AsyncRedisBackend, RedisBackend
 from ...celery.base import BackedTask
 from ...celery.ratelimited import RateLimitedTask
 from ...celery.settings import Found, backend_for
@@ -174,6 +174,13 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
         if type(self).setup_redis is HeimdallTask.setup_redis:
             return super().redis_backend()
         return self._own_backend
+
+    def async_redis_backend(self) -> AsyncRedisBackend | None:
+        """The app's asyncio backend; ``None`` when :meth:`setup_redis` gives a client of
+        its own (``aapply_async`` then runs in a worker thread)."""
+        if type(self).setup_redis is HeimdallTask.setup_redis:
+            return super().async_redis_backend()
+        return None
 
     @functools.cached_property
     def _own_backend(self) -> RedisBackend:
