@@ -42,16 +42,20 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    elif name == "signals":  # Celery's Signal type: it imports Celery
+        value = importlib.import_module(".signals", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 if TYPE_CHECKING:
+    from . import signals  # noqa: F401  # loaded on first use, like the task classes
     from .celery.ratelimited import RateLimitedTask
     from .celery.unique import UniqueTask, clear_locks
 

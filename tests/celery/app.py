@@ -397,3 +397,9 @@ def debounced(key: str, value: int, tag: str, seconds: float = 0.0) -> int:
 
 def values(tag: str) -> list[int]:
     return [int(v) for v in store().lrange(f"values:{tag}", 0, -1)]
+
+
+@app.task(base=UniqueTask, name="t.loses_its_lock", unique_lease=1)
+def loses_its_lock(tag: str) -> None:
+    with Run(tag):
+        time.sleep(2.5)

@@ -214,7 +214,7 @@ def test_an_event_that_cannot_happen_in_a_state_is_refused() -> None:
     with pytest.raises(lc.IllegalTransition, match="Start cannot happen to a running key"):
         lc.plan(S.RUNNING, lc.Start("r2"), POLICY, ID)
     with pytest.raises(lc.IllegalTransition):
-        lc.plan(S.RELEASED, lc.Success(), POLICY, ID)
+        lc.plan(S.KEPT, lc.Success(), POLICY, ID)
 
 
 def test_every_event_has_a_rule() -> None:
@@ -265,3 +265,11 @@ def test_with_while_running_a_redelivery_of_the_running_id_still_waits_as_a_twin
     _, transition = step(S.QUEUED, lc.Start("r2"), got(RUN, ttl=20.0), WHILE_RUNNING)
     assert isinstance(transition.outcome, lc.Deferral)
     assert transition.outcome.reason == "running_elsewhere"
+
+
+@pytest.mark.parametrize(
+    "event", [lc.Success(), lc.Failure(), lc.Ignored(), lc.Rejected(), lc.Requeue()]
+)
+def test_a_run_that_lost_its_key_ends_without_touching_it(event: lc.Event) -> None:
+    action, transition = step(S.RELEASED, event)
+    assert action is None and transition.state is S.RELEASED

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from celery import Celery, Task
 from celery.exceptions import Retry
 
+from .. import signals
 from ..backends import RedisBackend
 from .settings import backend_for
 
@@ -22,6 +24,8 @@ __all__ = [
     "defer",
     "delay_of",
 ]
+
+logger = logging.getLogger("celery_unique")
 
 #: Message header carrying the unique key, so the worker never has to re-derive it from
 #: arguments that serialisation may have changed (tuples to lists, datetimes to strings).
@@ -65,15 +69,23 @@ def delay_of(app: Celery, options: Mapping[str, Any]) -> float:
 
 
 def defer(
-    task: Task, countdown: float, reason: str, headers: Mapping[str, Any] | None = None
+    task: Task,
+    countdown: float,
+    reason: str,
+    why: str,
+    headers: Mapping[str, Any] | None = None,
 ) -> NoReturn:
     """Put the running instance back in the queue for ``countdown`` seconds and stop this run.
 
     Same task id, same retry count (a deferral is not a retry: it uses none of
     ``max_retries`` up), options untouched. Published through ``apply_async``, so a unique
-    task hands its key back to the queued copy.
+    task hands its key back to the queued copy. ``reason`` is one of
+    :data:`~celery_unique.signals.DEFERRAL_REASONS` (sent with ``task_deferred``), ``why``
+    the words for the log.
     """
     request = task.request
+    logger.info("%s[%s] deferred by %.2f s: %s", task.name, request.id, countdown, why)
+    signals.task_deferred.send(sender=task, task_id=request.id, reason=reason, countdown=countdown)
     task.signature_from_request(
         request,
         request.args,
@@ -82,4 +94,4 @@ def defer(
         retries=request.retries,
         headers={**(request.headers or {}), **(headers or {})},
     ).apply_async()
-    raise Retry(reason, when=countdown)
+    raise Retry(why, when=countdown)

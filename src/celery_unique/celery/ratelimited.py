@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from celery import signals
+from celery import signals as celery_signals
 from celery.exceptions import Reject, TimeLimitExceeded
 
 from ..backends import RedisBackend
@@ -127,7 +127,7 @@ class RateLimitedTask(BackedTask):
             return slot
         # Its turn in the queue of runs turned away, a little jittered against lockstep.
         countdown = (slot.retry_after or 1.0) * random.uniform(1.0, 1.1)
-        defer(self, countdown, "concurrency limit")
+        defer(self, countdown, "concurrency", "its concurrency limit is reached")
 
     def _free_run_slot(self, slot: Semaphore) -> None:
         try:
@@ -152,11 +152,17 @@ class RateLimitedTask(BackedTask):
             # Every instance refused now sees about the same wait: spread them over half the
             # horizon, in which about that many slots come within reach.
             countdown = min(slot.retry_after, horizon / 2) + random.uniform(0, horizon / 2)
-            defer(self, countdown, "rate limited", {BOOKED_HEADER: None})
+            defer(
+                self,
+                countdown,
+                "rate_limit",
+                "no rate-limit slot within reach",
+                {BOOKED_HEADER: None},
+            )
         if slot.delay > 0:
             # No jitter: the bucket spaces the booked slots itself.
             booked = {BOOKED_HEADER: self.request.retries}
-            defer(self, slot.delay, "rate limited: slot booked", booked)
+            defer(self, slot.delay, "rate_limit", "its rate-limit slot is booked", booked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +260,7 @@ def _free_from_main_process(task: RateLimitedTask, task_id: str, args: Any, kwar
         )
 
 
-@signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.slot_revoked")  # type: ignore[untyped-decorator]
+@celery_signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.slot_revoked")  # type: ignore[untyped-decorator]
 def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     """Revoked, expired or terminated: a slot it may hold is freed."""
     if isinstance(sender, RateLimitedTask) and request is not None:
@@ -262,7 +268,7 @@ def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
             _free_from_main_process(sender, request.id, request.args, request.kwargs)
 
 
-@signals.task_failure.connect(weak=False, dispatch_uid="celery_unique.slot_failure")  # type: ignore[untyped-decorator]
+@celery_signals.task_failure.connect(weak=False, dispatch_uid="celery_unique.slot_failure")  # type: ignore[untyped-decorator]
 def _on_failure(
     sender: Any = None,
     task_id: str | None = None,

@@ -20,16 +20,16 @@ from typing import Any, ClassVar
 
 import anyio
 import anyio.to_thread
-from celery import Celery, signals
+from celery import signals as celery_signals
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from celery.result import AsyncResult, EagerResult
 from celery.utils import uuid
 
+from .. import signals
 from ..backends import AsyncRedisBackend, RedisBackend
 from ..core import lifecycle as lc
 from ..core import locks
 from ..core.arguments import ArgumentKey, UniqueOn
-from ..core.keys import task_lock_start
 from ..errors import (
     BackendError,
     BackendUnavailable,
@@ -38,6 +38,7 @@ from ..errors import (
     LockNotOwnedError,
 )
 from ..locks import Lock
+from .admin import clear_locks
 from .base import (
     DEFERRED_HEADER,
     HOLD_HEADER,
@@ -52,7 +53,6 @@ from .settings import (
     DEFAULT_TTL,
     Found,
     async_backend_for,
-    backend_for,
     check_choice,
     check_encoder,
     check_flag,
@@ -60,7 +60,7 @@ from .settings import (
     from_task,
 )
 
-__all__ = ["RUN_SEPARATOR", "UniqueConfig", "UniqueTask", "clear_locks", "force_release"]
+__all__ = ["RUN_SEPARATOR", "UniqueConfig", "UniqueTask", "clear_locks"]
 
 logger = logging.getLogger("celery_unique")
 
@@ -400,6 +400,8 @@ class UniqueTask(BackedTask):
         outcome = transition.outcome
         if not isinstance(outcome, lc.Duplicate):
             return None
+        logger.info("%s[%s] is a duplicate of %s", self.name, call.task_id, outcome.holder)
+        signals.task_duplicate.send(sender=self, task_id=outcome.holder, ttl=outcome.ttl)
         if call.config.on_duplicate == "raise":
             raise self.duplicate_error(outcome.holder, outcome.ttl)
         return self.AsyncResult(outcome.holder)
@@ -477,12 +479,9 @@ class UniqueTask(BackedTask):
                 why, headers = "another instance is running", {WAITED_HEADER: waited + 1}
             else:
                 why, headers = "already running elsewhere", {DEFERRED_HEADER: True}
-            logger.warning(
-                "%s[%s]: %s, deferred by %.1f s", self.name, task_id, why, outcome.countdown
-            )
             _current.run = run  # its copy is published from here: a Republish
             try:
-                defer(self, outcome.countdown, why, headers)
+                defer(self, outcome.countdown, outcome.reason, why, headers)
             finally:
                 _current.run = None
         if isinstance(outcome, lc.Run) and not outcome.locked:
@@ -629,6 +628,7 @@ class UniqueTask(BackedTask):
             self.name,
             run.task_id,
         )
+        signals.task_lock_lost.send(sender=self, task_id=run.task_id)
 
     def seen_from_main_process(self, task_id: str, key: str, event: lc.Event) -> None:
         """Carry out ``event`` (a revoke, an expiry, a time limit, a lost child), which the
@@ -654,33 +654,6 @@ def duplicate_message(task: BackedTask, holder: str, ttl: float | None) -> str:
     )
 
 
-def clear_locks(app: Celery, task: UniqueTask | None = None) -> int:
-    """Delete the unique-task locks of ``app`` (or of one ``task``); returns how many.
-
-    Uses SCAN, so it never blocks Redis the way KEYS would.
-    """
-    if task is not None:
-        return unlink_locks(task.unique_config.backend, task_lock_start(task.name))
-    return unlink_locks(backend_for(app), task_lock_start())
-
-
-def force_release(backend: RedisBackend, name: str) -> None:
-    """Delete lock ``name`` whoever holds it: the old libraries' administrative reset."""
-    backend.executor.unlink([backend.keys.lock(name)])
-
-
-def unlink_locks(backend: RedisBackend, start: str) -> int:
-    """UNLINK every lock of ``backend`` whose name starts with ``start``; returns how many."""
-    deleted = 0
-    batch: list[str] = []
-    for key in backend.executor.scan(backend.keys.lock_pattern(start)):
-        batch.append(key)
-        if len(batch) >= 500:
-            deleted += backend.executor.unlink(batch)
-            batch.clear()
-    return deleted + backend.executor.unlink(batch)
-
-
 # -- what the worker's main process sees: the run there may never see its end -----------------
 
 
@@ -694,7 +667,7 @@ def _key_of(task: UniqueTask, request: Any, args: Any, kwargs: Any) -> str | Non
         return None
 
 
-@signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.revoked")  # type: ignore[untyped-decorator]
+@celery_signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.revoked")  # type: ignore[untyped-decorator]
 def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
     """Revoked, expired or terminated: free the key, whether queued or running."""
     if isinstance(sender, UniqueTask) and request is not None:
@@ -705,7 +678,7 @@ def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, 
             )
 
 
-@signals.task_failure.connect(weak=False, dispatch_uid="celery_unique.failure")  # type: ignore[untyped-decorator]
+@celery_signals.task_failure.connect(weak=False, dispatch_uid="celery_unique.failure")  # type: ignore[untyped-decorator]
 def _on_failure(
     sender: Any = None,
     task_id: str | None = None,

@@ -31,8 +31,9 @@ from celery import Celery
 from kombu.utils.imports import symbol_by_name
 
 from ..backends import AsyncRedisBackend, RedisBackend
+from ..celery.admin import force_release, unlink_locks
 from ..celery.settings import Found, backends, from_task, redis_url
-from ..celery.unique import UniqueTask, duplicate_message, force_release, unlink_locks
+from ..celery.unique import UniqueTask, duplicate_message
 from ..core.keys import task_lock_start
 from ..core.lifecycle import holder_id
 from ..errors import ConfigurationError

@@ -13,7 +13,15 @@ from .results import Decision, Reservation
 from .scripts import TOKEN_BUCKET
 from .steps import Eval, Flow, Op, Sleep, check_timeout
 
-__all__ = ["check_cost", "hit", "parse_decision", "parse_reservation", "reserve", "wait"]
+__all__ = [
+    "check_cost",
+    "hit",
+    "parse_decision",
+    "parse_reservation",
+    "remaining",
+    "reserve",
+    "wait",
+]
 
 
 def check_cost(cost: int, limits: Sequence[RateLimit]) -> None:
@@ -118,3 +126,13 @@ def wait(
             )
         # Beyond the longest wait a bucket can book exactly (years): come back nearer to it.
         yield Sleep(booked.retry_after)
+
+
+def remaining(state: bytes | str, spec: str, now_us: int) -> int:
+    """How many tokens a bucket holds at ``now_us`` (Redis time, µs): its stored state
+    (``"<debt> <last>"``, see ``lua/token_bucket.lua``) read with its key's spec
+    (``"<n>/<period_us>/<burst>"``). Negative while slots are booked ahead."""
+    debt_text, last_text = (state.decode() if isinstance(state, bytes) else state).split()
+    n, period_us, burst = (int(part) for part in spec.split("/"))
+    debt = max(0, int(debt_text) - max(0, now_us - int(last_text)) * n)
+    return (burst * period_us - debt) // period_us

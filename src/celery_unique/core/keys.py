@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "RUNNING_SUFFIX",
     "KeySpace",
+    "ParsedKey",
     "glob_escape",
     "hash_tag",
     "task_lock_name",
@@ -32,6 +33,8 @@ __all__ = [
 DEFAULT_PREFIX = "cu:"
 #: What a running twin's key adds to its lock's key (after the hash tag: the same slot).
 RUNNING_SUFFIX = ":running"
+# The parts a key of each kind may end with, after its name.
+_PARTS = {"lock": ("running",), "sem": ("queue", "hold")}
 _TASK = "task:"
 
 
@@ -63,6 +66,17 @@ def task_lock_start(task_name: str | None = None) -> str:
 def glob_escape(text: str) -> str:
     """``text`` as a literal in a Redis ``MATCH`` glob."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    """A key of the library read back: ``kind`` (``lock``, ``rate``, ``sem``), the ``name``
+    it was made for, and ``part`` (``running`` for a lock's running twin, the limit spec of a
+    rate bucket, ``queue``/``hold`` for a semaphore's queue keys; empty otherwise)."""
+
+    kind: str
+    name: str
+    part: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +114,7 @@ class KeySpace:
         """The keys of semaphore ``name`` with a queue of callers turned away: the holders,
         the queue, and the typical hold time (one cluster slot)."""
         key = self.semaphore(name)
-        return key, f"{key}:queue", f"{key}:hold"
+        return key, f"{key}:{_PARTS['sem'][0]}", f"{key}:{_PARTS['sem'][1]}"
 
     def rate(self, name: str, specs: Sequence[str]) -> tuple[str, ...]:
         """One bucket key per limit spec, all in the slot of ``name``."""
@@ -118,11 +132,36 @@ class KeySpace:
     def lock_name(self, key: str | bytes) -> str | None:
         """The lock name a key of :meth:`lock` (or :meth:`running_lock`) was made for;
         ``None`` for any other key."""
+        parsed = self.parse(key)
+        return parsed.name if parsed is not None and parsed.kind == "lock" else None
+
+    def pattern(self, kind: str) -> str:
+        """A ``SCAN MATCH`` glob for every key of ``kind`` (``lock``, ``rate``, ``sem``)."""
+        return glob_escape(f"{self.prefix}{kind}:") + "*"
+
+    def parse(self, key: str | bytes) -> ParsedKey | None:
+        """What a key of this space holds: its kind, name and part; ``None`` for a key of
+        another prefix or layout."""
         text = key.decode() if isinstance(key, bytes) else key
-        head = f"{self.prefix}lock:"
-        if not text.startswith(head):
+        if not text.startswith(self.prefix):
             return None
-        return _untag(text[len(head) :].removesuffix(RUNNING_SUFFIX))
+        kind, _, rest = text[len(self.prefix) :].partition(":")
+        if kind not in ("lock", "rate", "sem") or not rest.startswith("{"):
+            return None
+        if rest.startswith("{#"):  # tagged by the digest: the name follows the tag, whole
+            tail = rest[rest.index("}") + 1 :]
+            if kind == "rate":
+                name, _, part = tail.rpartition(":")  # a spec holds no colon
+                return ParsedKey(kind, name, part)
+            for part in _PARTS[kind]:
+                if tail.endswith(f":{part}"):
+                    return ParsedKey(kind, tail[: -len(part) - 1], part)
+            return ParsedKey(kind, tail)
+        close = rest.find("}")
+        if close < 0:
+            return None
+        name, part = rest[1:close], rest[close + 2 :]
+        return ParsedKey(kind, name, part)
 
 
 def _check_name(name: object, what: str) -> None:

@@ -559,6 +559,18 @@ def _killed(policy: Policy, task_id: str, event: Revoked | Expired | TimeLimit |
     return Plan(ReleaseAny(task_id), _fixed(KeyState.RELEASED, Done()))
 
 
+@_rule(
+    (KeyState.RELEASED, Success),
+    (KeyState.RELEASED, Failure),
+    (KeyState.RELEASED, Ignored),
+    (KeyState.RELEASED, Rejected),
+    (KeyState.RELEASED, Requeue),
+)
+def _ended_unprotected(policy: Policy, task_id: str, event: Any) -> Plan:
+    # The run lost its lease while it ran: nothing of it holds the key to free or pass on.
+    return Plan(None, _fixed(KeyState.RELEASED, Done("the key was lost during the run")))
+
+
 @_rule((KeyState.RUNNING, LeaseLost))
 def _lease_lost(policy: Policy, task_id: str, event: LeaseLost) -> Plan:
     # Nothing to free: the key is gone or another's. The run goes on, unprotected.

@@ -15,10 +15,11 @@ from celery import Task
 from celery.result import AsyncResult
 
 from ...backends import AsyncRedisBackend, RedisBackend
+from ...celery.admin import force_release
 from ...celery.base import BackedTask
 from ...celery.ratelimited import RateLimitedTask
 from ...celery.settings import Found, backend_for
-from ...celery.unique import KeyFunction, UniqueTask, force_release
+from ...celery.unique import KeyFunction, UniqueTask
 from ...core.arguments import ArgumentKey
 from ...core.keys import DEFAULT_PREFIX
 from ...core.lifecycle import holder_id

@@ -1,0 +1,160 @@
+"""Looking at and clearing what the library keeps in Redis: held unique-task locks, rate-limit
+buckets and concurrency slots. The ``celery unique`` command prints these; scripts may call
+them too. Everything uses SCAN (never KEYS), on every primary of a cluster, and never shows
+an argument value: lock names carry only their digest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+
+from ..backends import RedisBackend
+from ..core import buckets, semaphores
+from ..core.keys import ParsedKey, task_lock_start
+from ..core.lifecycle import RUN_SEPARATOR, holder_id
+from ..core.locks import parse_owner
+from ..core.steps import Call, Op
+from .settings import backend_for
+
+if TYPE_CHECKING:
+    from .unique import UniqueTask
+
+__all__ = [
+    "HeldLock",
+    "LimitInUse",
+    "clear_locks",
+    "force_release",
+    "held_locks",
+    "limits_in_use",
+    "unlink_locks",
+]
+
+_TASK = task_lock_start()
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLock:
+    """A lock held now: ``task`` (a unique task's name, ``None`` for other locks), its
+    ``holder`` (task id, or the owner token of a plain lock), ``state`` (``queued`` or
+    ``running`` for a task's lock, ``held`` otherwise), ``ttl`` (seconds left) and ``lock``
+    (the lock's name: the task name and the digest of its arguments)."""
+
+    task: str | None
+    holder: str
+    state: str
+    ttl: float | None
+    lock: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields, for ``--json``."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitInUse:
+    """A limit in use now: ``kind`` (``rate`` or ``concurrency``), its ``key`` (the bucket or
+    semaphore name), and ``remaining`` tokens (a rate bucket; negative while slots are
+    booked ahead) or ``count`` live holders (concurrency)."""
+
+    kind: str
+    key: str
+    remaining: int | None = None
+    count: int | None = None
+    limit: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that apply, for ``--json``."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+def _keys(backend: RedisBackend, kind: str) -> Iterator[tuple[str, ParsedKey]]:
+    for key in backend.executor.scan(backend.keys.pattern(kind)):
+        parsed = backend.keys.parse(key)
+        if parsed is not None and parsed.kind == kind:
+            yield key, parsed
+
+
+def _task_of(name: str) -> str | None:
+    # "task:<task name>:<digest>"; a task name may hold colons, a digest never does.
+    if not name.startswith(_TASK):
+        return None
+    return name[len(_TASK) :].rpartition(":")[0] or None
+
+
+def held_locks(backend: RedisBackend, task: str | None = None) -> list[HeldLock]:
+    """Every lock held under ``backend``'s prefix (only ``task``'s, if given)."""
+    execute = backend.executor.execute
+    found = []
+    for key, parsed in _keys(backend, "lock"):
+        name = _task_of(parsed.name)
+        if task is not None and name != task:
+            continue
+        owner = execute(Op(Call(("GET", key)), parse_owner))
+        if owner is None:
+            continue  # expired since the scan saw it
+        pttl = execute(Op(Call(("PTTL", key)), int))
+        if name is None:
+            state = "held"
+        else:
+            running = parsed.part == "running" or RUN_SEPARATOR in owner
+            state = "running" if running else "queued"
+        holder = holder_id(owner) if name is not None else owner
+        ttl = pttl / 1000 if pttl >= 0 else None
+        found.append(HeldLock(name, holder, state, ttl, parsed.name))
+    return sorted(found, key=lambda held: (held.task or "", held.lock, held.state))
+
+
+def _redis_us(backend: RedisBackend) -> int:
+    seconds, micros = backend.executor.execute(Op(Call(("TIME",)), list))
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+def limits_in_use(backend: RedisBackend) -> list[LimitInUse]:
+    """The rate-limit buckets and concurrency semaphores in use under ``backend``'s prefix."""
+    execute = backend.executor.execute
+    found = []
+    now = _redis_us(backend)
+    for key, parsed in _keys(backend, "rate"):
+        state = execute(Op(Call(("GET", key)), lambda reply: reply))
+        if state is not None:
+            left = buckets.remaining(state, parsed.part, now)
+            found.append(LimitInUse("rate", parsed.name, remaining=left, limit=parsed.part))
+    for key, parsed in _keys(backend, "sem"):
+        if parsed.part:
+            continue  # a semaphore's queue and hold time, not a semaphore of its own
+        count = execute(semaphores.holders(key))
+        if count:
+            found.append(LimitInUse("concurrency", parsed.name, count=count))
+    return sorted(found, key=lambda limit: (limit.kind, limit.key))
+
+
+def clear_locks(app: Celery, task: UniqueTask | None = None) -> int:
+    """Delete the unique-task locks of ``app`` (or of one ``task``); returns how many.
+
+    Uses SCAN, so it never blocks Redis the way KEYS would.
+    """
+    if task is not None:
+        return unlink_locks(task.unique_config.backend, task_lock_start(task.name))
+    return unlink_locks(backend_for(app), task_lock_start())
+
+
+def force_release(backend: RedisBackend, name: str) -> None:
+    """Delete lock ``name`` whoever holds it: the old libraries' administrative reset."""
+    backend.executor.unlink([backend.keys.lock(name)])
+
+
+def unlink_locks(backend: RedisBackend, start: str) -> int:
+    """UNLINK every lock of ``backend`` whose name starts with ``start`` (running twins
+    included); returns how many."""
+    deleted = 0
+    batch: list[str] = []
+    for key in backend.executor.scan(backend.keys.lock_pattern(start)):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += backend.executor.unlink(batch)
+            batch.clear()
+    return deleted + backend.executor.unlink(batch)
