@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from celery import Celery, Task
-from celery.exceptions import Retry
+from celery import signals as celery_signals
+from celery.exceptions import Reject, Retry, TimeLimitExceeded
 
 from .. import signals
 from ..backends import RedisBackend
+from ..core.lifecycle import Event, Expired, LostChild, Revoked, TimeLimit
 from .settings import backend_for
 
 __all__ = [
@@ -50,6 +52,13 @@ class BackedTask(Task):  # type: ignore[misc]
         """The backend this task's locks and limits live in: the app's (see
         :func:`~.settings.backend_for`). Override to use another Redis."""
         return backend_for(self.app)
+
+    def seen_from_main_process(
+        self, task_id: str, request: Any, args: Any, kwargs: Any, event: Event
+    ) -> None:
+        """The worker's main process saw ``event`` (Revoked, Expired, TimeLimit, LostChild)
+        happen to instance ``task_id``, which its run may never see: free what it holds.
+        Each class frees its own (its key, its slot) and calls ``super()``."""
 
 
 def delay_of(app: Celery, options: Mapping[str, Any]) -> float:
@@ -95,3 +104,39 @@ def defer(
         headers={**(request.headers or {}), **(headers or {})},
     ).apply_async()
     raise Retry(why, when=countdown)
+
+
+# -- what the worker's main process sees: a run killed there never sees its own end ------------
+
+
+@celery_signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.revoked")  # type: ignore[untyped-decorator]
+def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+    """Revoked, expired or terminated (queued or running)."""
+    if isinstance(sender, BackedTask) and request is not None:
+        event = Expired() if expired else Revoked()
+        sender.seen_from_main_process(request.id, request, request.args, request.kwargs, event)
+
+
+@celery_signals.task_failure.connect(weak=False, dispatch_uid="celery_unique.failure")  # type: ignore[untyped-decorator]
+def _on_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
+    """A hard time limit, a lost worker child or a dropped Reject, seen by the main process
+    (failures inside the run are the run's own business)."""
+    from billiard.exceptions import WorkerLostError
+
+    if not isinstance(sender, BackedTask) or task_id is None:
+        return
+    if isinstance(exception, TimeLimitExceeded):
+        event: Event = TimeLimit()
+    elif isinstance(exception, WorkerLostError | Reject):
+        event = LostChild()
+    else:
+        return
+    request = sender.request if sender.request.id == task_id else None
+    sender.seen_from_main_process(task_id, request, args, kwargs, event)

@@ -52,6 +52,15 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     )
 
 
+def _show(rows: list[dict[str, Any]], columns: list[str], as_json: bool, empty: str) -> None:
+    if as_json:
+        click.echo(json.dumps(rows))
+    elif rows:
+        click.echo(_table(rows, columns))
+    else:
+        click.echo(empty)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -82,12 +91,7 @@ def list_locks(ctx: click.Context, task_name: str | None, as_json: bool) -> None
         rows = [held.as_dict() for held in held_locks(_backend(ctx), task_name)]
     except CeleryUniqueError as exc:
         raise _fail(exc) from exc
-    if as_json:
-        click.echo(json.dumps(rows))
-    elif rows:
-        click.echo(_table(rows, ["task", "holder", "state", "ttl", "lock"]))
-    else:
-        click.echo("no locks held")
+    _show(rows, ["task", "holder", "state", "ttl", "lock"], as_json, "no locks held")
 
 
 @unique.command()
@@ -115,9 +119,4 @@ def limits(ctx: click.Context, as_json: bool) -> None:
         rows = [limit.as_dict() for limit in limits_in_use(_backend(ctx))]
     except CeleryUniqueError as exc:
         raise _fail(exc) from exc
-    if as_json:
-        click.echo(json.dumps(rows))
-    elif rows:
-        click.echo(_table(rows, ["kind", "key", "remaining", "count", "limit"]))
-    else:
-        click.echo("no limits in use")
+    _show(rows, ["kind", "key", "remaining", "count", "limit"], as_json, "no limits in use")

@@ -9,11 +9,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from celery import signals as celery_signals
-from celery.exceptions import Reject, TimeLimitExceeded
-
 from ..backends import RedisBackend
 from ..core.arguments import ArgumentKey
+from ..core.lifecycle import Event
 from ..core.rates import RateLimit, as_limits
 from ..errors import BackendError, LockNotOwnedError
 from ..limiters import RateLimiter
@@ -129,6 +127,25 @@ class RateLimitedTask(BackedTask):
         countdown = (slot.retry_after or 1.0) * random.uniform(1.0, 1.1)
         defer(self, countdown, "concurrency", "its concurrency limit is reached")
 
+    def seen_from_main_process(
+        self, task_id: str, request: Any, args: Any, kwargs: Any, event: Event
+    ) -> None:
+        """Free the concurrency slot of an instance the main process saw revoked, expired
+        or killed (its token is the task id)."""
+        super().seen_from_main_process(task_id, request, args, kwargs, event)
+        if self.rate_config.concurrency is None:
+            return
+        try:
+            slot = self.rate_config.run_slot(args or (), kwargs or {}, task_id)
+            if slot is not None:
+                slot.release()  # owner-checked: only the slot of this task id
+        except LockNotOwnedError:
+            pass  # it held none (it had not started, or its lease ended)
+        except Exception:  # arguments that no longer bind, Redis down: the lease frees it
+            logger.warning(
+                "could not free the concurrency slot of %s[%s]", self.name, task_id, exc_info=True
+            )
+
     def _free_run_slot(self, slot: Semaphore) -> None:
         try:
             slot.release()
@@ -242,46 +259,3 @@ def _rate_key(task: BackedTask, option: Any) -> Callable[[Sequence[Any], Mapping
         return lambda args, kwargs: str(option(*args, **kwargs))
     # A list of argument names: hashed like unique keys, so no value appears in Redis.
     return ArgumentKey(task.name, task.run, option)
-
-
-# -- what the worker's main process sees: a run killed there never frees its slot itself -------
-
-
-def _free_from_main_process(task: RateLimitedTask, task_id: str, args: Any, kwargs: Any) -> None:
-    try:
-        slot = task.rate_config.run_slot(args or (), kwargs or {}, task_id)
-        if slot is not None:
-            slot.release()  # owner-checked: only the slot of this task id
-    except LockNotOwnedError:
-        pass  # it held none (it had not started, or its lease ended)
-    except Exception:  # arguments that no longer bind, Redis down: the lease frees it
-        logger.warning(
-            "could not free the concurrency slot of %s[%s]", task.name, task_id, exc_info=True
-        )
-
-
-@celery_signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.slot_revoked")  # type: ignore[untyped-decorator]
-def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-    """Revoked, expired or terminated: a slot it may hold is freed."""
-    if isinstance(sender, RateLimitedTask) and request is not None:
-        if sender.rate_config.concurrency is not None:
-            _free_from_main_process(sender, request.id, request.args, request.kwargs)
-
-
-@celery_signals.task_failure.connect(weak=False, dispatch_uid="celery_unique.slot_failure")  # type: ignore[untyped-decorator]
-def _on_failure(
-    sender: Any = None,
-    task_id: str | None = None,
-    exception: BaseException | None = None,
-    args: Any = None,
-    kwargs: Any = None,
-    **_: Any,
-) -> None:
-    """A hard time limit or a lost worker child, seen by the main process: free the slot."""
-    from billiard.exceptions import WorkerLostError
-
-    if not isinstance(sender, RateLimitedTask) or task_id is None:
-        return
-    if isinstance(exception, WorkerLostError | TimeLimitExceeded | Reject):
-        if sender.rate_config.concurrency is not None:
-            _free_from_main_process(sender, task_id, args, kwargs)

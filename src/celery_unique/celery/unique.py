@@ -20,8 +20,7 @@ from typing import Any, ClassVar
 
 import anyio
 import anyio.to_thread
-from celery import signals as celery_signals
-from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult, EagerResult
 from celery.utils import uuid
 
@@ -630,11 +629,20 @@ class UniqueTask(BackedTask):
         )
         signals.task_lock_lost.send(sender=self, task_id=run.task_id)
 
-    def seen_from_main_process(self, task_id: str, key: str, event: lc.Event) -> None:
-        """Carry out ``event`` (a revoke, an expiry, a time limit, a lost child), which the
-        worker's main process saw and the run itself may never see."""
-        killed = isinstance(event, lc.Revoked | lc.Expired)
-        state = lc.KeyState.QUEUED if killed else lc.KeyState.RUNNING
+    def seen_from_main_process(
+        self, task_id: str, request: Any, args: Any, kwargs: Any, event: lc.Event
+    ) -> None:
+        """Free the key of an instance the main process saw revoked, expired or killed
+        (it cannot tell a queued one from a running one: the rule frees either)."""
+        super().seen_from_main_process(task_id, request, args, kwargs, event)
+        key = getattr(request, KEY_HEADER, None) if request is not None else None
+        if not key:
+            try:
+                key = self.unique_key(args or (), kwargs or {})
+            except Exception:  # arguments that no longer bind: the lease frees the key
+                return
+        queued = isinstance(event, lc.Revoked | lc.Expired)
+        state = lc.KeyState.QUEUED if queued else lc.KeyState.RUNNING
         self._quietly(lc.plan(state, event, self.unique_config.policy, task_id), key, task_id)
 
     def _ttl_left(self, request: Any) -> float:
@@ -652,53 +660,3 @@ def duplicate_message(task: BackedTask, holder: str, ttl: float | None) -> str:
         f"task {task.name!r} is already queued or running with the same unique key as "
         f"{holder}; its lock lasts {left} more. Use that result, or revoke it"
     )
-
-
-# -- what the worker's main process sees: the run there may never see its end -----------------
-
-
-def _key_of(task: UniqueTask, request: Any, args: Any, kwargs: Any) -> str | None:
-    key = getattr(request, KEY_HEADER, None) if request is not None else None
-    if key:
-        return str(key)
-    try:
-        return task.unique_key(args or (), kwargs or {})
-    except Exception:  # arguments that no longer bind: the lease will free the lock
-        return None
-
-
-@celery_signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.revoked")  # type: ignore[untyped-decorator]
-def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
-    """Revoked, expired or terminated: free the key, whether queued or running."""
-    if isinstance(sender, UniqueTask) and request is not None:
-        key = _key_of(sender, request, request.args, request.kwargs)
-        if key is not None:
-            sender.seen_from_main_process(
-                request.id, key, lc.Expired() if expired else lc.Revoked()
-            )
-
-
-@celery_signals.task_failure.connect(weak=False, dispatch_uid="celery_unique.failure")  # type: ignore[untyped-decorator]
-def _on_failure(
-    sender: Any = None,
-    task_id: str | None = None,
-    exception: BaseException | None = None,
-    args: Any = None,
-    kwargs: Any = None,
-    **_: Any,
-) -> None:
-    """A hard time limit, a lost worker child or a dropped Reject, seen by the main process."""
-    from billiard.exceptions import WorkerLostError
-
-    if not isinstance(sender, UniqueTask) or task_id is None:
-        return
-    if isinstance(exception, TimeLimitExceeded):
-        event: lc.Event = lc.TimeLimit()
-    elif isinstance(exception, WorkerLostError | Reject):
-        event = lc.LostChild()
-    else:
-        return  # failures inside the run were handled there
-    request = sender.request if sender.request.id == task_id else None
-    key = _key_of(sender, request, args, kwargs)
-    if key is not None:
-        sender.seen_from_main_process(task_id, key, event)
