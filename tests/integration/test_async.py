@@ -11,6 +11,8 @@ import pytest
 import redis
 
 from celery_unique import AsyncRedisBackend, BackendError, RateLimit
+from tests.helpers import async_wait_until
+from tests.integration.test_batches import Proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -68,37 +70,24 @@ async def test_a_timeout_around_the_block_frees_the_key(abackend: AsyncRedisBack
 
 
 @pytest.fixture
-async def slow_replies(redis_url: str) -> AsyncIterator[str]:
-    """A TCP proxy to the test Redis that passes commands on at once and replies 0.3 s late."""
-    host, port = redis_url.split("//")[1].split("/")[0].split(":")
-
-    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
-        while data := await src.read(65536):
-            await asyncio.sleep(delay)
-            dst.write(data)
-            await dst.drain()
-        dst.close()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
-        await asyncio.gather(pump(reader, up_writer, 0), pump(up_reader, writer, 0.3))
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    async with server:
-        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+async def proxy(redis_url: str) -> AsyncIterator[Proxy]:
+    """A TCP proxy to the test Redis that can hold replies back (commands pass at once)."""
+    async for running in Proxy(redis_url).run():
+        yield running
 
 
 async def test_cancelling_acquire_mid_flight_never_leaves_the_lock_behind(
-    slow_replies: str, prefix: str, client: redis.Redis
+    proxy: Proxy, prefix: str, client: redis.Redis
 ) -> None:
-    backend = AsyncRedisBackend.from_url(slow_replies, key_prefix=prefix)
+    backend = AsyncRedisBackend.from_url(proxy.url, key_prefix=prefix)
     await backend.acquire_or_owner("warm-up", "x", 1)  # connect first
     lock = backend.lock("job", ttl=60)
+    proxy.hold_replies()
     task = asyncio.get_running_loop().create_task(lock.acquire())
-    await asyncio.sleep(0.1)
-    # Redis has run the acquire by now; its reply is still on the way back.
-    assert client.get(f"{prefix}lock:{{job}}") == lock.token.encode()
+    # Redis runs the acquire; its reply is held on the way back.
+    await async_wait_until(lambda: client.get(f"{prefix}lock:{{job}}") == lock.token.encode())
     task.cancel()
+    proxy.pass_replies()
     await asyncio.wait([task])
     assert task.cancelled()
     assert client.get(f"{prefix}lock:{{job}}") is None  # freed before the cancel completed
