@@ -21,7 +21,7 @@ from celery_unique.compat.singleton import DuplicateTaskError, Singleton, clear_
 from tests.celery import app as t
 from tests.celery import compat_tasks as c
 from tests.celery.conftest import MakeApp, run_with_shim
-from tests.celery.test_unique import wait_until
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
