@@ -14,10 +14,12 @@ class Proxy:
         self.host, port = upstream.split("//")[1].split("/")[0].split(":")
         self.port = int(port)
         self.chunk: int | None = None  # pass replies on this many bytes at a time
-        self.delay = 0.0  # seconds before passing replies on
+        self.replies = asyncio.Event()  # cleared: replies wait (hold_replies, pass_replies)
+        self.replies.set()
         self.cut_after: int | None = None  # drop a connection after this many reply bytes
         self.hold = False  # pass commands on, never a reply
         self.url = ""
+        self.sent = bytearray()  # every command that passed, as sent
         self._writers: list[asyncio.StreamWriter] = []
 
     async def _replies(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -25,7 +27,7 @@ class Proxy:
         while data := await src.read(65536):
             if self.hold:
                 continue
-            await asyncio.sleep(self.delay)
+            await self.replies.wait()
             if self.cut_after is not None and passed + len(data) > self.cut_after:
                 dst.write(data[: self.cut_after - passed])
                 await dst.drain()
@@ -42,6 +44,7 @@ class Proxy:
 
     async def _commands(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         while data := await src.read(65536):
+            self.sent += data
             dst.write(data)
             await dst.drain()
         dst.close()
@@ -58,6 +61,14 @@ class Proxy:
         finally:
             writer.close()
             up_writer.close()
+
+    def hold_replies(self) -> None:
+        """Keep every reply from here on until :meth:`pass_replies`: a test that has seen
+        Redis run a command then knows its reply is still on the way, however slow the box."""
+        self.replies.clear()
+
+    def pass_replies(self) -> None:
+        self.replies.set()
 
     async def run(self) -> AsyncIterator[Proxy]:
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)

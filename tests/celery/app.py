@@ -178,6 +178,19 @@ def short_lease(tag: str, seconds: float = 60) -> None:
         time.sleep(seconds)
 
 
+@app.task(base=UniqueTask, name="t.gated", unique_lease=2)
+def gated(tag: str) -> None:
+    """Runs until the test calls ``open_gate(tag)`` (60 s at most): still running, however
+    slow the box, while the test does what must happen during the run."""
+    with Run(tag):
+        store().blpop([f"gate:{tag}"], timeout=60)
+
+
+def open_gate(tag: str) -> None:
+    store().rpush(f"gate:{tag}", 1)
+    store().expire(f"gate:{tag}", 600)
+
+
 @app.task(base=UniqueTask, name="t.hard_limit", time_limit=1, unique_lease=60)
 def hard_limit(tag: str) -> None:
     with Run(tag):

@@ -175,7 +175,7 @@ from celery_heimdall import RateLimit as ShimRateLimit  # noqa: E402
 
 @celery.shared_task(base=ShimTask, heimdall={"unique": True})
 def default_unique_task(dummy_arg: Any = None) -> None:
-    return
+    time.sleep(1)  # the duplicate is published while this runs
 
 
 @celery.shared_task(
@@ -207,6 +207,7 @@ def explicit_key_task_str() -> None:
     base=ShimTask, bind=True, heimdall={"unique": True, "lock_prefix": "new-prefix:"}
 )
 def task_with_override_config(task: Any) -> str:
+    time.sleep(0.5)  # the duplicate is published while this runs
     return str(task.heimdall_config.lock_prefix)
 
 

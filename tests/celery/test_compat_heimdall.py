@@ -20,9 +20,10 @@ from celery_unique.compat.heimdall.task import release_lock, unique_key_for_task
 from tests.celery import app as t
 from tests.celery import compat_tasks as c
 from tests.celery.conftest import MakeApp, run_with_shim
-from tests.celery.test_unique import wait_until
+from tests.celery.observe import admissions, assert_within_the_limit, deferrals, span
 from tests.conftest import lock_key as shared_lock_key
 from tests.conftest import lock_owner
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -33,15 +34,6 @@ def customer() -> int:
 
 def start_times(tag: str) -> list[float]:
     return sorted(int(x) / 1e6 for x in t.store().lrange(f"times:{tag}", 0, -1))
-
-
-def assert_limit_held(times: list[float], burst: int, rate: float) -> None:
-    """A token bucket admits at most ``burst + rate x w`` in any window of ``w`` seconds."""
-    for i, first in enumerate(times):
-        for j in range(i, len(times)):
-            window = times[j] - first
-            # Runs record their time a moment after admission: a little slack.
-            assert j - i + 1 <= burst + rate * (window + 0.05), (i, j, window)
 
 
 def lock_key(task: HeimdallTask, *args: Any) -> str:
@@ -134,35 +126,38 @@ def test_unique_wait_for_expiry_keeps_the_lock_after_the_run_until_the_timeout()
 
 def test_a_rate_limit_holds_across_the_fleet_and_every_task_succeeds() -> None:
     tag = uuid.uuid4().hex
-    results = [c.download_report_from_amazon.delay(tag) for _ in range(6)]
-    for result in results:
-        result.get(timeout=30)  # max_retries=0: deferrals do not use retries up
-    times = start_times(tag)
-    assert len(times) == 6
-    assert_limit_held(times, burst=2, rate=1.0)  # RateLimit((2, 2))
-    assert times[-1] - times[0] >= 3.5  # 2 at once, then one a second
+    with admissions(c.download_report_from_amazon.name, tag) as admitted:
+        results = [c.download_report_from_amazon.delay(tag) for _ in range(6)]
+        for result in results:
+            result.get(timeout=30)  # max_retries=0: deferrals do not use retries up
+    assert len(start_times(tag)) == len(admitted) == 6
+    assert_within_the_limit(admitted, burst=2, rate=1.0)  # RateLimit((2, 2))
+    assert span(admitted) >= 3.5  # 2 at once, then one a second
 
 
 def test_a_dynamic_rate_limit_per_customer_key() -> None:
     tag = uuid.uuid4().hex
-    slow = [c.download_report_per_customer.delay(10, tag) for _ in range(3)]
-    fast = [c.download_report_per_customer.delay(11, tag) for _ in range(3)]
-    for result in slow + fast:
-        result.get(timeout=30)
-    slow_times, fast_times = start_times(f"{tag}:10"), start_times(f"{tag}:11")
-    assert_limit_held(slow_times, burst=1, rate=1.0)  # (1, 1) for customer 10
-    assert slow_times[-1] - slow_times[0] >= 1.8
-    assert fast_times[-1] - fast_times[0] < 1.0  # (3, 1): all three at once
+    task = c.download_report_per_customer
+    with admissions(task.name, 10, tag) as admitted, deferrals(task.name, 11, tag) as deferred:
+        slow = [task.delay(10, tag) for _ in range(3)]
+        fast = [task.delay(11, tag) for _ in range(3)]
+        for result in slow + fast:
+            result.get(timeout=30)
+    assert len(start_times(f"{tag}:10")) == len(start_times(f"{tag}:11")) == 3
+    assert_within_the_limit(admitted, burst=1, rate=1.0)  # (1, 1) for customer 10
+    assert span(admitted) >= 1.8
+    assert not deferred  # (3, 1) for customer 11: all three at once
 
 
 def test_a_unique_rate_limited_task_keeps_its_lock_and_retries_while_deferred() -> None:
     tag = uuid.uuid4().hex
-    results = [c.unique_and_limited.delay(tag, i) for i in range(3)]
-    assert c.unique_and_limited.delay(tag, 2) == results[2]  # deferred, still the one instance
-    assert [r.get(timeout=30) for r in results] == [0, 0, 0]  # no retry used
-    times = start_times(tag)
-    assert_limit_held(times, burst=1, rate=1.0)
-    assert times[-1] - times[0] >= 1.8
+    with admissions(c.unique_and_limited.name, tag) as admitted:
+        results = [c.unique_and_limited.delay(tag, i) for i in range(3)]
+        assert c.unique_and_limited.delay(tag, 2) == results[2]  # deferred: still one instance
+        assert [r.get(timeout=30) for r in results] == [0, 0, 0]  # no retry used
+    assert len(start_times(tag)) == len(admitted) == 3
+    assert_within_the_limit(admitted, burst=1, rate=1.0)
+    assert span(admitted) >= 1.8
 
 
 def test_only_after_runs_a_block_at_most_once_per_period() -> None:
@@ -235,12 +230,13 @@ def test_send_task_is_unique_at_run_time() -> None:
 def test_default_rate_limit(name: str) -> None:
     func = getattr(c, name)
     tag = uuid.uuid4().hex
-    results = [func.apply_async((tag,)) for _ in range(6)]
-    for result in results:
-        result.get(timeout=30)
-    times = start_times(tag)
-    assert times[1] - times[0] < 1.0  # two at once
-    assert_limit_held(times, burst=2, rate=1.0)  # 2 per 2 s
+    with admissions(func.name, tag) as admitted, deferrals(func.name, tag) as deferred:
+        results = [func.apply_async((tag,)) for _ in range(6)]
+        for result in results:
+            result.get(timeout=30)
+    assert len(start_times(tag)) == len(admitted) == 6
+    assert sum(r.id not in deferred for r in results) >= 2  # two at once: never deferred
+    assert_within_the_limit(admitted, burst=2, rate=1.0)  # 2 per 2 s
 
 
 # -- edges -------------------------------------------------------------------------------------

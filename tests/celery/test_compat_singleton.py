@@ -23,8 +23,8 @@ from celery_unique.core.locks import parse_owner
 from tests.celery import app as t
 from tests.celery import compat_tasks as c
 from tests.celery.conftest import MakeApp, run_with_shim
-from tests.celery.test_unique import wait_until
 from tests.conftest import lock_key as shared_lock_key
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -123,11 +123,12 @@ async def test_a_call_cancelled_before_its_publish_frees_its_key(
 
     try:
         await job.aapply_async((0,), queue="nowhere")  # connected, so the next is one trip
-        proxy.delay = 0.5  # the acquire reaches Redis at once; its answer comes 0.5 s late
+        proxy.hold_replies()  # the acquire reaches Redis at once; its answer waits
         call = asyncio.get_running_loop().create_task(job.aapply_async((1,), queue="nowhere"))
         name = job.unique_key((1,))
         await anyio.to_thread.run_sync(wait_for, lambda: lock_owner(client, prefix, name))
         call.cancel()  # the key is taken in Redis; the publish has not begun
+        proxy.pass_replies()
         await asyncio.wait([call])
         assert call.cancelled()
         assert lock_owner(client, prefix, name) is None  # freed before the cancel completed

@@ -6,7 +6,6 @@ import logging
 import pickle
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,8 +23,10 @@ from celery_unique.celery.unique import RUN_SEPARATOR
 from celery_unique.testing import free_port
 from tests.celery import app as t
 from tests.celery.conftest import MakeApp
+from tests.celery.observe import deferrals, ends, publishes
 from tests.conftest import lock_key as shared_lock_key
 from tests.conftest import lock_owner
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -33,13 +34,6 @@ pytestmark = pytest.mark.usefixtures("worker")
 @pytest.fixture
 def tag() -> str:
     return uuid.uuid4().hex
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 def lock_key(task: UniqueTask, *args: Any, **kwargs: Any) -> str:
@@ -120,10 +114,11 @@ def test_a_non_serialisable_argument_fails_at_call_time_and_publishes_nothing(
     tag: str, client: redis.Redis
 ) -> None:
     queued = client.llen("celery")
-    with pytest.raises(ConfigurationError, match=r"'extra'.*unique_json_encoder"):
-        t.slow.delay(tag, extra=object())
+    with publishes("t.slow", tag) as sent:
+        with pytest.raises(ConfigurationError, match=r"'extra'.*unique_json_encoder"):
+            t.slow.delay(tag, extra=object())
     assert client.llen("celery") == queued
-    time.sleep(0.3)
+    assert sent == []  # so nothing can run later either
     assert t.runs(tag) == 0
 
 
@@ -243,15 +238,20 @@ def test_unique_until_expired_keeps_the_key_after_success(tag: str, client: redi
 
 
 def test_a_second_delivery_never_runs_beside_the_first_nor_after_it(tag: str) -> None:
-    first = t.short_lease.delay(tag, 1.0)  # a 2 s lease keeps the deferral short
-    wait_until(lambda: t.runs(tag) == 1)
-    # What a broker's redelivery looks like: the same message, same id, published again.
-    key = t.short_lease.unique_key((tag, 1.0))
-    super(UniqueTask, t.short_lease).apply_async(
-        (tag, 1.0), task_id=first.id, headers={"celery_unique_key": key}
-    )
-    first.get(timeout=10)
-    time.sleep(4.5)  # past the lease and jitter the second delivery was deferred by
+    with deferrals("t.gated", tag) as deferred, ends("t.gated", tag) as ended:
+        first = t.gated.delay(tag)  # runs until its gate opens; a 2 s lease keeps deferrals short
+        wait_until(lambda: t.runs(tag) == 1)
+        # What a broker's redelivery looks like: the same message, same id, published again.
+        key = t.gated.unique_key((tag,))
+        super(UniqueTask, t.gated).apply_async(
+            (tag,), task_id=first.id, headers={"celery_unique_key": key}
+        )
+        wait_until(lambda: deferred[first.id] == 1)  # it found the first running: deferred
+        t.open_gate(tag)
+        first.get(timeout=10)
+        # Back after the lease and jitter, the copy finds the instance done and is dropped:
+        # the last moment it could have run again is over.
+        wait_until(lambda: (first.id, "IGNORED") in ended)
     assert t.peak(tag) == 1  # never beside the first...
     assert t.runs(tag) == 1  # ...and not again once the first had succeeded
     assert first.state == "SUCCESS"
@@ -364,9 +364,10 @@ def test_signatures_chains_and_explicit_ids_all_take_the_lock(tag: str) -> None:
 def test_a_duplicate_group_member_publishes_nothing(tag: str) -> None:
     from celery import group
 
-    grouped = group(t.slow.s(tag, 0.3), t.slow.s(tag, 0.3)).apply_async()
+    with publishes("t.slow", tag) as sent:
+        grouped = group(t.slow.s(tag, 0.3), t.slow.s(tag, 0.3)).apply_async()
     grouped.results[0].get(timeout=10)
-    time.sleep(0.3)
+    assert sent == [grouped.results[0].id]  # one message, which has run: nothing else will
     assert t.runs(tag) == 1
     # Celery builds a GroupResult from ids it chose before publishing, so the duplicate
     # member's entry names a task that was never sent (documented limitation).

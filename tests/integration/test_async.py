@@ -12,6 +12,7 @@ import redis
 
 from celery_unique import AsyncRedisBackend, BackendError, RateLimit
 from tests.conftest import lock_key, lock_owner
+from tests.helpers import async_wait_until
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.anyio
@@ -74,13 +75,13 @@ async def test_cancelling_acquire_mid_flight_never_leaves_the_lock_behind(
 ) -> None:
     backend = AsyncRedisBackend.from_url(proxy.url, key_prefix=prefix)
     await backend.acquire_or_owner("warm-up", "x", 1)  # connect first
-    proxy.delay = 0.3  # commands pass at once, replies come back 0.3 s late
     lock = backend.lock("job", ttl=60)
+    proxy.hold_replies()
     task = asyncio.get_running_loop().create_task(lock.acquire())
-    await asyncio.sleep(0.1)
-    # Redis has run the acquire by now; its reply is still on the way back.
-    assert lock_owner(client, prefix, "job") == lock.token
+    # Redis runs the acquire; its reply is held on the way back.
+    await async_wait_until(lambda: lock_owner(client, prefix, "job") == lock.token)
     task.cancel()
+    proxy.pass_replies()
     await asyncio.wait([task])
     assert task.cancelled()
     assert lock_owner(client, prefix, "job") is None  # freed before the cancel completed

@@ -4,6 +4,7 @@ the network does to the replies, and connections go back to the pool usable on e
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,8 +15,10 @@ import redis
 import redis.asyncio
 
 from celery_unique import AsyncRedisBackend, BackendError, BackendUnavailable, RateLimit
+from celery_unique.core.keys import KeySpace
 from celery_unique.executors import AsyncRedisExecutor
 from tests.conftest import lock_key, lock_owner
+from tests.helpers import async_wait_until
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.anyio
@@ -40,6 +43,17 @@ async def make(prefix: str, request: pytest.FixtureRequest) -> AsyncIterator[Mak
     yield build
     for backend in made:
         await backend.aclose()
+
+
+def tokens_taken(client: redis.Redis, prefix: str, name: str, limit: RateLimit) -> int:
+    """How many tokens Redis has handed out from ``name``'s bucket (a slow limit: ``limit``
+    must take far longer to refill a token than the test runs)."""
+    (key,) = KeySpace(prefix).rate(name, [limit.spec])
+    state = client.get(key)
+    if state is None:
+        return 0
+    period_us = int(limit.spec.split("/")[1])  # a token's debt, in the bucket's units
+    return math.ceil(int(state.split()[0]) / period_us)
 
 
 async def mixed_batch(backend: AsyncRedisBackend) -> None:
@@ -119,21 +133,23 @@ async def test_replies_that_never_come_time_out_for_every_caller(proxy: Proxy, m
 
 
 async def test_callers_cancelled_after_the_send_leave_the_others_and_the_pool_in_order(
-    proxy: Proxy, make: Make
+    proxy: Proxy, make: Make, client: redis.Redis, prefix: str
 ) -> None:
     backend = make(proxy.url, max_connections=3)
-    limiter = backend.rate_limiter(RateLimit(100, per=3600))
+    limit = RateLimit(100, per=3600)
+    limiter = backend.rate_limiter(limit)
     await asyncio.gather(*(limiter.hit("warm-up") for _ in range(20)))  # connections open
-    proxy.delay = 0.3
+    proxy.hold_replies()
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(limiter.hit("k")) for _ in range(10)]
-    await asyncio.sleep(0.1)  # every command is on its way: the first alone, then batches
+    # Every command is on its way (the first alone, then batches): Redis has run all ten.
+    await async_wait_until(lambda: tokens_taken(client, prefix, "k", limit) == 10)
     for task in tasks[::2]:
         task.cancel()
+    proxy.pass_replies()
     await asyncio.wait(tasks)
     assert all(task.cancelled() for task in tasks[::2])
     assert all(task.result().allowed for task in tasks[1::2])
-    proxy.delay = 0
     # Redis ran all ten; the cancelled callers' replies were read and dropped, or their
     # connection discarded: either way the next replies are the right ones.
     assert (await limiter.hit("k")).remaining == 89
@@ -145,13 +161,13 @@ async def test_a_lone_caller_cancelled_mid_read_frees_its_connection(
 ) -> None:
     backend = make(proxy.url, max_connections=1, timeout=2)
     await backend.acquire_or_owner("warm-up", "me", 5)
-    proxy.delay = 0.3
+    proxy.hold_replies()
     task = asyncio.get_running_loop().create_task(backend.acquire_or_owner("job", "me", 30))
-    await asyncio.sleep(0.1)
-    task.cancel()
+    await async_wait_until(lambda: lock_owner(client, prefix, "job") == "me")  # Redis ran it
+    task.cancel()  # while its reply is held back: mid-read
+    proxy.pass_replies()
     await asyncio.wait([task])
     assert task.cancelled()
-    proxy.delay = 0
     # Had the connection gone back with the reply still due, this would read that reply,
     # and had it not gone back at all, this would wait for the pool and fail.
     assert await backend.lock("other", ttl=5).owner() is None
@@ -163,13 +179,15 @@ async def test_a_caller_cancelled_while_waiting_for_a_connection_sends_nothing(
 ) -> None:
     backend = make(proxy.url, max_connections=1, timeout=5)
     await backend.acquire_or_owner("warm-up", "me", 5)
-    proxy.delay = 0.3
+    proxy.hold_replies()
     loop = asyncio.get_running_loop()
     first = loop.create_task(backend.acquire_or_owner("first", "me", 30))
-    await asyncio.sleep(0)  # the first goes out alone and holds the only connection
+    # The first went out alone and holds the only connection until its reply, held back.
+    await async_wait_until(lambda: lock_owner(client, prefix, "first") == "me")
     waiting = loop.create_task(backend.acquire_or_owner("never", "me", 30))
-    await asyncio.sleep(0.1)  # its batch is waiting for the connection
+    await asyncio.sleep(0.1)  # its batch is waiting for the connection (none can free up)
     waiting.cancel()
+    proxy.pass_replies()
     await asyncio.wait([first, waiting])
     assert first.result().acquired
     assert waiting.cancelled()
@@ -222,14 +240,12 @@ async def test_an_error_reply_stays_with_its_caller_and_keeps_its_class(
     assert results[0].acquired and results[2].acquired  # type: ignore[union-attr]
 
 
-async def test_a_health_check_interval_is_honoured(
-    redis_url: str, make: Make, client: redis.Redis
-) -> None:
+async def test_a_health_check_interval_is_honoured(proxy: Proxy, make: Make) -> None:
     def pings() -> int:
-        stats = client.info("commandstats").get("cmdstat_ping", {"calls": 0})
-        return int(stats["calls"])
+        # This backend's own: the server's count has the Celery worker's PINGs in it too.
+        return proxy.sent.count(b"\r\nPING\r\n")
 
-    backend = make(redis_url, health_check_interval=0.3)
+    backend = make(proxy.url, health_check_interval=0.3)
     limiter = backend.rate_limiter("5/h")
     await limiter.hit("k")
     before = pings()
@@ -255,9 +271,5 @@ async def test_closing_waits_for_the_batches_under_way_and_leaves_nothing_open(
     await backend.aclose()
     assert all(task.done() for task in tasks)
     assert sorted(task.result().remaining for task in tasks) == list(range(50, 100))
-    for _ in range(100):  # the server drops closed connections from its list a moment later
-        if not any(c.get("name") == name for c in client.client_list()):
-            break
-        await asyncio.sleep(0.01)
-    else:
-        pytest.fail("a connection of the closed backend is still open")
+    # The server drops closed connections from its list a moment later.
+    await async_wait_until(lambda: not any(c.get("name") == name for c in client.client_list()))
