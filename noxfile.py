@@ -53,10 +53,12 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Start Redis and Celery workers: duplicate requests run once, a rate limit holds fleet-wide.
+    """Start Redis and Celery workers: duplicate requests run once, a rate limit and a
+    concurrency limit hold fleet-wide, one instance queued while one runs.
 
-    ``nox -s demo -- locks`` (or ``-- unique``, ``-- ratelimit``) runs one demo on its own.
+    ``nox -s demo -- locks`` (or ``-- unique``, ``-- ratelimit``, ``-- concurrency``) runs one
+    demo on its own.
     """
     session.install(".[server]", "celery[redis]")
-    for name in session.posargs or ["unique", "ratelimit"]:
+    for name in session.posargs or ["unique", "ratelimit", "concurrency"]:
         session.run("python", "-m", f"demo.{name}")

@@ -1,4 +1,4 @@
-"""What both demos print: time-stamped progress lines and a summary of checked claims."""
+"""What the demos print: time-stamped progress lines and a summary of checked claims."""
 
 from __future__ import annotations
 
