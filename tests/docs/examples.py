@@ -1,4 +1,5 @@
-"""The docs' Python examples: found in the Markdown pages, and run one page per process.
+"""The docs' Python examples: found in the Markdown pages (and the README), and run one page
+per process.
 
 A page's ```python blocks run in order in one namespace, as one session would run them:
 a block may use what an earlier block of its page defined. A block is preceded (last
@@ -86,8 +87,8 @@ def _importable(name: str) -> bool:
 
 
 def pages() -> list[Path]:
-    """Every Markdown page of the site."""
-    return sorted(DOCS.rglob("*.md"))
+    """Every Markdown page of the site, and the README."""
+    return [*sorted(DOCS.rglob("*.md")), ROOT / "README.md"]
 
 
 def blocks(page: Path) -> list[Block]:
