@@ -1,5 +1,6 @@
 """Every ```python block of the docs (and of the README) runs against a real Redis, so the
-docs cannot drift from the code (see :mod:`tests.docs.examples` for the directives a block may carry).
+docs cannot drift from the code (:mod:`tests.docs.examples` has the directives a block may
+carry).
 
 Each page runs in a process of its own: its examples make Celery apps current, connect
 signal handlers and may start a worker, none of which may leak into the other tests. The
