@@ -8,6 +8,7 @@ with ``~``, as Sphinx shows it) and a ``::`` block becomes a fenced Python block
 
 from __future__ import annotations
 
+import ast
 import re
 import textwrap
 from typing import Any
@@ -50,10 +51,20 @@ def _literal_blocks(text: str) -> str:
             block.pop()
         code = textwrap.dedent("\n".join(block)).strip("\n")
         pad = " " * indent
-        out += ["", pad + "```python", *(pad + c if c else "" for c in code.splitlines())]
+        fence = "```" + _language(code)
+        out += ["", pad + fence, *(pad + c if c else "" for c in code.splitlines())]
         out += [pad + "```", ""]
         i = j
     return "\n".join(out)
+
+
+def _language(code: str) -> str:
+    """``python`` for a block that parses as Python, else ``text`` (a tree, a table)."""
+    try:
+        ast.parse(code)
+    except SyntaxError:
+        return "text"
+    return "python"
 
 
 def markdown(text: str) -> str:
