@@ -257,6 +257,27 @@ def test_a_second_delivery_never_runs_beside_the_first_nor_after_it(tag: str) ->
     assert first.state == "SUCCESS"
 
 
+def test_a_copy_that_takes_the_key_first_waits_for_the_result_of_its_twin(
+    tag: str, client: redis.Redis
+) -> None:
+    # The moment the race lives in: the delivery a copy waited for has freed the key (its run
+    # is over) but Celery has not stored its result yet. The copy takes the key; it must not
+    # run the instance again once that result turns out to be a success.
+    task_id = f"twin-{tag}"
+    key = t.slow.unique_key((tag, 0.0))
+    with ends("t.slow", tag) as ended:
+        super(UniqueTask, t.slow).apply_async(
+            (tag, 0.0),
+            task_id=task_id,
+            headers={"celery_unique_key": key, "celery_unique_deferred": True},
+        )
+        wait_until(lambda: owner(client, t.slow, tag, 0.0) is not None)  # the copy took it
+        t.app.backend.mark_as_done(task_id, tag)  # the twin's result, stored a moment late
+        wait_until(lambda: (task_id, "IGNORED") in ended)
+    assert t.runs(tag) == 0  # the copy did not run it a second time
+    assert owner(client, t.slow, tag, 0.0) is None  # and gave the key back
+
+
 def test_direct_calls_take_no_lock(tag: str, client: redis.Redis) -> None:
     assert t.slow(tag, 0.0) == tag
     assert owner(client, t.slow, tag, 0.0) is None

@@ -102,10 +102,12 @@ def test_a_key_held_by_another_instance_skips_the_run() -> None:
     assert transition == lc.Transition(S.RELEASED, lc.Skip("task-2"))
 
 
-def test_a_deferred_copy_whose_first_delivery_succeeded_does_not_run_again() -> None:
-    event = lc.Start("r1", deferred=True, done_elsewhere=True)
-    _, transition = step(S.HANDED_BACK, event, got(RUN, acquired=True))
-    assert transition.state is S.RUNNING and isinstance(transition.outcome, lc.Done)
+def test_a_deferred_copy_first_makes_sure_its_other_delivery_did_not_run_it() -> None:
+    _, transition = step(S.HANDED_BACK, lc.Start("r1", deferred=True), got(RUN, acquired=True))
+    assert transition == lc.Transition(S.RUNNING, lc.Run(unless_done=True))
+    action, transition = step(S.RUNNING, lc.RanElsewhere(), True)
+    assert action == lc.Release()  # it does not run the instance a second time
+    assert transition.state is S.RELEASED
 
 
 def test_until_started_frees_the_key_as_the_run_starts() -> None:

@@ -17,6 +17,7 @@ from ..core import buckets, semaphores
 from ..core.keys import ParsedKey, task_lock_start
 from ..core.lifecycle import RUN_SEPARATOR, holder_id
 from ..core.locks import parse_owner
+from ..core.rates import RateLimit
 from ..core.steps import Call, Op
 from .settings import backend_for
 
@@ -122,7 +123,8 @@ def limits_in_use(backend: RedisBackend) -> list[LimitInUse]:
         state = execute(Op(Call(("GET", key)), lambda reply: reply))
         if state is not None:
             left = buckets.remaining(state, parsed.part, now)
-            found.append(LimitInUse("rate", parsed.name, remaining=left, limit=parsed.part))
+            limit = str(RateLimit.from_spec(parsed.part))
+            found.append(LimitInUse("rate", parsed.name, remaining=left, limit=limit))
     for key, parsed in _keys(backend, "sem"):
         if parsed.part:
             continue  # a semaphore's queue and hold time, not a semaphore of its own

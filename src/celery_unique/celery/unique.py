@@ -22,6 +22,7 @@ import anyio
 import anyio.to_thread
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult, EagerResult
+from celery.states import READY_STATES, SUCCESS
 from celery.utils import uuid
 
 from .. import signals
@@ -65,6 +66,8 @@ logger = logging.getLogger("celery_unique")
 
 RUN_SEPARATOR = lc.RUN_SEPARATOR
 UNTIL_CHOICES = ("executed", "started", "expired")
+#: Seconds a copy deferred for another delivery waits for that delivery's result to be final.
+DONE_GRACE = 2.0
 ON_DUPLICATE_CHOICES = ("return", "raise", "replace")
 
 #: Derives a lock name from a call's arguments.
@@ -449,15 +452,7 @@ class UniqueTask(BackedTask):
         waited = int(getattr(request, WAITED_HEADER, None) or 0)
         state = lc.KeyState.HANDED_BACK if request.retries or deferred else lc.KeyState.QUEUED
         run = _Run(task_id, key, state, ends=None if left is None else time.monotonic() + left)
-        # A copy deferred for another delivery of it may find that delivery done by now.
-        done = deferred and self.AsyncResult(task_id).successful()
-        start = lc.Start(
-            os.urandom(8).hex(),
-            ttl_left=left,
-            deferred=deferred,
-            done_elsewhere=done,
-            waited=waited,
-        )
+        start = lc.Start(os.urandom(8).hex(), ttl_left=left, deferred=deferred, waited=waited)
         try:
             transition = self._start(run, lc.plan(state, start, policy, task_id))
         except BackendUnavailable:
@@ -493,10 +488,24 @@ class UniqueTask(BackedTask):
                 return super().__call__(*args, **kwargs)
             finally:
                 _current.run = None
-        if isinstance(outcome, lc.Done):
-            self._end(run, lc.Success(run.ttl_left()))
+        if isinstance(outcome, lc.Run) and outcome.unless_done and self._ran_elsewhere(task_id):
+            self._end(run, lc.RanElsewhere())
             raise Ignore()
         return self._run_locked(run, args, kwargs)
+
+    def _ran_elsewhere(self, task_id: str) -> bool:
+        """Whether the delivery this copy waited for ran the instance to success. It frees
+        the key a moment before Celery stores its result: a result not final yet is waited
+        for (:data:`DONE_GRACE` at most; a delivery that died leaves none)."""
+        deadline = time.monotonic() + DONE_GRACE
+        while True:
+            try:
+                state = self.AsyncResult(task_id).state
+            except NotImplementedError:  # no result backend: nothing to learn it from
+                return False
+            if state in READY_STATES or time.monotonic() >= deadline:
+                return bool(state == SUCCESS)
+            time.sleep(0.05)
 
     # -- carrying the plans out ---------------------------------------------------------------
 

@@ -53,6 +53,7 @@ __all__ = [
     "Policy",
     "Publish",
     "PublishFailed",
+    "RanElsewhere",
     "Rejected",
     "Release",
     "ReleaseAny",
@@ -159,14 +160,12 @@ class EagerDone:
 class Start:
     """A worker starts a delivery of the instance. ``ttl_left``: seconds until the
     instance's TTL ends, when that counts (:attr:`Policy.holds_until`); ``deferred``: this
-    copy was deferred because another delivery ran; ``done_elsewhere``: that delivery has
-    since run the instance to success; ``waited``: how many times this instance was deferred
-    already because another instance was running (``Policy.while_running``)."""
+    copy was deferred because another delivery ran; ``waited``: how many times this instance
+    was deferred already because another instance was running (``Policy.while_running``)."""
 
     run_id: str
     ttl_left: float | None = None
     deferred: bool = False
-    done_elsewhere: bool = False
     waited: int = 0
 
 
@@ -242,6 +241,12 @@ class LostChild:
 
 
 @dataclass(frozen=True, slots=True)
+class RanElsewhere:
+    """A deferred copy, holding the key now, learnt that the delivery it waited for ran the
+    instance to success: the copy does not run it again."""
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseLost:
     """Renewal found the run's key gone or taken: the lease expired (a stalled worker, a
     Redis outage longer than a lease) or someone cleared it."""
@@ -264,6 +269,7 @@ Event = (
     | Expired
     | TimeLimit
     | LostChild
+    | RanElsewhere
     | LeaseLost
 )
 
@@ -340,10 +346,14 @@ class Duplicate:
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """Run the body; ``locked``: under the key (else ``why`` says why not)."""
+    """Run the body; ``locked``: under the key (else ``why`` says why not).
+    ``unless_done``: first make sure the other delivery this copy waited for did not run the
+    instance to success meanwhile (its result may be stored a moment after it freed the key);
+    if it did, that is :class:`RanElsewhere`."""
 
     locked: bool = True
     why: str = ""
+    unless_done: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,9 +503,7 @@ def _start(policy: Policy, task_id: str, event: Start) -> Plan:
             # less than a lease ago: never run beside it, come back when its lease is over.
             countdown = (got.ttl or policy.lease) + random.uniform(0.5, 2.0)
             return Transition(KeyState.QUEUED, Deferral(countdown, "running_elsewhere"))
-        if event.done_elsewhere:
-            return Transition(KeyState.RUNNING, Done("another delivery ran it to success"))
-        return Transition(KeyState.RUNNING, Run())
+        return Transition(KeyState.RUNNING, Run(unless_done=event.deferred))
 
     token = run_token(task_id, event.run_id)
     return Plan(TakeOver(token, lease, task_id, lifetime, policy.while_running), decide)
@@ -537,6 +545,11 @@ def _end(policy: Policy, task_id: str, event: _Ended) -> Plan:
     if policy.until == "expired" and left is not None and left > 0:
         return Plan(HandOver(task_id, left), _fixed(KeyState.KEPT, Done("kept until its TTL")))
     return Plan(Release(), _fixed(KeyState.RELEASED, Done()))
+
+
+@_rule((KeyState.RUNNING, RanElsewhere))
+def _ran_elsewhere(policy: Policy, task_id: str, event: RanElsewhere) -> Plan:
+    return Plan(Release(), _fixed(KeyState.RELEASED, Done("its other delivery ran it")))
 
 
 @_rule((KeyState.RUNNING, Rejected))

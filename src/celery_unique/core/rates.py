@@ -65,6 +65,12 @@ class RateLimit:
         object.__setattr__(self, "n", n)
         object.__setattr__(self, "period_us", period_us)
 
+    @classmethod
+    def from_spec(cls, spec: str) -> RateLimit:
+        """The limit a bucket key's :attr:`spec` (``"<n>/<period_us>/<burst>"``) stands for."""
+        n, period_us, burst = (int(part) for part in spec.split("/"))
+        return cls(n, per=period_us / 10**6, burst=burst)
+
     @property
     def rate(self) -> float:
         """Tokens per second."""
