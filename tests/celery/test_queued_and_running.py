@@ -3,7 +3,6 @@ worker; the queued one starts only once the running one has ended."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from celery_unique import ConfigurationError, UniqueTask
 from tests.celery import app as t
 from tests.celery.conftest import MakeApp
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -18,10 +18,7 @@ pytestmark = pytest.mark.usefixtures("worker")
 def test_a_call_while_one_runs_queues_one_more_and_no_more() -> None:
     key, tag = uuid.uuid4().hex, uuid.uuid4().hex
     first = t.queued_and_running.delay(key, tag)
-    deadline = time.monotonic() + 20
-    while t.runs(tag) < 1:  # the first is running now (its queued key is free again)
-        assert time.monotonic() < deadline, "the first instance never started"
-        time.sleep(0.02)
+    wait_until(lambda: t.runs(tag) >= 1)  # the first runs now (its queued key is free again)
     second = t.queued_and_running.delay(key, tag)
     assert second.id != first.id  # a change made now is not lost: one more is queued
     third = t.queued_and_running.delay(key, tag)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tests.celery import app as t
 from tests.celery import compat_tasks as c
 from tests.celery.conftest import MakeApp
 from tests.conftest import lock_key, lock_owner
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -58,10 +58,7 @@ def test_a_singleton_run_holds_its_key_for_its_own_lease(client: redis.Redis) ->
     tag = uuid.uuid4().hex
     result = c.singleton_short_lease.delay(tag)
     name = c.singleton_short_lease.unique_key((tag,))
-    deadline = time.monotonic() + 20
-    while t.runs(tag) < 1:  # the run has started (it records that first)
-        assert time.monotonic() < deadline, "the task never started"
-        time.sleep(0.02)
+    wait_until(lambda: t.runs(tag) >= 1)  # the run has started (it records that first)
     owner = lock_owner(client, "SINGLETONLOCK_", name)
     assert owner is not None and owner.startswith(result.id)  # the run holds it now
     assert 0 < client.pttl(lock_key("SINGLETONLOCK_", name)) <= 2000  # its lease, not 30 s

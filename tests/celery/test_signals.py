@@ -5,7 +5,6 @@ here see them)."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,6 +16,7 @@ from celery_unique import DuplicateTaskError, signals
 from celery_unique.celery.settings import backend_for
 from tests.celery import app as t
 from tests.conftest import lock_key
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -43,13 +43,6 @@ def received() -> Iterator[Callable[[Any], Received]]:
     yield connect
     for signal, receiver in connected:
         signal.disconnect(receiver)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 def test_a_duplicate_is_signalled_where_it_is_called(
@@ -89,9 +82,9 @@ def test_a_lost_lock_is_signalled_from_the_renewal(
     seen = received(signals.task_lock_lost)
     tag = uuid.uuid4().hex
     result = t.loses_its_lock.delay(tag)
-    wait_for(lambda: t.runs(tag) >= 1)
+    wait_until(lambda: t.runs(tag) >= 1)
     client.delete(lock_key("cut:", t.loses_its_lock.unique_key((tag,))))  # cleared by hand
-    wait_for(lambda: any(e["task_id"] == result.id for e in seen), timeout=10)
+    wait_until(lambda: any(e["task_id"] == result.id for e in seen), timeout=10)
     (event,) = [e for e in seen if e["task_id"] == result.id]
     assert event["sender"].name == t.loses_its_lock.name
     result.get(timeout=30)  # the run itself goes on

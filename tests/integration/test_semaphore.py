@@ -15,6 +15,7 @@ import redis
 
 from celery_unique import AsyncRedisBackend, LockNotOwnedError, LockTimeout, RedisBackend
 from celery_unique.core.keys import KeySpace
+from tests.helpers import async_wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -84,10 +85,7 @@ async def test_auto_renew_keeps_a_slot_past_its_ttl_and_reports_a_loss(
     assert await slot.holders() == 1
     assert not await backend.semaphore("api", limit=1, ttl=10).acquire(blocking=False)
     client.delete(KeySpace(prefix).semaphore("api"))  # someone clears it
-    deadline = time.monotonic() + 5
-    while not lost:
-        assert time.monotonic() < deadline, "the loss was never reported"
-        await anyio.sleep(0.02)
+    await async_wait_until(lambda: lost)  # reported
     assert slot.lost
 
 
@@ -98,10 +96,7 @@ async def test_the_key_expires_with_its_last_lease(
     await backend.semaphore("api", limit=5, ttl=0.5).acquire()
     await backend.semaphore("api", limit=5, ttl=1.0).acquire()
     assert 500 < client.pttl(key) <= 1000
-    deadline = time.monotonic() + 5
-    while client.exists(key):
-        assert time.monotonic() < deadline
-        await anyio.sleep(0.02)
+    await async_wait_until(lambda: not client.exists(key))
 
 
 async def test_a_cancelled_async_block_frees_its_slot(redis_url: str, prefix: str) -> None:
