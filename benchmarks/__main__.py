@@ -54,10 +54,12 @@ def main() -> None:
     for section in sections:
         print(section.text())
         print()
-    print("## Targets")
-    print()
-    print("\n".join(t.line() for s in sections for t in s.targets if t.wanted is not None))
-    print()
+    targets = [t.line() for s in sections for t in s.targets if t.wanted is not None]
+    if targets:
+        print("## Targets")
+        print()
+        print("\n".join(targets))
+        print()
     print(environment.footer(sections))
     if args.json is not None:
         document = {

@@ -271,9 +271,13 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, left: int = 1) -> str:
-    """A markdown table; the first ``left`` columns are left-aligned, the others right."""
-    align = ["---" if i < left else "---:" for i in range(len(header))]
+def table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], *, left: int | Sequence[int] = 1
+) -> str:
+    """A markdown table; the first ``left`` columns (or those listed) are left-aligned, the
+    others right."""
+    lefts = range(left) if isinstance(left, int) else left
+    align = ["---" if i in lefts else "---:" for i in range(len(header))]
     lines = [header, align, *rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
@@ -400,6 +404,12 @@ class Environment:
         self.started = time.perf_counter()
         self.load_before = os.getloadavg()
         self.binary = shutil.which("redis-benchmark")
+        self.binary_version = "?"
+        if self.binary is not None:
+            found = subprocess.run(
+                [self.binary, "--version"], capture_output=True, text=True, timeout=30
+            ).stdout.split()
+            self.binary_version = " ".join(found[:2]) if found else "?"
         self.limits: dict[str, list[float]] = {}
         self.server = "?"
 
@@ -452,9 +462,12 @@ class Environment:
             for name, values in self.limits.items()
         ]
         evalsha = self.limits.get("EVALSHA acquire.lua")
-        pair = f": at most {rate(min(evalsha) / 2)} lock pairs/s" if evalsha else ""
+        pair = (
+            f": {' / '.join(rate(v / 2) for v in evalsha)} lock pairs/s at most" if evalsha else ""
+        )
         return (
-            "`redis-benchmark -c 1 -n 20000 -q` on the same server, before / after: "
+            f"`redis-benchmark -c 1 -n 20000 -q` ({self.binary_version}, {self.binary}) on the "
+            "same server, before / after: "
             + ", ".join(spelled)
             + f" (one client, one command at a time; a lock pair is two round trips{pair})"
         )
@@ -490,6 +503,7 @@ class Environment:
             "load_average_before": list(self.load_before),
             "load_average_after": list(os.getloadavg()),
             "redis_benchmark": self.binary,
+            "redis_benchmark_version": self.binary_version,
             "redis_benchmark_c1_per_s": self.limits,
         }
 

@@ -427,7 +427,7 @@ def report(bench: Bench, variants: list[h.Variant]) -> h.Section:
     header = ["variant", "median calls/s", "ratio to plain", "ratio to EVALSHA+plain",
               "Redis cmds/call", "extra over plain", "server cmds/call",
               "commands sent per call"]  # fmt: skip
-    section.blocks.append(h.table(header, rows))
+    section.blocks.append(h.table(header, rows, left=(0, 7)))
     ours_new, ours_dup = found.get(OURS_NEW), found.get(OURS_DUP)
     singleton_dup, dup_floor = found.get(SINGLETON_DUP), found.get(DUP_FLOOR)
     section.targets += [

@@ -757,7 +757,7 @@ def cost_table(groups: list[Group]) -> str:
             rows.append([variant.name, str(variant.concurrency), variant.outcome,
                          h.rate(variant.timed.median), ratio, f"{variant.total_commands:.2f}",
                          detail])  # fmt: skip
-    return h.table(header, rows)
+    return h.table(header, rows, left=(0, 2, 6))
 
 
 def _start(case: Case) -> str:
