@@ -70,14 +70,15 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Compare this library with its peers on one Redis; prints medians and ratios.
+    """Compare this library with raw redis-py and its peers, all on one Redis, in one run;
+    prints tables of medians and per-repetition ratios, the targets, and a footer.
 
-    ``nox -s bench -- --quick`` for a short run.
+    ``nox -s bench -- --quick`` for a short run (a few minutes), ``-- --only locks,adelay``
+    for some benchmarks, ``-- --json results.json`` to keep the numbers. The footer quotes
+    ``redis-benchmark -c 1`` on the same server when it is on PATH (and says so when not).
     """
     session.install(".[server]", "celery[redis]", *LOCK_PEERS, *TASK_PEERS, *LIMIT_PEERS)
-    session.run("python", "benchmarks/locks.py", *session.posargs)
-    session.run("python", "benchmarks/apply_async.py", *session.posargs)
-    session.run("python", "benchmarks/rate_limit.py", *session.posargs)
+    session.run("python", "-m", "benchmarks", *session.posargs)
 
 
 @nox.session

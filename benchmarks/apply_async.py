@@ -1,9 +1,9 @@
 """Producer overhead: ``apply_async`` calls per second, plain Celery against unique tasks.
 
-Run ``python benchmarks/apply_async.py`` (about 70 s) or ``--quick`` (about 10 s); ``--json
-PATH`` also writes the results. One private ``redis-server`` (``celery_unique.testing``) is
-broker, result backend and lock store for every variant. No worker runs: only the producer
-side is measured. Messages pile up in one queue per variant, which is deleted (with the
+Run ``python -m benchmarks.apply_async`` (about 80 s) or ``--quick`` (about 15 s); ``--json
+PATH`` also writes the results, ``--url`` uses a running Redis instead of a private one.
+One Redis is broker, result backend and lock store for every variant. No worker runs: only
+the producer side is measured. Messages pile up in one queue per variant, which is deleted (with the
 variant's lock keys) after every run, so the server's memory does not grow.
 
 Variants, each a loop of ``task.apply_async((n,))`` for a fixed time:
@@ -27,12 +27,9 @@ Variants, each a loop of ``task.apply_async((n,))`` for a fixed time:
 
 How to read the table:
 
-* ``median calls/s`` is the median over repetitions. Each repetition runs every variant once,
-  in an order that turns from one repetition to the next; ``ratio to plain`` and ``ratio to
-  EVALSHA+plain`` are medians of per-repetition ratios (each run against the baseline's run in
-  the same repetition), which shrugs off slow drift in machine load. Client and server share
-  this machine's CPUs, so absolute numbers mean little elsewhere; the ratios travel better.
-  Differences of a few percent are within the noise of a busy machine (see the load average).
+* ``median calls/s`` and the ratios are made as ``benchmarks/_harness.py`` says: every
+  variant is one group, interleaved; ``ratio to plain`` and ``ratio to EVALSHA+plain`` are
+  medians of per-repetition ratios. Differences of a few percent are noise on a busy machine.
 * Commands are counted over a batch of calls, outside the timed runs. ``Redis cmds/call`` is
   what the client sent (MULTI/EXEC included), seen by ``MONITOR``; ``server cmds/call`` is
   what ``INFO commandstats`` counted between ``CONFIG RESETSTAT`` and the end of the batch,
@@ -42,7 +39,7 @@ How to read the table:
   the total minus a plain publish's commands, or the whole total for a duplicate, which
   publishes nothing: what the unique lock costs in commands. Ours must be 1 (one EVALSHA).
 * The lines under the table check the targets: ours new key against the floor (>= 0.95x) and
-  ours duplicate against celery-singleton's duplicate (>= 2x), then give the context: how
+  ours duplicate against celery-singleton's duplicate (>= 2.5x), then give the context: how
   close ours comes to the duplicate floor, and how far the floor itself is from singleton.
 
 Celery sends SUBSCRIBE/UNSUBSCRIBE without reading their replies; between runs the benchmark
@@ -51,44 +48,36 @@ reads them (outside the timing), so they do not pile up in a socket over a long 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import itertools
-import json
-import os
-import platform
-import statistics
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import celery
 import redis
 from celery import Celery
 from celery.utils import uuid
 
+from benchmarks import _harness as h
 from celery_unique import RedisBackend, UniqueTask
 from celery_unique.core.scripts import ACQUIRE
-from celery_unique.testing import redis_server
 
+FULL, QUICK = (0.6, 9), (0.15, 3)
 TTL = 3600  # seconds every lock is taken for; all are deleted long before
-WARMUP_CALLS = 20  # before every timed run
 DUPLICATE_ARG = -1  # the argument of every duplicate call (new-key calls count up from 0)
 PLAIN, FLOOR = "plain publish", "EVALSHA + plain publish"
 DUP_FLOOR = "EVALSHA + AsyncResult (duplicate floor)"
 OURS_NEW, OURS_DUP = "ours new key", "ours duplicate"
 SINGLETON_DUP = "celery-singleton duplicate"
+GROUP = "apply_async"
 
 Call = Callable[[], object]
 
 
 @dataclass
-class Variant:
+class Case:
     """One thing to measure: ``call()`` makes one ``apply_async`` call."""
 
     name: str
@@ -97,16 +86,9 @@ class Variant:
     lock_patterns: tuple[str, ...]  # SCAN patterns of the lock keys it leaves behind
     publishes: bool  # False for a duplicate: it publishes nothing
     prepare: Call | None = None  # run before every run: a duplicate needs a holder
-    rates: list[float] = field(default_factory=list)  # calls/s, one per repetition
-    to_plain: list[float] = field(default_factory=list)  # per-repetition ratios
-    to_floor: list[float] = field(default_factory=list)
     commands: dict[str, float] = field(default_factory=dict)  # sent per call, by command
     in_scripts: dict[str, float] = field(default_factory=dict)  # run by Lua, per call
     server_commands: float = 0.0  # per call, all INFO commandstats counted
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
 
     @property
     def total_commands(self) -> float:
@@ -115,16 +97,13 @@ class Variant:
 
 @dataclass
 class Bench:
-    """The variants and what the run needs to clean up after each of them."""
+    """The cases and what the run needs to clean up after each of them."""
 
     client: redis.Redis
     apps: list[Celery]
-    variants: list[Variant] = field(default_factory=list)
+    cases: list[Case] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
-
-    def get(self, name: str) -> Variant | None:
-        return next((v for v in self.variants if v.name == name), None)
 
 
 def job(n: int) -> int:
@@ -182,10 +161,10 @@ def _pair(
     slug = label.replace(" ", "-")
     new, dup = _task(app, f"bench.{slug}.new"), _task(app, f"bench.{slug}.dup")
     holder = _duplicate_call(dup, catch)  # the first such call takes the lock and publishes
-    bench.variants += [
-        Variant(f"{label} new key", _new_key_call(new, itertools.count()), new.queue,
+    bench.cases += [
+        Case(f"{label} new key", _new_key_call(new, itertools.count()), new.queue,
                 lock_patterns, publishes=True),
-        Variant(f"{label} duplicate", _duplicate_call(dup, catch), dup.queue,
+        Case(f"{label} duplicate", _duplicate_call(dup, catch), dup.queue,
                 lock_patterns, publishes=False, prepare=holder),
     ]  # fmt: skip
     bench.apps.append(app)
@@ -227,10 +206,10 @@ def _ours(bench: Bench, url: str) -> None:
             raise RuntimeError("the duplicate floor took a lock that should have been held")
         app.AsyncResult(reply[1].decode())
 
-    bench.variants += [
-        Variant(PLAIN, _new_key_call(plain, itertools.count()), plain.queue, (), True),
-        Variant(FLOOR, floor_call, floor.queue, ("bench-raw:*",), True),
-        Variant(DUP_FLOOR, dup_floor_call, "bench.dup-floor", (), False, prepare=hold),
+    bench.cases += [
+        Case(PLAIN, _new_key_call(plain, itertools.count()), plain.queue, (), True),
+        Case(FLOOR, floor_call, floor.queue, ("bench-raw:*",), True),
+        Case(DUP_FLOOR, dup_floor_call, "bench.dup-floor", (), False, prepare=hold),
     ]
     _pair(bench, "ours", app, ("bench-cu:*",))
 
@@ -308,61 +287,56 @@ def _drain_result_replies(apps: list[Celery]) -> None:
             pubsub.get_message(timeout=0)
 
 
-def cleanup(bench: Bench, variant: Variant) -> None:
-    """Delete the variant's queue and lock keys; read pending result-backend replies."""
+def cleanup(bench: Bench, case: Case) -> None:
+    """Delete the case's queue and lock keys; read pending result-backend replies."""
     client = bench.client
-    for pattern in (f"{variant.queue}*", *variant.lock_patterns):
+    for pattern in (f"{case.queue}*", *case.lock_patterns):
         batch = list(client.scan_iter(match=pattern, count=1000))
         for start in range(0, len(batch), 500):
             client.unlink(*batch[start : start + 500])
     _drain_result_replies(bench.apps)
 
 
-def timed(bench: Bench, variant: Variant, seconds: float) -> float:
-    """Calls per second of one run, warm-up and clean-up excluded."""
-    if variant.prepare is not None:
-        variant.prepare()
-    call = variant.call
-    for _ in range(WARMUP_CALLS):
-        call()
-    count = 0
-    clock = time.perf_counter
-    start = clock()
-    deadline = start + seconds
-    while clock() < deadline:
-        call()
-        count += 1
-    elapsed = clock() - start
-    cleanup(bench, variant)
-    return count / elapsed
+def measure(bench: Bench, case: Case) -> h.Measure:
+    """Calls per second of one run; the holder's set-up and the clean-up are not timed."""
+
+    async def timed(seconds: float) -> float:
+        if case.prepare is not None:
+            case.prepare()
+        try:
+            return h.sync_rate(case.call, seconds)
+        finally:
+            cleanup(bench, case)
+
+    return timed
 
 
-def check(bench: Bench, variant: Variant) -> None:
+def check(bench: Bench, case: Case) -> None:
     """A new-key call must publish one message, a duplicate none."""
-    if variant.prepare is not None:
-        variant.prepare()
-    before = bench.client.llen(variant.queue)
-    variant.call()
-    published = bench.client.llen(variant.queue) - before
-    cleanup(bench, variant)
-    if published != int(variant.publishes):
-        raise RuntimeError(f"{variant.name}: one call published {published} messages")
+    if case.prepare is not None:
+        case.prepare()
+    before = bench.client.llen(case.queue)
+    case.call()
+    published = bench.client.llen(case.queue) - before
+    cleanup(bench, case)
+    if published != int(case.publishes):
+        raise RuntimeError(f"{case.name}: one call published {published} messages")
 
 
 OWN_COMMANDS = ("config", "info", "echo", "hello")  # the measurement's own (and its connects)
 
 
-def count_commands(bench: Bench, variant: Variant, calls: int) -> None:
+def count_commands(bench: Bench, case: Case, calls: int) -> None:
     """Commands per call around ``calls`` calls, from ``INFO commandstats`` and ``MONITOR``.
 
     ``INFO commandstats`` counts the commands a Lua script runs as well as the EVALSHA that ran
     it; ``MONITOR`` tells the two apart (a script's commands come from client "lua").
     """
     client = bench.client
-    if variant.prepare is not None:
-        variant.prepare()
-    for _ in range(WARMUP_CALLS):
-        variant.call()
+    if case.prepare is not None:
+        case.prepare()
+    for _ in range(h.WARMUP):
+        case.call()
     _drain_result_replies(bench.apps)
     marker = f"bench-marker-{uuid()}"
     sent: Counter[str] = Counter()
@@ -370,7 +344,7 @@ def count_commands(bench: Bench, variant: Variant, calls: int) -> None:
     with client.monitor() as monitor:  # type: ignore[no-untyped-call]
         client.config_resetstat()
         for _ in range(calls):
-            variant.call()
+            case.call()
         stats: dict[str, Any] = client.info("commandstats")
         client.echo(marker)
         while True:
@@ -380,178 +354,103 @@ def count_commands(bench: Bench, variant: Variant, calls: int) -> None:
             name = entry["command"].split(" ", 1)[0].lower()
             if name not in OWN_COMMANDS:
                 (in_scripts if entry["client_type"] == "lua" else sent)[name] += 1
-    cleanup(bench, variant)
-    variant.commands = {name: n / calls for name, n in sorted(sent.items())}
-    variant.in_scripts = {name: n / calls for name, n in sorted(in_scripts.items())}
+    cleanup(bench, case)
+    case.commands = {name: n / calls for name, n in sorted(sent.items())}
+    case.in_scripts = {name: n / calls for name, n in sorted(in_scripts.items())}
     counted = sum(
         value["calls"]
         for key, value in stats.items()
-        if key.removeprefix("cmdstat_") not in OWN_COMMANDS
+        if key.removeprefix("cmdstat_").split("|")[0] not in OWN_COMMANDS
     )
-    variant.server_commands = counted / calls
+    case.server_commands = counted / calls
     if counted != sent.total() + in_scripts.total():
         bench.notes.append(
-            f"{variant.name}: INFO commandstats counted {counted} commands, MONITOR saw "
+            f"{case.name}: INFO commandstats counted {counted} commands, MONITOR saw "
             f"{sent.total()} sent + {in_scripts.total()} in scripts"
         )
 
 
-def measure(bench: Bench, seconds: float, reps: int, command_calls: int) -> None:
-    variants = bench.variants
-    plain, floor = bench.get(PLAIN), bench.get(FLOOR)
-    assert plain is not None and floor is not None
-    for variant in variants:
-        check(bench, variant)
-        count_commands(bench, variant, command_calls)
-    for variant in variants:  # a longer first warm-up: fills pools, settles caches
-        timed(bench, variant, seconds / 2)
-    for rep in range(reps):
-        shift = rep % len(variants)  # the order turns every repetition
-        for variant in variants[shift:] + variants[:shift]:
-            variant.rates.append(timed(bench, variant, seconds))
-        for variant in variants:
-            variant.to_plain.append(variant.rates[-1] / plain.rates[-1])
-            variant.to_floor.append(variant.rates[-1] / floor.rates[-1])
-        print(f"rep {rep + 1}/{reps} done", file=sys.stderr)
+async def run(url: str, chosen: h.Settings) -> h.Section:
+    bench = build(url)
+    command_calls = 50 if chosen.quick else 200
+    try:
+        for case in bench.cases:
+            check(bench, case)
+            count_commands(bench, case, command_calls)
+        variants = [h.Variant(case.name, GROUP, measure(bench, case)) for case in bench.cases]
+        await h.interleave(variants, chosen.seconds, chosen.reps, label="apply_async: ")
+    finally:
+        bench.client.close()
+        for app in bench.apps:
+            app.close()
+    return report(bench, variants)
 
 
 # --- reporting ------------------------------------------------------------------------------
 
 
-def lock_commands(variant: Variant, plain: Variant) -> float:
-    """Commands a variant sends beyond a plain publish (all of them if it publishes none)."""
-    return variant.total_commands - (plain.total_commands if variant.publishes else 0.0)
-
-
-def table(bench: Bench) -> str:
-    plain = bench.get(PLAIN)
-    assert plain is not None
-    lines = [
-        "| variant | median calls/s | ratio to plain | ratio to EVALSHA+plain "
-        "| Redis cmds/call | extra over plain | server cmds/call | commands sent per call |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for v in bench.variants:
-        detail = _spell(v.commands)
-        if v.in_scripts:
-            detail += f" (in Lua: {_spell(v.in_scripts)})"
-        lines.append(
-            f"| {v.name} | {v.median:,.0f} | {statistics.median(v.to_plain):.2f}x "
-            f"| {statistics.median(v.to_floor):.2f}x | {v.total_commands:.2f} "
-            f"| {lock_commands(v, plain):+.2f} | {v.server_commands:.2f} | {detail} |"
-        )
-    return "\n".join(lines)
+def lock_commands(case: Case, plain: Case) -> float:
+    """Commands a case sends beyond a plain publish (all of them if it publishes none)."""
+    return case.total_commands - (plain.total_commands if case.publishes else 0.0)
 
 
 def _spell(commands: dict[str, float]) -> str:
     return ", ".join(f"{name.upper()} {n:g}" for name, n in commands.items())
 
 
-def ratio(numerator: Variant | None, denominator: Variant | None) -> float | None:
-    """Median of per-repetition ratios, or None if either variant did not run."""
-    if numerator is None or denominator is None:
-        return None
-    return statistics.median(a / b for a, b in zip(numerator.rates, denominator.rates, strict=True))
-
-
-def targets(bench: Bench) -> list[tuple[str, float | None, float | None]]:
-    """(what, median ratio, target): the targets, then the context to read them in."""
-    ours_new, ours_dup, floor = bench.get(OURS_NEW), bench.get(OURS_DUP), bench.get(FLOOR)
-    singleton_dup, dup_floor = bench.get(SINGLETON_DUP), bench.get(DUP_FLOOR)
-    return [
-        ("ours new key / (EVALSHA + plain publish)", ratio(ours_new, floor), 0.95),
-        ("ours duplicate / celery-singleton duplicate", ratio(ours_dup, singleton_dup), 2.0),
-        ("ours duplicate / duplicate floor", ratio(ours_dup, dup_floor), None),
-        ("duplicate floor / celery-singleton duplicate (the best one round trip can do)",
-         ratio(dup_floor, singleton_dup), None),
-    ]  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="0.15 s runs, 3 repetitions")
-    parser.add_argument("--seconds", type=float, help="length of one run (default 0.6)")
-    parser.add_argument("--reps", type=int, help="repetitions (default 9)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
-    args = parser.parse_args(argv)
-    seconds, reps, command_calls = (0.15, 3, 50) if args.quick else (0.6, 9, 200)
-    seconds, reps = args.seconds or seconds, args.reps or reps
-
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    with redis_server() as url:
-        bench = build(url)
-        try:
-            measure(bench, seconds, reps, command_calls)
-            redis_version = str(bench.client.info("server")["redis_version"])
-        finally:
-            bench.client.close()
-    total = time.perf_counter() - started
-    plain = bench.get(PLAIN)
-    ours_dup = bench.get(OURS_DUP)
-    assert plain is not None and ours_dup is not None
-
-    print(table(bench))
-    print()
-    for label, value, target in targets(bench):
-        wanted = "" if target is None else f"target >= {target:g}x"
-        if value is None:
-            print(f"- {label}: n/a (a variant was skipped){'; ' if wanted else ''}{wanted}")
-        elif target is None:
-            print(f"- {label}: {value:.2f}x")
-        else:
-            print(f"- {label}: {value:.2f}x ({wanted}: {'met' if value >= target else 'MISSED'})")
-    dup_evalsha_only = ours_dup.commands == {"evalsha": 1.0}
-    print(
-        f"- ours duplicate sends {ours_dup.total_commands:g} Redis command(s) per call "
-        f"({'exactly one EVALSHA: as required' if dup_evalsha_only else 'NOT one EVALSHA'})"
-    )
-    for note in bench.notes:
-        print(f"- {note}")
-    peers = ", ".join(f"{dist} {version}" for dist, version in bench.versions.items())
-    print()
-    print(
-        f"Redis {redis_version}, Python {platform.python_version()}, Celery {celery.__version__}, "
-        f"redis-py {redis.__version__}; peers: {peers or 'none'}; median of {reps} reps of "
-        f"{seconds:g} s each; total {total:.0f} s; {os.cpu_count()} CPUs, load average "
-        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after."
-    )
-    if args.json is not None:
-        meta: dict[str, Any] = {
-            "redis_server": redis_version,
-            "python": platform.python_version(),
-            "celery": celery.__version__,
-            "redis_py": redis.__version__,
-            "peers": bench.versions,
-            "notes": bench.notes,
-            "reps": reps,
-            "seconds_per_run": seconds,
-            "total_seconds": round(total, 1),
-            "cpus": os.cpu_count(),
-            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+def report(bench: Bench, variants: list[h.Variant]) -> h.Section:
+    section = h.Section("Unique tasks: apply_async calls per second (producer side, no worker)")
+    found = {v.name: v for v in variants}
+    cases = {case.name: case for case in bench.cases}
+    plain, floor = found[PLAIN], found[FLOOR]
+    rows, results = [], []
+    for v in variants:
+        case = cases[v.name]
+        detail = _spell(case.commands)
+        if case.in_scripts:
+            detail += f" (in Lua: {_spell(case.in_scripts)})"
+        to_plain, to_floor = h.ratio(v, plain), h.ratio(v, floor)
+        rows.append([
+            v.name, h.rate(v.median), h.times(to_plain), h.times(to_floor),
+            f"{case.total_commands:.2f}", f"{lock_commands(case, cases[PLAIN]):+.2f}",
+            f"{case.server_commands:.2f}", detail,
+        ])  # fmt: skip
+        extra = {
+            "redis_commands_per_call": round(case.total_commands, 3),
+            "extra_commands_over_plain": round(lock_commands(case, cases[PLAIN]), 3),
+            "server_commands_per_call": round(case.server_commands, 3),
+            "commands_sent": case.commands,
+            "commands_in_lua": case.in_scripts,
         }
-        results = [
-            {
-                "variant": v.name,
-                "median_calls_per_s": round(v.median, 1),
-                "ratio_to_plain": round(statistics.median(v.to_plain), 4),
-                "ratio_to_floor": round(statistics.median(v.to_floor), 4),
-                "redis_commands_per_call": round(v.total_commands, 3),
-                "extra_commands_over_plain": round(lock_commands(v, plain), 3),
-                "server_commands_per_call": round(v.server_commands, 3),
-                "commands_sent": v.commands,
-                "commands_in_lua": v.in_scripts,
-                "calls_per_s": [round(rate, 1) for rate in v.rates],
-            }
-            for v in bench.variants
-        ]
-        checks = [
-            {"ratio": label, "value": None if value is None else round(value, 4), "target": target}
-            for label, value, target in targets(bench)
-        ]
-        document = {"meta": meta, "results": results, "targets": checks}
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        results.append({**h.variant_json(v, ratio_to_plain=to_plain, ratio_to_floor=to_floor),
+                        **extra})  # fmt: skip
+    header = ["variant", "median calls/s", "ratio to plain", "ratio to EVALSHA+plain",
+              "Redis cmds/call", "extra over plain", "server cmds/call",
+              "commands sent per call"]  # fmt: skip
+    section.blocks.append(h.table(header, rows, left=(0, 7)))
+    ours_new, ours_dup = found.get(OURS_NEW), found.get(OURS_DUP)
+    singleton_dup, dup_floor = found.get(SINGLETON_DUP), found.get(DUP_FLOOR)
+    section.targets += [
+        h.Target("apply_async new key / (one raw EVALSHA + plain publish)",
+                 h.ratio(ours_new, floor), 0.95),
+        h.Target("apply_async duplicate / celery-singleton duplicate",
+                 h.ratio(ours_dup, singleton_dup), 2.5),
+        h.Target("ours duplicate / duplicate floor", h.ratio(ours_dup, dup_floor)),
+        h.Target("duplicate floor / celery-singleton duplicate (the best one round trip can do)",
+                 h.ratio(dup_floor, singleton_dup)),
+    ]  # fmt: skip
+    dup_commands = cases[OURS_DUP].commands
+    section.notes.append(
+        f"ours duplicate sends {sum(dup_commands.values()):g} Redis command(s) per call ("
+        + ("exactly one EVALSHA: as required" if dup_commands == {"evalsha": 1.0} else
+           "NOT one EVALSHA")
+        + ")"
+    )  # fmt: skip
+    section.notes += bench.notes
+    section.versions.update(bench.versions)
+    section.data["results"] = results
+    return section
 
 
 if __name__ == "__main__":
-    main()
+    h.main(run, __doc__, FULL, QUICK)

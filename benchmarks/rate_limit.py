@@ -1,8 +1,8 @@
 """Rate limiter cost and accuracy: ours against the ``limits`` package (and celery-heimdall).
 
-Run ``python benchmarks/rate_limit.py`` (about 70 s) or ``--quick`` (about 18 s); ``--json
-PATH`` also writes the results. One private ``redis-server`` (``celery_unique.testing``)
-serves both parts.
+Run ``python -m benchmarks.rate_limit`` (about 80 s) or ``--quick`` (about 20 s); ``--json
+PATH`` also writes the results, ``--url`` uses a running Redis instead of a private one. One
+Redis serves both parts.
 
 Part 1, cost: decisions per second and Redis commands per decision.
 
@@ -21,15 +21,13 @@ Part 1, cost: decisions per second and Redis commands per decision.
   matters for limits' moving window, which stores one list entry per admitted hit (up to the
   limit) and so costs more the longer a key is hammered.
 
-How to read it: ``median decisions/s`` is the median over repetitions. Each repetition runs
-every variant of a group (same API kind and concurrency) once, in an order that turns from
-one repetition to the next; ``ours / this`` is the median of per-repetition ratios of ours
-(same group, same outcome) to the row, which shrugs off slow drift in machine load: 2.00x
-means ours decides twice as fast. Client and server share this machine's CPUs, so absolute
-numbers mean little elsewhere; the ratios travel better. ``Redis cmds/decision`` is what the
-client sent over a batch of decisions outside the timed runs, seen by ``MONITOR``; the
-commands a Lua script ran are listed as "in Lua" and not counted. The target: at 64
-concurrent callers ours async decides >= 3x as fast as limits.aio.
+How to read it: a group is one API kind and concurrency, interleaved as
+``benchmarks/_harness.py`` says; ``ours / this`` is the median of per-repetition ratios of
+ours (same group, same outcome) to the row: 2.00x means ours decides twice as fast.
+``Redis cmds/decision`` is what the client sent over a batch of decisions outside the timed
+runs, seen by ``MONITOR``; the commands a Lua script ran are listed as "in Lua" and not
+counted. The targets: sync ours >= 1.2x limits' fixed window; at 64 concurrent callers ours
+async >= 3x limits.aio.
 
 Part 2, accuracy: four spawned OS processes (``--procs``) hammer one fresh key flat out,
 hundreds of times the rate, for 2.5 s (``--quick``: 1.5 s; a whole number of 1 s windows
@@ -61,13 +59,10 @@ import argparse
 import asyncio
 import importlib
 import importlib.metadata
-import json
 import math
 import multiprocessing
 import os
-import platform
 import queue
-import statistics
 import sys
 import time
 import traceback
@@ -78,18 +73,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
-from pathlib import Path
 from typing import Any
 
 import redis
 
+from benchmarks import _harness as h
 from celery_unique import AsyncRedisBackend, RateLimit, RedisBackend
-from celery_unique.testing import redis_server
 
-ASYNC_CONCURRENCY = (1, 16, 64)
+FULL, QUICK = (0.3, 7), (0.06, 3)
 ADMIT_RATE = 1_000_000  # per second: never runs out, so every decision admits
-WARMUP_DECISIONS = 20  # before every timed run, shared among its callers (at least one each)
 TARGET_CONCURRENCY, TARGET_RATIO = 64, 3.0
+SYNC_TARGET = 1.2  # ours sync against limits' fixed window
 ACCURACY_RATE, ACCURACY_BURST = 50, 10  # the accuracy limit: 50/s, ours also with burst 10
 START_LEAD = 0.2  # seconds between handing out an accuracy run and its start
 LATE_START = 0.9  # a late start begins this long after one hit: near a 1 s window's end
@@ -292,10 +286,9 @@ class Variant:
     decide: SyncDecide | None = None
     adecide: AsyncDecide | None = None
     prime: SyncDecide | None = None
-    rates: list[float] = field(default_factory=list)  # decisions/s, one per repetition
-    ratios: list[float] = field(default_factory=list)  # ours / this, per repetition
     commands: dict[str, float] = field(default_factory=dict)  # sent per decision, by command
     in_scripts: dict[str, float] = field(default_factory=dict)  # run by Lua, per decision
+    timed: h.Variant | None = None  # its rates, once measured
 
     @property
     def expected(self) -> bool:
@@ -306,8 +299,8 @@ class Variant:
         return self.name.startswith("ours")
 
     @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
+    def group(self) -> str:
+        return f"{self.kind} x{self.concurrency}"
 
     @property
     def total_commands(self) -> float:
@@ -329,33 +322,35 @@ class Variant:
         await asyncio.gather(*(caller() for _ in range(self.concurrency)))
         return per_caller * self.concurrency
 
-    async def timed(self, seconds: float) -> float:
-        """Decisions per second over one run (after a short warm-up)."""
-        await self.decisions(max(1, WARMUP_DECISIONS // self.concurrency))
-        clock = time.perf_counter
-        start = clock()
-        deadline = start + seconds
+    def measure(self, client: redis.Redis) -> h.Measure:
+        """One timed run from a clean key (the reset is not timed); every outcome checked."""
         expected = self.expected
         if self.decide is not None:
-            decide, count = self.decide, 0
-            while clock() < deadline:
+            decide = self.decide
+
+            def op() -> None:
                 if decide() != expected:
                     raise _wrong(self)
-                count += 1
-            return count / (clock() - start)
+
+            async def timed(seconds: float) -> float:
+                _reset(client, self)
+                return h.sync_rate(op, seconds)
+
+            return timed
         adecide = self.adecide
         assert adecide is not None
 
-        async def caller() -> int:
-            count = 0
-            while clock() < deadline:
-                if await adecide() != expected:
-                    raise _wrong(self)
-                count += 1
-            return count
+        async def aop() -> None:
+            if await adecide() != expected:
+                raise _wrong(self)
 
-        counts = await asyncio.gather(*(caller() for _ in range(self.concurrency)))
-        return sum(counts) / (clock() - start)
+        callers = [aop] * self.concurrency
+
+        async def atimed(seconds: float) -> float:
+            _reset(client, self)
+            return await h.async_rate(callers, seconds)
+
+        return atimed
 
 
 def _wrong(variant: Variant) -> RuntimeError:
@@ -454,25 +449,23 @@ async def count_commands(client: redis.Redis, variant: Variant, decisions: int) 
     variant.in_scripts = {name: n / made for name, n in sorted(in_scripts.items())}
 
 
-async def measure_cost(client: redis.Redis, groups: list[Group], seconds: float, reps: int) -> None:
-    for group in groups:  # a longer first warm-up: fills the pools, settles caches
+async def measure_cost(client: redis.Redis, groups: list[Group], chosen: h.Settings) -> None:
+    timed = []
+    for group in groups:
         for variant in group:
-            _reset(client, variant)
-            await variant.timed(seconds / 2)
-    for rep in range(reps):
-        for group in groups:
-            shift = rep % len(group)  # the order turns every repetition
-            for variant in group[shift:] + group[:shift]:
-                _reset(client, variant)
-                variant.rates.append(await variant.timed(seconds))
-            for variant in group:
-                ours = _ours_of(group, variant)
-                variant.ratios.append(ours.rates[-1] / variant.rates[-1])
-        print(f"rep {rep + 1}/{reps} done", file=sys.stderr)
+            variant.timed = h.Variant(variant.name, variant.group, variant.measure(client),
+                                      variant.concurrency)  # fmt: skip
+            timed.append(variant.timed)
+    await h.interleave(timed, chosen.seconds, chosen.reps, label="rate_limit: ")
 
 
 def _ours_of(group: Group, variant: Variant) -> Variant:
     return next(v for v in group if v.ours and v.outcome == variant.outcome)
+
+
+def ours_over(group: Group, variant: Variant) -> float | None:
+    """Median per-repetition ratio of ours (same group and outcome) to ``variant``."""
+    return h.ratio(_ours_of(group, variant).timed, variant.timed)
 
 
 # --- part 2: accuracy ------------------------------------------------------------------------
@@ -550,7 +543,7 @@ def hammer_process(url: str, kinds: list[str], jobs: Queue[Any], results: Queue[
     try:
         cache: dict[str, Any] = {}
         for kind in kinds:  # imports and clients now; no command is sent before a job
-            _case_decider(kind, url, "hammer-unused", cache)
+            _case_decider(kind, url, f"hammer-unused-{kind}", cache)
         clock = redis.Redis.from_url(url)
         results.put(("ready", os.getpid()))
         while (job := jobs.get()) is not None:
@@ -688,12 +681,11 @@ def run_case(client: redis.Redis, hammer: Hammer, case: Case, seconds: float, ur
 class Results:
     groups: list[Group]
     accuracy: list[Accuracy]
-    redis_version: str
     versions: dict[str, str]
     notes: list[str]
 
 
-async def measure(url: str, seconds: float, reps: int, command_decisions: int,
+async def measure(url: str, chosen: h.Settings, command_decisions: int,
                   accuracy_seconds: float, procs: int, late: bool) -> Results:  # fmt: skip
     client = redis.Redis.from_url(url)
     backend = RedisBackend.from_url(url)
@@ -718,7 +710,7 @@ async def measure(url: str, seconds: float, reps: int, command_decisions: int,
                 "processes do the same."
             )
         groups = [sync_group(backend, peers)]
-        groups += [async_group(backend, abackend, peers, c) for c in ASYNC_CONCURRENCY]
+        groups += [async_group(backend, abackend, peers, c) for c in h.CONCURRENCY]
         for group in groups:
             for variant in group:
                 await count_commands(client, variant, command_decisions)
@@ -734,9 +726,8 @@ async def measure(url: str, seconds: float, reps: int, command_decisions: int,
             accuracy.append(run_case(client, hammer, case, accuracy_seconds, url, cache))
             print(f"accuracy {case.kind}{' late' if case.late else ''} done", file=sys.stderr)
         hammer.close()  # before the cost runs: nothing else on these CPUs
-        await measure_cost(client, groups, seconds, reps)
-        redis_version = str(client.info("server")["redis_version"])
-        return Results(groups, accuracy, redis_version, peers.versions, peers.notes)
+        await measure_cost(client, groups, chosen)
+        return Results(groups, accuracy, peers.versions, peers.notes)
     finally:
         hammer.close()
         if peers.limits is not None:
@@ -753,22 +744,20 @@ def _spell(commands: dict[str, float]) -> str:
 
 
 def cost_table(groups: list[Group]) -> str:
-    lines = [
-        "| limiter | callers | outcome | median decisions/s | ours / this "
-        "| Redis cmds/decision | commands sent per decision |",
-        "|---|---:|---|---:|---:|---:|---|",
-    ]
+    header = ["limiter", "callers", "outcome", "median decisions/s", "ours / this",
+              "Redis cmds/decision", "commands sent per decision"]  # fmt: skip
+    rows = []
     for group in groups:
         for variant in sorted(group, key=lambda v: (v.outcome, not v.ours)):
             detail = _spell(variant.commands)
             if variant.in_scripts:
                 detail += f" (in Lua: {_spell(variant.in_scripts)})"
-            ratio = "—" if variant.ours else f"{statistics.median(variant.ratios):.2f}x"
-            lines.append(
-                f"| {variant.name} | {variant.concurrency} | {variant.outcome} "
-                f"| {variant.median:,.0f} | {ratio} | {variant.total_commands:.2f} | {detail} |"
-            )
-    return "\n".join(lines)
+            assert variant.timed is not None
+            ratio = "—" if variant.ours else h.times(ours_over(group, variant))
+            rows.append([variant.name, str(variant.concurrency), variant.outcome,
+                         h.rate(variant.timed.median), ratio, f"{variant.total_commands:.2f}",
+                         detail])  # fmt: skip
+    return h.table(header, rows, left=(0, 2, 6))
 
 
 def _start(case: Case) -> str:
@@ -795,57 +784,39 @@ def accuracy_table(results: list[Accuracy]) -> str:
     return "\n".join(lines)
 
 
-def targets(groups: list[Group]) -> list[tuple[str, float]]:
-    """(what, median ratio) of ours async to limits.aio at the target concurrency."""
+def targets(groups: list[Group]) -> list[h.Target]:
+    """Ours sync against limits' fixed window, ours async against limits.aio at 64 callers."""
     found = []
     for group in groups:
         for variant in group:
+            if variant.kind == "sync" and variant.name == FIXED:
+                found.append(h.Target(f"sync {OURS_SYNC}.hit / {FIXED}, {variant.outcome}",
+                                      ours_over(group, variant), SYNC_TARGET))  # fmt: skip
             if variant.kind == "async" and variant.concurrency == TARGET_CONCURRENCY:
                 if variant.name in (AIO_FIXED, AIO_MOVING):
                     label = (f"{OURS_ASYNC} / {variant.name}, {variant.outcome}, "
                              f"{TARGET_CONCURRENCY} callers")  # fmt: skip
-                    found.append((label, statistics.median(variant.ratios)))
+                    found.append(h.Target(label, ours_over(group, variant), TARGET_RATIO))
     return found
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short runs, 3 repetitions")
-    parser.add_argument("--seconds", type=float, help="length of one cost run (default 0.3)")
-    parser.add_argument("--reps", type=int, help="repetitions of the cost runs (default 5)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accuracy-seconds", type=float, help="one accuracy run (default 2.5)")
     parser.add_argument("--procs", type=int, default=4, help="hammer processes (default 4)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
-    args = parser.parse_args(argv)
+
+
+async def run(url: str, chosen: h.Settings) -> h.Section:
     # Accuracy runs last a whole number of windows and a half: whether a window opens just
     # before the end would otherwise decide what a windowed limiter admits.
-    seconds, reps, accuracy_seconds, command_decisions = (
-        (0.06, 3, 1.5, 64) if args.quick else (0.3, 5, 2.5, 200)
-    )
-    late = not args.quick
-    seconds, reps = args.seconds or seconds, args.reps or reps
-    accuracy_seconds = args.accuracy_seconds or accuracy_seconds
-
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    with redis_server() as url:
-        results = asyncio.run(
-            measure(url, seconds, reps, command_decisions, accuracy_seconds, args.procs, late)
-        )
-    total = time.perf_counter() - started
+    accuracy_seconds, command_decisions = (1.5, 64) if chosen.quick else (2.5, 200)
+    accuracy_seconds = getattr(chosen.args, "accuracy_seconds", None) or accuracy_seconds
+    procs: int = getattr(chosen.args, "procs", None) or 4
+    results = await measure(url, chosen, command_decisions, accuracy_seconds, procs,
+                            late=not chosen.quick)  # fmt: skip
     groups, accuracy = results.groups, results.accuracy
-
-    print("Cost: decisions per second, one key")
-    print()
-    print(cost_table(groups))
-    print()
-    found = targets(groups)
-    if not found:
-        print(f"- target (ours async >= {TARGET_RATIO:g}x limits.aio at {TARGET_CONCURRENCY} "
-              "callers): n/a, limits was not measured")  # fmt: skip
-    for label, value in found:
-        verdict = "met" if value >= TARGET_RATIO else "MISSED"
-        print(f"- {label}: {value:.2f}x (target >= {TARGET_RATIO:g}x: {verdict})")
+    section = h.Section("Rate limiting: decisions per second on one key, and accuracy")
+    section.blocks.append("Cost: decisions per second, one key")
+    section.blocks.append(cost_table(groups))
     ours_commands = {
         f"{v.name} {v.outcome} x{v.concurrency}": v.commands
         for group in groups
@@ -853,89 +824,63 @@ def main(argv: list[str] | None = None) -> None:
         if v.ours
     }
     one_evalsha = all(commands == {"evalsha": 1.0} for commands in ours_commands.values())
-    print(
+    section.blocks.append(
         "- ours sends "
         + ("exactly one EVALSHA per decision in every row" if one_evalsha else
            f"NOT one EVALSHA per decision: {ours_commands}")
     )  # fmt: skip
-    print()
-    print(f"Accuracy: {args.procs} spawned processes on one key, flat out, "
-          f"{accuracy_seconds:g} s per limiter")  # fmt: skip
-    print()
-    print(accuracy_table(accuracy))
-    print()
-    ours_over = [r.over for r in accuracy if r.case.label == OURS_SYNC]
-    print(f"- ours over the bound: {', '.join(map(str, ours_over))} (required 0: "
-          f"{'met' if not any(ours_over) else 'MISSED'})")  # fmt: skip
+    section.blocks.append(f"Accuracy: {procs} spawned processes on one key, flat out, "
+                          f"{accuracy_seconds:g} s per limiter")  # fmt: skip
+    section.blocks.append(accuracy_table(accuracy))
+    lines = []
+    ours_over_bound = [r.over for r in accuracy if r.case.label == OURS_SYNC]
+    lines.append(f"- ours over the bound: {', '.join(map(str, ours_over_bound))} (required 0: "
+                 f"{'met' if not any(ours_over_bound) else 'MISSED'})")  # fmt: skip
     slow = [r.case.label for r in accuracy if r.oversubscription < 10]
     if slow:
-        print(f"- under 10x oversubscription (the run says little): {', '.join(slow)}")
-    for note in results.notes:
-        print(f"- {note}")
-    peers = ", ".join(f"{dist} {version}" for dist, version in results.versions.items())
-    print()
-    print(
-        f"Redis {results.redis_version}, Python {platform.python_version()}, redis-py "
-        f"{redis.__version__}; peers: {peers or 'none'}; cost: median of {reps} reps of "
-        f"{seconds:g} s each; total {total:.0f} s; {os.cpu_count()} CPUs, load average "
-        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after."
-    )
-    if args.json is not None:
-        meta: dict[str, Any] = {
-            "redis_server": results.redis_version,
-            "python": platform.python_version(),
-            "redis_py": redis.__version__,
-            "peers": results.versions,
-            "notes": results.notes,
-            "reps": reps,
-            "seconds_per_run": seconds,
-            "accuracy_seconds": accuracy_seconds,
-            "processes": args.procs,
-            "total_seconds": round(total, 1),
-            "cpus": os.cpu_count(),
-            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        lines.append(f"- under 10x oversubscription (the run says little): {', '.join(slow)}")
+    section.blocks.append("\n".join(lines))
+    if not any(v.name == FIXED for group in groups for v in group):
+        section.notes.append("targets against limits: n/a, limits was not measured")
+    section.targets += targets(groups)
+    section.notes += results.notes
+    section.versions.update(results.versions)
+    section.data["cost"] = [
+        {
+            "limiter": v.name,
+            "kind": v.kind,
+            "concurrency": v.concurrency,
+            "outcome": v.outcome,
+            "median_decisions_per_s": round(v.timed.median, 1) if v.timed else None,
+            "ours_over_this": None if v.ours else ours_over(group, v),
+            "redis_commands_per_decision": round(v.total_commands, 3),
+            "commands_sent": v.commands,
+            "commands_in_lua": v.in_scripts,
+            "decisions_per_s": [round(r, 1) for r in v.timed.rates] if v.timed else [],
         }
-        cost = [
-            {
-                "limiter": v.name,
-                "kind": v.kind,
-                "concurrency": v.concurrency,
-                "outcome": v.outcome,
-                "median_decisions_per_s": round(v.median, 1),
-                "ours_over_this": None if v.ours else round(statistics.median(v.ratios), 4),
-                "redis_commands_per_decision": round(v.total_commands, 3),
-                "commands_sent": v.commands,
-                "commands_in_lua": v.in_scripts,
-                "decisions_per_s": [round(rate, 1) for rate in v.rates],
-            }
-            for group in groups
-            for v in group
-        ]
-        accuracy_rows = [
-            {
-                "limiter": r.case.label,
-                "limit": r.case.limit,
-                "burst": r.case.burst,
-                "rate_per_s": r.case.rate,
-                "start": _start(r.case),
-                "processes": r.procs,
-                "attempts": r.attempts,
-                "elapsed_s": round(r.elapsed, 6),
-                "admitted": r.admitted,
-                "bound": round(r.bound, 3),
-                "admitted_over_bound": round(r.admitted / r.bound, 4),
-                "over": r.over,
-                "peak_burst": round(r.peak, 2),
-            }
-            for r in accuracy
-        ]
-        checks = [
-            {"ratio": label, "value": round(value, 4), "target": TARGET_RATIO}
-            for label, value in found
-        ]
-        document = {"meta": meta, "cost": cost, "accuracy": accuracy_rows, "targets": checks}
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        for group in groups
+        for v in group
+    ]
+    section.data["accuracy"] = [
+        {
+            "limiter": r.case.label,
+            "limit": r.case.limit,
+            "burst": r.case.burst,
+            "rate_per_s": r.case.rate,
+            "start": _start(r.case),
+            "processes": r.procs,
+            "attempts": r.attempts,
+            "elapsed_s": round(r.elapsed, 6),
+            "admitted": r.admitted,
+            "bound": round(r.bound, 3),
+            "admitted_over_bound": round(r.admitted / r.bound, 4),
+            "over": r.over,
+            "peak_burst": round(r.peak, 2),
+        }
+        for r in accuracy
+    ]
+    return section
 
 
 if __name__ == "__main__":
-    main()
+    h.main(run, __doc__, FULL, QUICK, add_arguments)
