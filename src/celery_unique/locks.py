@@ -322,7 +322,8 @@ class _AsyncLease(_Lease[AsyncExecutor]):
 
     async def release(self) -> None:
         """Give it up; :class:`LockNotOwnedError` if this owner no longer holds it."""
-        await self._stop_renewal()
+        if self._renewal is not None:  # (an await less on the common path)
+            await self._stop_renewal()
         if not await self._executor.execute(self._release_op(self.token)):
             raise self._not_owned("release")
         self._held = False

@@ -82,15 +82,21 @@ class AsyncRedisExecutor:
         # the reply could not tell whether it now holds a lock, and a cleanup sent on another
         # connection might even overtake it. So the command is seen through (bounded by its
         # deadline) and the cancellation is raised after it.
-        reply = self._batcher.submit(step)
+        # The caller awaits its reply's future itself (a shield would cost every caller a loop
+        # turn and split the next batch); once cancelled, the batcher hands what the command
+        # got to ``outcome``, if it was sent.
+        request = self._batcher.request(step)
+        assert request.future is not None
         try:
-            return await asyncio.shield(reply)
+            return await request.future
         except asyncio.CancelledError:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([reply])
-            if not reply.cancelled():
-                error = reply.exception()
-                report(reply.result() if error is None else error)
+            outcome = self._batcher.outcome(request)
+            if outcome is not None:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([outcome])
+                if not outcome.cancelled():
+                    error = outcome.exception()
+                    report(outcome.result() if error is None else error)
             raise
 
     async def scan(self, match: str, count: int = 1000) -> AsyncIterator[str]:

@@ -28,13 +28,21 @@ BATCH_MIN, BATCH_MAX = 8, 32
 
 class Request:
     """A step waiting for its reply, and the caller waiting for it (``None``: the caller
-    sends it from its own task)."""
+    sends it from its own task).
 
-    __slots__ = ("future", "step")
+    ``sent`` is set once the step is on the wire. A caller that gave up after that may still
+    learn what it did (see :meth:`Batcher.outcome`): the reply is kept as ``answer``.
+    """
+
+    __slots__ = ("answer", "answered", "future", "late", "sent", "step")
 
     def __init__(self, step: Eval | Call, future: asyncio.Future[Any] | None = None) -> None:
         self.step = step
         self.future = future
+        self.sent = False
+        self.answered = False
+        self.answer: Any = None
+        self.late: asyncio.Future[Any] | None = None
 
     def cancelled(self) -> bool:
         """Whether the caller gave up: its step need not be sent any more."""
@@ -72,22 +80,43 @@ class Batcher:
 
     def submit(self, step: Eval | Call) -> asyncio.Future[Any]:
         """Queue ``step`` for the next batch; a future of its reply."""
+        future = self.request(step).future
+        assert future is not None
+        return future
+
+    def request(self, step: Eval | Call) -> Request:
+        """Queue ``step`` for the next batch; the request, whose future gets its reply."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        request = Request(step, loop.create_future())
         self._waiting += 1
         batch = self._pending.get(loop)
         if batch is None:
             if not self._in_flight:
                 # Nothing under way to share a round trip with: send at once, no loop turn.
-                self._start(loop, [Request(step, future)])
-                return future
+                self._start(loop, [request])
+                return request
             batch = self._pending[loop] = []
             loop.call_soon(self._flush, loop)
-        batch.append(Request(step, future))
+        batch.append(request)
         if len(batch) >= min(BATCH_MAX, max(BATCH_MIN, self._waiting // 2)):
             self._pending[loop] = []
             self._start(loop, batch)
-        return future
+        return request
+
+    @staticmethod
+    def outcome(request: Request) -> asyncio.Future[Any] | None:
+        """For a caller that gave up (its future cancelled): a future of the reply (or error)
+        its step got, if the step was sent; ``None`` if it never was (and never will be)."""
+        future = request.future
+        if future is not None and future.done() and not future.cancelled():
+            return future  # answered before the cancellation landed
+        if not request.sent:
+            return None
+        if request.late is None:
+            request.late = asyncio.get_running_loop().create_future()
+            if request.answered:
+                _settle_future(request.late, request.answer)
+        return request.late
 
     async def drain(self) -> None:
         """Wait until every batch of the running loop has been answered."""
@@ -126,19 +155,30 @@ class Batcher:
                 replies = await self._send(batch)
             except BaseException as exc:
                 for request in batch:
-                    _settle(request.future, exc)
+                    _settle(request, exc)
                 if not isinstance(exc, Exception):
                     raise
                 return
             for request, reply in zip(batch, replies, strict=True):
-                _settle(request.future, reply)
+                _settle(request, reply)
         finally:
             self._waiting -= size
 
 
-def _settle(future: asyncio.Future[Any] | None, reply: Any) -> None:
-    if future is None or future.done():
+def _settle(request: Request, reply: Any) -> None:
+    future = request.future
+    if future is None:
         return
+    if future.done():  # the caller gave up: it may want to learn what the step did
+        if request.sent:
+            request.answered, request.answer = True, reply
+            if request.late is not None and not request.late.done():
+                _settle_future(request.late, reply)
+        return
+    _settle_future(future, reply)
+
+
+def _settle_future(future: asyncio.Future[Any], reply: Any) -> None:
     if isinstance(reply, BaseException):
         future.set_exception(reply)
     else:

@@ -7,6 +7,7 @@ Cluster. The defaults, each overridable by keyword:
   operation on a hung or unreachable server fails within about 2 s;
 * at most 64 connections per pool, which callers queue for (``max_connections``; a caller
   waits up to the socket timeout, ``timeout``), instead of failing with "Too many connections";
+* RESP2 (``protocol=2``), so that the async executor can parse batches off the stream;
 * a connection that broke is retried once, after a short pause; a timeout never is, so
   retries cannot multiply the deadline (the executors add the same rule for their commands).
 """
@@ -28,6 +29,10 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "socket_connect_timeout": 2.0,
     "socket_timeout": 2.0,
     "max_connections": 64,
+    # RESP2, whatever redis-py's default: the async executor parses a whole batch's replies
+    # off the stream only on RESP2 connections (RESP3 may carry pushes for redis-py), and
+    # redis-py 8 defaults to RESP3, which sends every reply through read_response.
+    "protocol": 2,
 }
 
 

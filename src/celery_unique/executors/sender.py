@@ -77,6 +77,8 @@ class BatchSender:
                 raise backend_error(exc, waited=loop.time() - started) from exc
             # Waiting for a free connection takes time: drop who gave up meanwhile.
             live = [i for i, request in enumerate(batch) if not request.cancelled()]
+            for i in live:
+                batch[i].sent = True  # from here Redis may run it, read or not
             replies: list[Any] = [None] * len(batch)
             sent = False
             try:

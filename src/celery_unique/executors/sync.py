@@ -14,6 +14,7 @@ restarted or flushed server) loads the script and sends the command once more.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -31,6 +32,10 @@ T = TypeVar("T")
 _BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
 # How far past its deadline a read may end rather than pay for a bounded wait (``can_read``).
 _SLACK = 0.05
+# Connections an executor keeps between operations instead of handing them back to the pool:
+# a pool checkout and release (its lock, queue, metrics and unread-data check, three
+# syscalls) cost more than the rest of a lock call's Python.
+_IDLE_MAX = 8
 
 
 class RedisExecutor:
@@ -51,6 +56,8 @@ class RedisExecutor:
             # Connections whose own socket timeout is at most the deadline need no extra
             # bound on a read that starts with the whole deadline left.
             self._read_bound = socket_timeout if socket_timeout else float("inf")
+            self._idle: list[Any] = []
+            self._pid = os.getpid()
 
     def execute(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
@@ -101,7 +108,33 @@ class RedisExecutor:
 
     def close(self) -> None:
         """Close the client and its connections."""
+        if self._pool is not None:
+            idle, self._idle = self._idle, []
+            for connection in idle:
+                self._pool.release(connection)
         self.client.close()
+
+    def _take(self, pool: Any) -> Any:
+        """A connection: one kept from an earlier operation if it is still sound, else the
+        pool's (which checks a connection before it lends it)."""
+        if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
+            self._idle = []
+            self._pid = os.getpid()
+        while True:
+            try:
+                connection = self._idle.pop()  # atomic: threads share the executor
+            except IndexError:
+                return checkout(pool)
+            if _quiet(connection):
+                return connection
+            connection.disconnect()  # closed by the server, or unread data: start afresh
+            pool.release(connection)
+
+    def _keep(self, pool: Any, connection: Any) -> None:
+        if len(self._idle) < _IDLE_MAX:
+            self._idle.append(connection)
+        else:
+            pool.release(connection)
 
     def _send(self, step: Eval | Call) -> Any:
         if self._pool is None:
@@ -114,7 +147,7 @@ class RedisExecutor:
         while True:
             sent = False
             try:
-                connection = checkout(self._pool)
+                connection = self._take(self._pool)
             except rex.RedisError as exc:
                 # Nothing was sent. redis-py's own retry policy already covered the connect.
                 raise backend_error(exc, waited=time.monotonic() - started) from exc
@@ -146,7 +179,7 @@ class RedisExecutor:
                 connection.disconnect()
                 self._pool.release(connection)
                 raise
-            self._pool.release(connection)
+            self._keep(self._pool, connection)
             return reply
 
     @staticmethod
@@ -191,3 +224,13 @@ class RedisExecutor:
                 return client.execute_command(*command)
         except rex.RedisError as exc:
             raise backend_error(exc) from exc
+
+
+def _quiet(connection: Any) -> bool:
+    """Whether a kept connection has nothing to read: no end of stream (the server closed
+    it) and no stray bytes (redis-py's ``can_read`` with no wait: one read attempt, where the
+    pool's own check on lending takes three syscalls and a few layers)."""
+    try:
+        return not connection.can_read(timeout=0)
+    except (rex.RedisError, OSError, ValueError):
+        return False
