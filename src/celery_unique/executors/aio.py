@@ -17,7 +17,7 @@ import redis.exceptions as rex
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
 from ..errors import BackendError
 from .batching import Batcher
-from .connections import deadline_of
+from .connections import aclose_client, deadline_of
 from .errors import backend_error
 from .sender import BatchSender
 
@@ -116,4 +116,4 @@ class AsyncRedisExecutor:
         # A batch still waiting for a connection would otherwise take one after the pool
         # closed, open it afresh and leave it open.
         await self._batcher.drain()
-        await self.client.aclose()
+        await aclose_client(self.client)

@@ -13,7 +13,7 @@ import redis.exceptions as rex
 
 from ..errors import BackendError, BackendUnavailable
 
-__all__ = ["backend_error", "reply_error"]
+__all__ = ["backend_error", "refused_by_replica", "reply_error"]
 
 # Error replies by their first word, onto redis-py's public classes (a prefix redis-py knows
 # is dropped from the message, as redis-py drops it).
@@ -89,6 +89,16 @@ _MISCONF = (
 )
 
 
+def refused_by_replica(exc: BaseException) -> bool:
+    """Whether ``exc`` is a READONLY answer: the server is a replica (an old master after a
+    failover) and the command did not run. A connection that got one must be dropped, so
+    that the next one is made to the master; redis-py's Sentinel connections turn READONLY
+    into a ``ConnectionError`` raised while handling it, which counts too."""
+    return isinstance(exc, rex.ReadOnlyError) or (
+        isinstance(exc, rex.ConnectionError) and isinstance(exc.__context__, rex.ReadOnlyError)
+    )
+
+
 def backend_error(
     exc: BaseException, *, outcome_unknown: bool = False, waited: float | None = None
 ) -> BackendError:
@@ -97,6 +107,8 @@ def backend_error(
     ``outcome_unknown``: the command had been sent and no answer came (it may have run);
     ``waited``: seconds the caller waited before giving up, for the message.
     """
+    if refused_by_replica(exc) and not isinstance(exc, rex.ReadOnlyError):
+        exc = exc.__context__  # type: ignore[assignment]  # checked just above
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     text = str(exc)
     code = text.partition(" ")[0]

@@ -29,7 +29,7 @@ import redis.exceptions as rex
 from ..core.steps import Call, Eval, is_idempotent
 from .batching import Request
 from .connections import checkout_async, decoder, direct_pool, packer
-from .errors import backend_error
+from .errors import backend_error, refused_by_replica
 from .wire import INCOMPLETE, Reader
 
 __all__ = ["BatchSender"]
@@ -99,12 +99,17 @@ class BatchSender:
                     again = False
                     continue
                 raise backend_error(
-                    exc, outcome_unknown=sent, waited=loop.time() - started
+                    exc,
+                    outcome_unknown=sent and not refused_by_replica(exc),
+                    waited=loop.time() - started,
                 ) from exc
             except BaseException:
                 await self._drop(connection)
                 raise
-            await self._pool.release(connection)
+            if any(map(refused_by_replica, replies)):
+                await self._drop(connection)  # an old master: reconnect to the current one
+            else:
+                await self._pool.release(connection)
             return [_as_error(reply) for reply in replies]
 
     async def _drop(self, connection: Any) -> None:

@@ -22,8 +22,8 @@ import redis.exceptions as rex
 
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step, is_idempotent
 from ..errors import BackendError
-from .connections import checkout, deadline_of, direct_pool, packer
-from .errors import backend_error
+from .connections import checkout, close_client, deadline_of, direct_pool, packer
+from .errors import backend_error, refused_by_replica
 
 __all__ = ["RedisExecutor"]
 
@@ -100,8 +100,9 @@ class RedisExecutor:
             raise backend_error(exc) from exc
 
     def close(self) -> None:
-        """Close the client and its connections."""
-        self.client.close()
+        """Close the client and its connections (a cluster's nodes', a Sentinel client's
+        sentinels' too)."""
+        close_client(self.client)
 
     def _send(self, step: Eval | Call) -> Any:
         if self._pool is None:
@@ -129,6 +130,8 @@ class RedisExecutor:
                 except rex.NoScriptError:
                     reply = self._load_and_resend(connection, step, data, deadline)
             except rex.ResponseError as exc:
+                if refused_by_replica(exc):
+                    connection.disconnect()  # an old master: reconnect to the current one
                 self._pool.release(connection)
                 raise backend_error(exc) from exc
             except _BROKEN as exc:
@@ -137,8 +140,9 @@ class RedisExecutor:
                 if again and time.monotonic() < deadline and self._may_resend(step, sent, exc):
                     again = False
                     continue
+                ran = sent and not refused_by_replica(exc)
                 raise backend_error(
-                    exc, outcome_unknown=sent, waited=time.monotonic() - started
+                    exc, outcome_unknown=ran, waited=time.monotonic() - started
                 ) from exc
             except BaseException:
                 # Interrupted mid-exchange (KeyboardInterrupt, a signal's exception): the
