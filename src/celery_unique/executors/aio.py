@@ -8,14 +8,16 @@ the core's flows over them. Every operation ends within its deadline, as the syn
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
 import redis.exceptions as rex
 
+from ..core.eviction import POLICY_CHECK, eviction_warning
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
-from ..errors import BackendError
+from ..errors import BackendError, BackendUnavailable
 from .batching import Batcher
 from .connections import aclose_client, deadline_of
 from .errors import backend_error
@@ -24,6 +26,7 @@ from .sender import BatchSender
 __all__ = ["AsyncRedisExecutor"]
 
 T = TypeVar("T")
+logger = logging.getLogger("celery_unique")
 
 
 class AsyncRedisExecutor:
@@ -42,10 +45,30 @@ class AsyncRedisExecutor:
         self.timeout = deadline_of(client, timeout)
         self._sender = BatchSender(client, self.timeout, read_streams=read_streams)
         self._batcher = Batcher(self._sender)
+        self._unchecked = True  # the server's eviction policy is still to be read
 
     async def execute(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
+        if self._unchecked:
+            return op.parse(await self._with_policy_check(op.step))
         return op.parse(await self._batcher.one(op.step))
+
+    def _with_policy_check(self, step: Eval | Call) -> asyncio.Future[Any]:
+        # The first command takes the eviction policy check along in its own batch: no
+        # round trip of its own, no caller waits for it, and its answer is read by a callback.
+        self._unchecked = False
+        check, reply = self._batcher.submit_all((POLICY_CHECK.step, step))
+        check.add_done_callback(self._policy_read)
+        return reply
+
+    def _policy_read(self, check: asyncio.Future[Any]) -> None:
+        error = None if check.cancelled() else check.exception()
+        if check.cancelled() or isinstance(error, BackendUnavailable):
+            self._unchecked = True  # no answer: ask again at the next use
+        elif error is None:  # an error: CONFIG refused (ACL, renamed), nothing to go on
+            policy = POLICY_CHECK.parse(check.result())
+            if policy is not None:
+                logger.warning(eviction_warning(policy))
 
     async def run(self, flow: Flow[T], *, see_through: Callable[[Any], object] | None = None) -> T:
         """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.
@@ -63,10 +86,12 @@ class AsyncRedisExecutor:
                     step = flow.send(None)
                     continue
                 try:
-                    if see_through is None:
-                        reply = await self._batcher.one(step)
-                    else:
+                    if see_through is not None:
                         reply = await self._seen_through(step, see_through)
+                    elif self._unchecked:
+                        reply = await self._with_policy_check(step)
+                    else:
+                        reply = await self._batcher.one(step)
                 except BackendError as exc:
                     step = flow.throw(exc)
                 else:
@@ -82,7 +107,7 @@ class AsyncRedisExecutor:
         # the reply could not tell whether it now holds a lock, and a cleanup sent on another
         # connection might even overtake it. So the command is seen through (bounded by its
         # deadline) and the cancellation is raised after it.
-        reply = self._batcher.submit(step)
+        reply = self._with_policy_check(step) if self._unchecked else self._batcher.submit(step)
         try:
             return await asyncio.shield(reply)
         except asyncio.CancelledError:

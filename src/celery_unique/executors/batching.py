@@ -72,22 +72,28 @@ class Batcher:
 
     def submit(self, step: Eval | Call) -> asyncio.Future[Any]:
         """Queue ``step`` for the next batch; a future of its reply."""
+        (future,) = self.submit_all((step,))
+        return future
+
+    def submit_all(self, steps: tuple[Eval | Call, ...]) -> list[asyncio.Future[Any]]:
+        """Queue ``steps`` for the next batch, all in the same one; futures of their replies."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._waiting += 1
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in steps]
+        requests = [Request(step, future) for step, future in zip(steps, futures, strict=True)]
+        self._waiting += len(requests)
         batch = self._pending.get(loop)
         if batch is None:
             if not self._in_flight:
                 # Nothing under way to share a round trip with: send at once, no loop turn.
-                self._start(loop, [Request(step, future)])
-                return future
+                self._start(loop, requests)
+                return futures
             batch = self._pending[loop] = []
             loop.call_soon(self._flush, loop)
-        batch.append(Request(step, future))
+        batch.extend(requests)
         if len(batch) >= min(BATCH_MAX, max(BATCH_MIN, self._waiting // 2)):
             self._pending[loop] = []
             self._start(loop, batch)
-        return future
+        return futures
 
     async def drain(self) -> None:
         """Wait until every batch of the running loop has been answered."""

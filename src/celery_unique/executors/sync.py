@@ -14,12 +14,15 @@ restarted or flushed server) loads the script and sends the command once more.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import redis.exceptions as rex
 
+from ..core.eviction import POLICY_CHECK, eviction_warning
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step, is_idempotent
 from ..errors import BackendError
 from .connections import checkout, close_client, deadline_of, direct_pool, packer
@@ -31,6 +34,7 @@ T = TypeVar("T")
 _BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
 # How far past its deadline a read may end rather than pay for a bounded wait (``can_read``).
 _SLACK = 0.05
+logger = logging.getLogger("celery_unique")
 
 
 class RedisExecutor:
@@ -43,9 +47,14 @@ class RedisExecutor:
     def __init__(self, client: Any, *, timeout: float | None = None) -> None:
         self.client = client
         self.timeout = deadline_of(client, timeout)
+        # The server's eviction policy is still to be read: the first command takes the
+        # CONFIG GET along in its own write (a cluster's asks after it), once.
+        self._unchecked = True
+        self._check_lock = threading.Lock()
         self._pool = direct_pool(client)
         if self._pool is not None:
             self._packer = packer(self._pool)
+            self._policy_query = self._packer.command(POLICY_CHECK.step.args)
             kwargs = self._pool.connection_kwargs
             socket_timeout = kwargs.get("socket_timeout")
             # Connections whose own socket timeout is at most the deadline need no extra
@@ -104,6 +113,21 @@ class RedisExecutor:
         sentinels' too)."""
         close_client(self.client)
 
+    def _claim_check(self) -> bool:
+        """Whether this call reads the eviction policy: the first one to ask, once."""
+        with self._check_lock:
+            claimed, self._unchecked = self._unchecked, False
+            return claimed
+
+    def _policy_read(self, reply: Any) -> None:
+        """Log the eviction warning if ``reply`` (or the error it was) says so."""
+        if isinstance(reply, rex.ConnectionError | rex.TimeoutError | OSError):
+            self._unchecked = True  # no answer: ask again at the next use
+        elif not isinstance(reply, BaseException):  # an error: CONFIG refused, nothing to go on
+            policy = POLICY_CHECK.parse(reply)
+            if policy is not None:
+                logger.warning(eviction_warning(policy))
+
     def _send(self, step: Eval | Call) -> Any:
         if self._pool is None:
             return self._through_client(step)
@@ -114,6 +138,7 @@ class RedisExecutor:
         again = True  # one more send is allowed, where it is safe
         while True:
             sent = False
+            checking = self._unchecked and self._claim_check()
             try:
                 connection = checkout(self._pool)
             except rex.RedisError as exc:
@@ -123,8 +148,14 @@ class RedisExecutor:
                 self._pool.release(connection)
                 raise backend_error(rex.TimeoutError("no pooled connection in time"), waited=budget)
             try:
-                connection.send_packed_command((data,))
+                if checking:
+                    connection.send_packed_command((self._policy_query, data))
+                else:
+                    connection.send_packed_command((data,))
                 sent = True
+                if checking:
+                    self._policy_read(self._reply_or_error(connection, deadline))
+                    checking = False
                 try:
                     reply = self._read(connection, deadline)
                 except rex.NoScriptError:
@@ -137,6 +168,8 @@ class RedisExecutor:
             except _BROKEN as exc:
                 connection.disconnect()
                 self._pool.release(connection)
+                if checking:
+                    self._unchecked = True  # its reply was never read: ask again later
                 if again and time.monotonic() < deadline and self._may_resend(step, sent, exc):
                     again = False
                     continue
@@ -145,6 +178,8 @@ class RedisExecutor:
                     exc, outcome_unknown=ran, waited=time.monotonic() - started
                 ) from exc
             except BaseException:
+                if checking:
+                    self._unchecked = True
                 # Interrupted mid-exchange (KeyboardInterrupt, a signal's exception): the
                 # stream is in an unknown state, so the connection is not reused.
                 connection.disconnect()
@@ -167,6 +202,12 @@ class RedisExecutor:
             raise rex.TimeoutError("Timeout reading from Redis")
         return connection.read_response()
 
+    def _reply_or_error(self, connection: Any, deadline: float) -> Any:
+        try:
+            return self._read(connection, deadline)
+        except rex.ResponseError as exc:  # an error reply, read whole: the stream is in step
+            return exc
+
     def _load_and_resend(
         self, connection: Any, step: Eval | Call, data: bytes, deadline: float
     ) -> Any:
@@ -186,12 +227,21 @@ class RedisExecutor:
         client = self.client
         try:
             if isinstance(step, Call):
-                return client.execute_command(*step.args)
-            command = ("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
-            try:
-                return client.execute_command(*command)
-            except rex.NoScriptError:
-                client.script_load(step.script.source)
-                return client.execute_command(*command)
+                reply = client.execute_command(*step.args)
+            else:
+                command = ("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
+                try:
+                    reply = client.execute_command(*command)
+                except rex.NoScriptError:
+                    client.script_load(step.script.source)
+                    reply = client.execute_command(*command)
         except rex.RedisError as exc:
             raise backend_error(exc) from exc
+        if self._unchecked and self._claim_check():
+            # A cluster routes each command itself: the policy check follows the first
+            # answered command, on a cluster that has just answered.
+            try:
+                self._policy_read(client.execute_command(*POLICY_CHECK.step.args))
+            except rex.RedisError as exc:
+                self._policy_read(exc)
+        return reply
