@@ -20,8 +20,9 @@ overridable by keyword:
 from __future__ import annotations
 
 import inspect
+import ssl
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -61,6 +62,38 @@ def _kwargs(redis_kw: dict[str, Any], retry: Any, *, pooled: bool) -> dict[str, 
         # Seconds a caller waits for a free pooled connection: no longer than for a reply.
         kwargs.setdefault("timeout", kwargs["socket_timeout"])
     return kwargs
+
+
+# Celery's spellings of a certificate check (in a rediss:// URL's query, or
+# redis_backend_use_ssl), of which redis-py takes only the short ones.
+_CERT_REQS = {
+    "cert_none": ssl.CERT_NONE,
+    "none": ssl.CERT_NONE,
+    "cert_optional": ssl.CERT_OPTIONAL,
+    "optional": ssl.CERT_OPTIONAL,
+    "cert_required": ssl.CERT_REQUIRED,
+    "required": ssl.CERT_REQUIRED,
+}
+
+
+def _cert_reqs(url: str, kwargs: dict[str, Any]) -> str:
+    """``url`` without its ``ssl_cert_reqs`` query (a keyword given wins over it), and that
+    check in ``kwargs`` as an ``ssl`` constant."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = [value for name, value in query if name == "ssl_cert_reqs"]
+    if given:
+        kwargs.setdefault("ssl_cert_reqs", given[-1])
+        rest = urlencode([(name, value) for name, value in query if name != "ssl_cert_reqs"])
+        url = urlunsplit(parts._replace(query=rest))
+    value = kwargs.get("ssl_cert_reqs")
+    if isinstance(value, str):
+        if value.lower() not in _CERT_REQS:
+            raise ConfigurationError(
+                f"ssl_cert_reqs must be one of {sorted(set(_CERT_REQS))}, got {value!r}"
+            )
+        kwargs["ssl_cert_reqs"] = _CERT_REQS[value.lower()]
+    return url
 
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
@@ -173,6 +206,8 @@ def sync_client(
 ) -> Any:
     """A ``redis.Redis`` (``redis.RedisCluster`` with ``cluster=True``) for ``url``; a
     ``sentinel://`` URL gives the master's client, found through the sentinels."""
+    redis_kw = dict(redis_kw)
+    url = _cert_reqs(url, redis_kw)
     if cluster:
         retry = redis.retry.Retry(NoBackoff(), 0)
         _no_sentinel_options(master_name, sentinel_kwargs)
@@ -204,6 +239,8 @@ def async_client(
 ) -> Any:
     """A ``redis.asyncio.Redis`` (``redis.asyncio.RedisCluster``) for ``url``; a
     ``sentinel://`` URL gives the master's client, found through the sentinels."""
+    redis_kw = dict(redis_kw)
+    url = _cert_reqs(url, redis_kw)
     if cluster:
         retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
         _no_sentinel_options(master_name, sentinel_kwargs)
