@@ -73,3 +73,26 @@ def test_outcome_unknown_is_only_set_where_a_command_went_unanswered() -> None:
     assert backend_error(rex.TimeoutError("x"), outcome_unknown=True).outcome_unknown
     assert not backend_error(rex.ConnectionError("refused")).outcome_unknown
     assert not backend_error(reply_error("OOM no")).outcome_unknown
+
+
+def test_a_command_refused_inside_our_script_is_named_from_the_scripts_source() -> None:
+    from celery_unique.core.scripts import SEMAPHORE_ACQUIRE, TOKEN_BUCKET
+
+    line = next(
+        n for n, text in enumerate(SEMAPHORE_ACQUIRE.source.splitlines(), 1) if "'ZADD'" in text
+    )
+    refused = rex.ResponseError(
+        "The user executing the script can't run this command or subcommand script: "
+        f"{SEMAPHORE_ACQUIRE.sha}, on @user_script:{line}."
+    )
+    error = backend_error(refused)
+    assert type(error) is BackendError
+    assert "'zadd' command, which its semaphore_acquire script runs" in str(error)
+    assert "ACL rule" in str(error)
+    # A script that is not ours, or a line without a call: the server's words, as they are.
+    unknown = rex.ResponseError(
+        "The user executing the script can't run this command or subcommand script: "
+        f"{'0' * 40}, on @user_script:3."
+    )
+    assert "script: " + "0" * 40 in str(backend_error(unknown))
+    assert TOKEN_BUCKET.sha not in str(backend_error(unknown))

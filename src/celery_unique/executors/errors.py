@@ -9,8 +9,11 @@ failover under way, a cluster reshaping): :func:`backend_error`.
 
 from __future__ import annotations
 
+import re
+
 import redis.exceptions as rex
 
+from ..core.scripts import command_at
 from ..errors import BackendError, BackendUnavailable
 
 __all__ = ["backend_error", "refused_by_replica", "reply_error"]
@@ -77,12 +80,16 @@ _OOM = (
 )
 _NOPERM = (
     "the Redis user lacks a permission the library needs ({detail}): grant it the commands "
-    "and key pattern of the library's ACL rule (see the Deployment guide)"
+    'and key pattern of the library\'s ACL rule (README, "Deployment")'
 )
 _AUTH = (
     "Redis refused the credentials ({detail}): check the username and password in the URL "
     "or the username=/password= options"
 )
+# A command our script runs and the user may not (Redis 7.0: "... can't run this command or
+# subcommand script: <sha>, on @user_script:<line>."; 6.2 words it differently).
+_SCRIPT_NOPERM = re.compile(r"user executing the script can't run this command", re.IGNORECASE)
+_SCRIPT_PLACE = re.compile(r"([0-9a-f]{40}).*?@user_script:\s*(\d+)", re.IGNORECASE)
 _MISCONF = (
     "Redis cannot save to disk and refuses writes (MISCONF): fix its disk, or set "
     "stop-writes-on-bgsave-error no"
@@ -142,6 +149,18 @@ def backend_error(
         return BackendError(_OOM)
     if isinstance(exc, rex.NoPermissionError) or code == "NOPERM":
         return BackendError(_NOPERM.format(detail=text or detail))
+    if _SCRIPT_NOPERM.search(text):
+        return BackendError(_NOPERM.format(detail=_script_command(text)))
     if code == "MISCONF":
         return BackendError(_MISCONF)
     return BackendError(f"Redis answered with an error: {detail}")
+
+
+def _script_command(text: str) -> str:
+    """Which command a script was refused, named from our script's source where we can."""
+    place = _SCRIPT_PLACE.search(text)
+    found = place and command_at(place.group(1).lower(), int(place.group(2)))
+    if not found:
+        return f"a command one of its scripts runs: {text}"
+    script, command = found
+    return f"the '{command}' command, which its {script} script runs"
