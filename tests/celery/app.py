@@ -40,6 +40,13 @@ if os.environ.get("CELERY_UNIQUE_TEST_DEAD_LOCKS_URL"):
         unique_backend_url=os.environ["CELERY_UNIQUE_TEST_DEAD_LOCKS_URL"], unique_fail_open=True
     )
 
+if os.environ.get("CELERY_UNIQUE_TEST_CLUSTER_URL"):
+    # Locks on a Redis Cluster; the broker and results stay on the test Redis.
+    app.conf.update(
+        unique_backend_url=os.environ["CELERY_UNIQUE_TEST_CLUSTER_URL"],
+        unique_backend_options={"cluster": True},
+    )
+
 _clients: dict[str, redis.Redis] = {}
 
 _ENTER = """
