@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -27,6 +29,8 @@ __all__ = ["AsyncRedisExecutor"]
 
 T = TypeVar("T")
 logger = logging.getLogger("celery_unique")
+# Executors alive in this process, for the fork hook below.
+_live: weakref.WeakSet[AsyncRedisExecutor] = weakref.WeakSet()
 
 
 class AsyncRedisExecutor:
@@ -46,6 +50,14 @@ class AsyncRedisExecutor:
         self._sender = BatchSender(client, self.timeout, read_streams=read_streams)
         self._batcher = Batcher(self._sender)
         self._unchecked = True  # the server's eviction policy is still to be read
+        _live.add(self)
+
+    def after_fork(self) -> None:
+        """In a forked child (run by itself, :func:`os.register_at_fork`): forget the
+        parent's connections and batches, so that the child opens its own. redis-py's
+        asyncio pools, unlike its sync ones, do not do this on a change of process."""
+        self._sender.forget_connections()
+        self._batcher.forget()
 
     async def execute(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
@@ -142,3 +154,12 @@ class AsyncRedisExecutor:
         # closed, open it afresh and leave it open.
         await self._batcher.drain()
         await aclose_client(self.client)
+
+
+def _after_fork_in_child() -> None:
+    for executor in list(_live):
+        executor.after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

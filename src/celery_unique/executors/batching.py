@@ -95,6 +95,13 @@ class Batcher:
             self._start(loop, batch)
         return futures
 
+    def forget(self) -> None:
+        """Drop every batch and count as they stand (in a forked child: the parent's, whose
+        tasks belong to an event loop the child does not run)."""
+        self._pending.clear()
+        self._sending.clear()
+        self._in_flight = self._waiting = 0
+
     async def drain(self) -> None:
         """Wait until every batch of the running loop has been answered."""
         loop = asyncio.get_running_loop()

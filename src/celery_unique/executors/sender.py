@@ -112,6 +112,14 @@ class BatchSender:
                 await self._pool.release(connection)
             return [_as_error(reply) for reply in replies]
 
+    def forget_connections(self) -> None:
+        """Forget the pool's connections without closing them: in a forked child they are
+        the parent's sockets, on the parent's event loop, and the child must not touch them.
+        (A cluster client's are its own business: make an asyncio cluster client after the
+        fork.)"""
+        if self._pool is not None:
+            self._pool.reset()
+
     async def _drop(self, connection: Any) -> None:
         with contextlib.suppress(rex.RedisError, OSError):
             await connection.disconnect(nowait=True)
