@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from celery_unique import BackendUnavailable
@@ -59,7 +60,8 @@ class Outage:
 
     def record(self, started: float, error: BaseException | None) -> None:
         took = time.monotonic() - started
-        self.calls += 1
+        with self._counted:
+            self.calls += 1
         self.slowest = max(self.slowest, took)
         assert took <= self.deadline, f"a call took {took:.2f} s, past its {self.deadline} s"
         if error is not None:
@@ -67,9 +69,10 @@ class Outage:
                 raise AssertionError(f"not BackendUnavailable: {error!r}") from error
             with self._counted:
                 self.errors += 1
-                self._counted.notify_all()
         elif self.marked is not None and self.worked_at is None:
             self.worked_at = time.monotonic()
+        with self._counted:
+            self._counted.notify_all()
 
     def wait_errors(self, more: int, timeout: float = 10.0) -> bool:
         """Wait (on a thread) until ``more`` errors beyond those so far were seen: callers
@@ -77,6 +80,12 @@ class Outage:
         with self._counted:
             target = self.errors + more
             return self._counted.wait_for(lambda: self.errors >= target, timeout)
+
+    def wait_calls(self, more: int, timeout: float = 10.0) -> bool:
+        """Wait (on a thread) until ``more`` calls beyond those so far have ended."""
+        with self._counted:
+            target = self.calls + more
+            return self._counted.wait_for(lambda: self.calls >= target, timeout)
 
     def call(self, operation: Callable[[], object]) -> bool:
         started = time.monotonic()
@@ -123,3 +132,26 @@ def redis_time_us(client: Any) -> int:
     """Redis' clock in µs (``TIME``), through a redis-py client."""
     seconds, micros = client.time()
     return int(seconds) * 1_000_000 + int(micros)
+
+
+Operations = dict[str, Callable[[], Awaitable[object]]]
+
+
+def operations_on(backend: Any, name: str) -> Operations:
+    """One call of each kind on ``name`` (a backend, or a sync one seen through the async
+    surface of ``make_backend``)."""
+    return {
+        "lock": lambda: backend.acquire_or_owner(name, "me", 30),
+        "owner": lambda: backend.owner(name),
+        # A holder of its own each time: a server that lost its data forgot the last one.
+        "semaphore": lambda: backend.semaphore(name, limit=10**6, ttl=30).acquire(blocking=False),
+        "hit": lambda: backend.rate_limiter("100000/s").hit(name),
+    }
+
+
+async def streaming(outage: Outage, operations: Operations, stop: anyio.Event) -> None:
+    """Call every operation in turn until ``stop`` is set (errors checked by ``outage``)."""
+    while not stop.is_set():
+        for operation in operations.values():
+            await outage.acall(operation)
+        await anyio.lowlevel.checkpoint()

@@ -7,8 +7,9 @@ what differs between the redis-py versions the library supports is decided once,
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -114,8 +115,10 @@ def close_client(client: Any) -> None:
         sentinel.close()
 
 
-async def aclose_client(client: Any) -> None:
-    """Close an asyncio client and every socket it opened (see :func:`close_client`)."""
+async def aclose_client(client: Any, nodes: Iterable[Any] = ()) -> None:
+    """Close an asyncio client and every socket it opened (see :func:`close_client`), and
+    ``nodes``: cluster nodes it routed to, some of which it may have dropped since."""
     await client.aclose()
     for sentinel in _sentinels(client):
         await sentinel.aclose()
+    await asyncio.gather(*(node.disconnect() for node in nodes), return_exceptions=True)

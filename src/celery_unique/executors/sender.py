@@ -46,6 +46,7 @@ else:
 
 _BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
 _READ_SIZE = 65536  # bytes per read of a batch's replies
+_PRECEDENCE = 0.25  # seconds past its deadline a client's own timeout may take to fire
 
 
 class BatchSender:
@@ -56,6 +57,8 @@ class BatchSender:
         self.timeout = timeout
         self.read_streams = read_streams
         self._pool = direct_pool(client)
+        #: The cluster nodes this sender has seen the client route to (closed at the end).
+        self.nodes_seen: set[Any] = set()
         if self._pool is not None:
             self._packer = packer(self._pool)
             self._decode = decoder(self._pool)
@@ -181,8 +184,19 @@ class BatchSender:
 
     async def _through_client(self, steps: list[Eval | Call], budget: float) -> list[Any]:
         # A cluster routes each key to its node; a single-connection client owns its one.
+        # At the client's own deadline its socket timeout ends a stuck read first, and
+        # redis-py closes that connection itself; cancelled, a cluster node's connection in
+        # use may be left open once the node drops out of the client's view (a failover).
+        # So the client gets a moment's precedence; a caller's sooner deadline is kept.
+        bound = budget + _PRECEDENCE if budget >= self.timeout else budget
+        manager = getattr(self.client, "nodes_manager", None)
+        if manager is not None:
+            # A node that fails is dropped from the client's view (its routing table and its
+            # startup nodes, which it asks for the layout) with connections still open, and
+            # its close() no longer reaches them: ours will.
+            self.nodes_seen.update(manager.nodes_cache.values(), manager.startup_nodes.values())
         try:
-            async with _timeout(budget):
+            async with _timeout(bound):
                 replies = await asyncio.gather(
                     *(self._one(step) for step in steps), return_exceptions=True
                 )
