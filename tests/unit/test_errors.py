@@ -96,3 +96,10 @@ def test_a_command_refused_inside_our_script_is_named_from_the_scripts_source() 
     )
     assert "script: " + "0" * 40 in str(backend_error(unknown))
     assert TOKEN_BUCKET.sha not in str(backend_error(unknown))
+
+
+@pytest.mark.parametrize(
+    "error", [rex.ClusterError("TTL exhausted."), rex.SlotNotCoveredError("slot 5 not covered")]
+)
+def test_a_cluster_reshaping_is_backend_unavailable(error: rex.RedisError) -> None:
+    assert isinstance(backend_error(error), BackendUnavailable)

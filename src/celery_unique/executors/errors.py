@@ -61,6 +61,10 @@ _PASSING: tuple[tuple[type[rex.RedisError], str], ...] = (
         rex.ClusterDownError,
         "the cluster is down (CLUSTERDOWN): a primary failed and no replica has taken over yet",
     ),
+    (rex.SlotNotCoveredError, "no cluster node serves this key's slot right now"),
+    # redis-py's cluster client gives up with this once redirects (MOVED, ASK, TRYAGAIN) for
+    # one command ran out: a slot is moving, or a failover is under way.
+    (rex.ClusterError, "the cluster kept redirecting the command (a slot moving, a failover)"),
 )
 # The same states when they arrive as a plain ResponseError (older redis-py, or a cluster's).
 _PASSING_CODES = {
