@@ -48,7 +48,7 @@ def reply_error(message: str) -> rex.RedisError:
 
 
 # Passing server states: the command did not run, and will once the state is over.
-_PASSING: tuple[tuple[type[rex.RedisError], str], ...] = (
+_PASSING: tuple[tuple[type[Exception], str], ...] = (
     (rex.BusyLoadingError, "Redis is loading its data set into memory (LOADING)"),
     (
         rex.ReadOnlyError,
