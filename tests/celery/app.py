@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 from celery.exceptions import Ignore, Reject
 
 from celery_unique import RateLimit, RateLimitedTask, UniqueTask
@@ -404,3 +404,39 @@ def debounced(key: str, value: int, tag: str, seconds: float = 0.0) -> int:
 
 def values(tag: str) -> list[int]:
     return [int(v) for v in store().lrange(f"values:{tag}", 0, -1)]
+
+
+# -- redelivered while running (the fault suite) ----------------------------------------------
+
+
+@app.task(base=UniqueTask, name="t.redelivered", unique_lease=2)
+def redelivered(tag: str) -> str:
+    """Runs until the test says ``go`` (:func:`let_go`), at most 60 s."""
+    with Run(tag):
+        ends = time.monotonic() + 60
+        while not store().exists(f"go:{tag}") and time.monotonic() < ends:
+            time.sleep(0.02)
+    return tag
+
+
+def let_go(tag: str) -> None:
+    store().set(f"go:{tag}", 1, ex=600)
+
+
+@signals.task_postrun.connect(weak=False, dispatch_uid="tests.settled")
+def _count_endings(sender: Any = None, args: Any = None, state: Any = None, **_: Any) -> None:
+    # Every delivery of t.redelivered ends here once: deferred (RETRY, it comes back) or not.
+    if getattr(sender, "name", None) == "t.redelivered":
+        counter = f"{'deferred' if state == 'RETRY' else 'settled'}:{args[0]}"
+        store().incr(counter)
+        store().expire(counter, 600)
+
+
+def settled(tag: str) -> int:
+    """How many deliveries of ``redelivered(tag)`` have ended for good (not deferred)."""
+    return int(store().get(f"settled:{tag}") or 0)
+
+
+def deferred(tag: str) -> int:
+    """How many deliveries of ``redelivered(tag)`` were deferred."""
+    return int(store().get(f"deferred:{tag}") or 0)
