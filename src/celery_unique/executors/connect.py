@@ -1,6 +1,7 @@
 """Building a redis-py client from a URL, with defaults that bound every call.
 
-``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs; Celery's Sentinel form
+``redis://``, ``rediss://`` (TLS; a ``ssl_cert_reqs`` in the query may use Celery's
+``CERT_REQUIRED`` spellings) and ``unix://`` URLs; Celery's Sentinel form
 ``sentinel://h1:26379;sentinel://h2:26379/0`` with ``master_name=`` (and ``sentinel_kwargs=``
 for the sentinels themselves); ``cluster=True`` for a Redis Cluster. The defaults, each
 overridable by keyword:
