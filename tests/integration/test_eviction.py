@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from celery_unique.testing import RedisServer, running_redis
+from celery_unique.testing import RedisServer, running_cluster, running_redis
 from tests.conftest import MakeBackend
 
 pytestmark = pytest.mark.anyio
@@ -76,4 +76,14 @@ async def test_no_warning_and_no_error_without_an_evicting_policy_to_read(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="celery_unique")
     await use(make_backend(server.url))
+    assert warnings_of(caplog) == []
+
+
+async def test_a_cluster_whose_nodes_refuse_config_gives_no_warning_and_no_error(
+    make_backend: MakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_unique")
+    args = ["--maxmemory-policy", "allkeys-lru", "--rename-command", "CONFIG", ""]
+    with running_cluster(3, 0, args=args) as cluster:
+        await use(make_backend(cluster.url, cluster=True))
     assert warnings_of(caplog) == []
