@@ -29,13 +29,19 @@ def on_cluster(cluster: ClusterServers, celery_app: Any) -> Iterator[None]:
     """The test app keeps its locks on the cluster, here and in the worker."""
     conf = t.app.conf
     saved = conf.get("unique_backend_url"), conf.get("unique_backend_options")
-    backends.close(t.app)
+
+    def reset() -> None:
+        backends.close(t.app)
+        # A task reads its settings (and backend) once: let it read them again.
+        t.slow.__dict__.pop("unique_config", None)
+
+    reset()
     conf.update(unique_backend_url=cluster.url, unique_backend_options={"cluster": True})
     try:
         yield
     finally:
-        backends.close(t.app)
         conf.update(unique_backend_url=saved[0], unique_backend_options=saved[1])
+        reset()
 
 
 @pytest.fixture(scope="module")

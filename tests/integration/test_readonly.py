@@ -29,7 +29,9 @@ def clients_of(server: RedisServer) -> int:
     """Ordinary client connections the server has, besides the one asking (not its master's
     replication link)."""
     listed = str(server.command("CLIENT", "LIST")).splitlines()
-    return sum(" flags=N " in line and " cmd=client|list " not in line for line in listed)
+    # The asking one's command reads client|list (Redis 7) or client (6.2).
+    asking = (" cmd=client|list ", " cmd=client ")
+    return sum(" flags=N " in line and not any(a in line for a in asking) for line in listed)
 
 
 def demote(replica: RedisServer, master: RedisServer) -> None:

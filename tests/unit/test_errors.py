@@ -7,7 +7,7 @@ import pytest
 import redis.exceptions as rex
 
 from celery_unique import BackendError, BackendUnavailable
-from celery_unique.executors.errors import backend_error, reply_error
+from celery_unique.executors.errors import backend_error, refused_by_replica, reply_error
 
 
 @pytest.mark.parametrize(
@@ -103,3 +103,22 @@ def test_a_command_refused_inside_our_script_is_named_from_the_scripts_source() 
 )
 def test_a_cluster_reshaping_is_backend_unavailable(error: rex.RedisError) -> None:
     assert isinstance(backend_error(error), BackendUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("wrapped", "expected", "says"),
+    [
+        ("-READONLY You can't write against a read only replica.", BackendUnavailable, "READONLY"),
+        ("-OOM command not allowed when used memory > 'maxmemory'.", BackendError, "out of memory"),
+    ],
+)
+def test_an_error_inside_a_script_of_redis_6_is_unwrapped(
+    wrapped: str, expected: type[BackendError], says: str
+) -> None:
+    # Redis 6.2 wraps what a script's call raised; 7 passes it on as it is.
+    place = "@user_script:31: @user_script: 31:"
+    text = f"ERR Error running script (call to f_{'a' * 40}): {place} {wrapped}"
+    for error in (rex.ResponseError(text), reply_error(text)):
+        mapped = backend_error(error)
+        assert type(mapped) is expected and says in str(mapped)
+    assert refused_by_replica(rex.ResponseError(text)) == (expected is BackendUnavailable)

@@ -16,7 +16,7 @@ import redis.exceptions as rex
 from ..core.scripts import command_at
 from ..errors import BackendError, BackendUnavailable
 
-__all__ = ["backend_error", "refused_by_replica", "reply_error"]
+__all__ = ["backend_error", "error_code", "refused_by_replica", "reply_error"]
 
 # Error replies by their first word, onto redis-py's public classes (a prefix redis-py knows
 # is dropped from the message, as redis-py drops it).
@@ -100,14 +100,28 @@ _MISCONF = (
 )
 
 
+# Redis < 7 wraps an error raised inside a script ("Error running script (call to f_<sha>):
+# @user_script:31: @user_script: 31: -READONLY You can't write ..."); Redis 7 passes it on.
+_WRAPPED = re.compile(r"Error running script .*?: -([A-Z]+) ")
+
+
+def error_code(exc: BaseException) -> str:
+    """The error reply's code (``READONLY``, ``OOM``...), unwrapped from a script's error."""
+    text = str(exc)
+    wrapped = _WRAPPED.search(text)
+    return wrapped.group(1) if wrapped else text.partition(" ")[0]
+
+
 def refused_by_replica(exc: BaseException) -> bool:
     """Whether ``exc`` is a READONLY answer: the server is a replica (an old master after a
     failover) and the command did not run. A connection that got one must be dropped, so
     that the next one is made to the master; redis-py's Sentinel connections turn READONLY
     into a ``ConnectionError`` raised while handling it, which counts too."""
-    return isinstance(exc, rex.ReadOnlyError) or (
-        isinstance(exc, rex.ConnectionError) and isinstance(exc.__context__, rex.ReadOnlyError)
-    )
+    if isinstance(exc, rex.ReadOnlyError):
+        return True
+    if isinstance(exc, rex.ConnectionError):
+        return isinstance(exc.__context__, rex.ReadOnlyError)
+    return isinstance(exc, rex.ResponseError) and error_code(exc) == "READONLY"
 
 
 def backend_error(
@@ -118,11 +132,11 @@ def backend_error(
     ``outcome_unknown``: the command had been sent and no answer came (it may have run);
     ``waited``: seconds the caller waited before giving up, for the message.
     """
-    if refused_by_replica(exc) and not isinstance(exc, rex.ReadOnlyError):
-        exc = exc.__context__  # type: ignore[assignment]  # checked just above
+    if isinstance(exc, rex.ConnectionError) and refused_by_replica(exc):
+        exc = exc.__context__  # type: ignore[assignment]  # a ReadOnlyError: checked just above
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     text = str(exc)
-    code = text.partition(" ")[0]
+    code = error_code(exc)
     if isinstance(exc, rex.AuthenticationError) or code in ("WRONGPASS", "NOAUTH"):
         return BackendError(_AUTH.format(detail=detail))
     if _MAX_CLIENTS in text:
