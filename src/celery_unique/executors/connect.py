@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import ssl
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -197,6 +198,66 @@ def _no_cluster_retries(client: Any) -> Any:
     return client
 
 
+@dataclass(frozen=True)
+class _Flavour:
+    """The redis-py classes one flavour builds its clients from."""
+
+    client: Any
+    cluster: Any
+    pool: Any
+    sentinel: Any
+    retry: Any
+    sentinel_pool: int  # its index in sentinel_pool_classes()
+
+
+_SYNC = _Flavour(
+    redis.Redis,
+    redis.RedisCluster,
+    redis.BlockingConnectionPool,
+    redis.sentinel.Sentinel,
+    redis.retry.Retry,
+    0,
+)
+_ASYNC = _Flavour(
+    redis.asyncio.Redis,
+    redis.asyncio.RedisCluster,
+    redis.asyncio.BlockingConnectionPool,
+    redis.asyncio.sentinel.Sentinel,
+    redis.asyncio.retry.Retry,
+    1,
+)
+
+
+def _client(
+    flavour: _Flavour,
+    url: str,
+    cluster: bool,
+    master_name: str | None,
+    sentinel_kwargs: dict[str, Any] | None,
+    redis_kw: dict[str, Any],
+) -> Any:
+    redis_kw = dict(redis_kw)
+    url = _cert_reqs(url, redis_kw)
+    if cluster:
+        _no_sentinel_options(master_name, sentinel_kwargs)
+        kwargs = _kwargs(redis_kw, flavour.retry(NoBackoff(), 0), pooled=False)
+        return _no_cluster_retries(flavour.cluster.from_url(url, **kwargs))
+    retry = flavour.retry(_backoff(), 1, supported_errors=(rex.ConnectionError,))
+    kwargs = _kwargs(redis_kw, retry, pooled=True)
+    if url.startswith("sentinel://"):
+        addresses, sentinels, kwargs, name = _sentinel_parts(
+            url, master_name, sentinel_kwargs, kwargs, flavour.retry(NoBackoff(), 0)
+        )
+        pool_class = sentinel_pool_classes()[flavour.sentinel_pool]
+        manager = flavour.sentinel(addresses, sentinel_kwargs=sentinels)
+        return manager.master_for(
+            name, connection_pool_class=pool_class, **_pool_kwargs(pool_class, kwargs)
+        )
+    _no_sentinel_options(master_name, sentinel_kwargs)
+    pool = flavour.pool.from_url(url, **kwargs)
+    return flavour.client.from_pool(pool)  # the client owns the pool: close() closes it
+
+
 def sync_client(
     url: str,
     *,
@@ -207,27 +268,7 @@ def sync_client(
 ) -> Any:
     """A ``redis.Redis`` (``redis.RedisCluster`` with ``cluster=True``) for ``url``; a
     ``sentinel://`` URL gives the master's client, found through the sentinels."""
-    redis_kw = dict(redis_kw)
-    url = _cert_reqs(url, redis_kw)
-    if cluster:
-        retry = redis.retry.Retry(NoBackoff(), 0)
-        _no_sentinel_options(master_name, sentinel_kwargs)
-        kwargs = _kwargs(redis_kw, retry, pooled=False)
-        return _no_cluster_retries(redis.RedisCluster.from_url(url, **kwargs))
-    retry = redis.retry.Retry(_backoff(), 1, supported_errors=(rex.ConnectionError,))
-    kwargs = _kwargs(redis_kw, retry, pooled=True)
-    if url.startswith("sentinel://"):
-        addresses, sentinels, kwargs, name = _sentinel_parts(
-            url, master_name, sentinel_kwargs, kwargs, redis.retry.Retry(NoBackoff(), 0)
-        )
-        pool_class = sentinel_pool_classes()[0]
-        manager = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinels)  # type: ignore[no-untyped-call]
-        return manager.master_for(  # type: ignore[no-untyped-call]
-            name, connection_pool_class=pool_class, **_pool_kwargs(pool_class, kwargs)
-        )
-    _no_sentinel_options(master_name, sentinel_kwargs)
-    pool = redis.BlockingConnectionPool.from_url(url, **kwargs)
-    return redis.Redis.from_pool(pool)  # the client owns the pool: close() closes it
+    return _client(_SYNC, url, cluster, master_name, sentinel_kwargs, redis_kw)
 
 
 def async_client(
@@ -240,27 +281,7 @@ def async_client(
 ) -> Any:
     """A ``redis.asyncio.Redis`` (``redis.asyncio.RedisCluster``) for ``url``; a
     ``sentinel://`` URL gives the master's client, found through the sentinels."""
-    redis_kw = dict(redis_kw)
-    url = _cert_reqs(url, redis_kw)
-    if cluster:
-        retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
-        _no_sentinel_options(master_name, sentinel_kwargs)
-        kwargs = _kwargs(redis_kw, retry, pooled=False)
-        return _no_cluster_retries(redis.asyncio.RedisCluster.from_url(url, **kwargs))
-    retry = redis.asyncio.retry.Retry(_backoff(), 1, supported_errors=(rex.ConnectionError,))
-    kwargs = _kwargs(redis_kw, retry, pooled=True)
-    if url.startswith("sentinel://"):
-        addresses, sentinels, kwargs, name = _sentinel_parts(
-            url, master_name, sentinel_kwargs, kwargs, redis.asyncio.retry.Retry(NoBackoff(), 0)
-        )
-        pool_class = sentinel_pool_classes()[1]
-        manager = redis.asyncio.sentinel.Sentinel(addresses, sentinel_kwargs=sentinels)  # type: ignore[no-untyped-call]
-        return manager.master_for(
-            name, connection_pool_class=pool_class, **_pool_kwargs(pool_class, kwargs)
-        )
-    _no_sentinel_options(master_name, sentinel_kwargs)
-    pool = redis.asyncio.BlockingConnectionPool.from_url(url, **kwargs)
-    return redis.asyncio.Redis.from_pool(pool)
+    return _client(_ASYNC, url, cluster, master_name, sentinel_kwargs, redis_kw)
 
 
 def _no_sentinel_options(master_name: str | None, sentinel_kwargs: dict[str, Any] | None) -> None:
