@@ -122,3 +122,11 @@ def test_an_error_inside_a_script_of_redis_6_is_unwrapped(
         mapped = backend_error(error)
         assert type(mapped) is expected and says in str(mapped)
     assert refused_by_replica(rex.ResponseError(text)) == (expected is BackendUnavailable)
+
+
+def test_a_connection_closed_under_a_call_is_backend_unavailable() -> None:
+    from celery_unique.executors.errors import closed_under_us
+
+    # What redis-py raises when another thread closed the connection mid-call.
+    error = backend_error(closed_under_us(AttributeError("'NoneType' has no 'readline'")))
+    assert isinstance(error, BackendUnavailable) and "closed while in use" in str(error)

@@ -16,7 +16,25 @@ import redis.exceptions as rex
 from ..core.scripts import command_at
 from ..errors import BackendError, BackendUnavailable
 
-__all__ = ["backend_error", "error_code", "refused_by_replica", "reply_error"]
+__all__ = [
+    "CLOSED_UNDER_US",
+    "backend_error",
+    "closed_under_us",
+    "error_code",
+    "refused_by_replica",
+    "reply_error",
+]
+
+#: What redis-py raises when another thread or task closed a connection while it was in use:
+#: a Sentinel pool that found a new master, a cluster client that re-read the layout, both
+#: close connections of others (the socket or stream is gone mid-call).
+CLOSED_UNDER_US: tuple[type[Exception], ...] = (AttributeError, ValueError)
+
+
+def closed_under_us(exc: BaseException) -> rex.ConnectionError:
+    """``exc`` (one of :data:`CLOSED_UNDER_US`) as the broken connection it stands for."""
+    return rex.ConnectionError(f"the connection was closed while in use ({exc!r})")
+
 
 # Error replies by their first word, onto redis-py's public classes (a prefix redis-py knows
 # is dropped from the message, as redis-py drops it).

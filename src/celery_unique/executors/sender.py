@@ -29,7 +29,7 @@ import redis.exceptions as rex
 from ..core.steps import Call, Eval, is_idempotent
 from .batching import Request
 from .connections import checkout_async, decoder, direct_pool, packer
-from .errors import backend_error, refused_by_replica
+from .errors import CLOSED_UNDER_US, backend_error, closed_under_us, refused_by_replica
 from .wire import INCOMPLETE, Reader
 
 __all__ = ["BatchSender"]
@@ -45,6 +45,8 @@ else:
 
 
 _BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
+_BROKEN_OR_LATE = (*_BROKEN, TimeoutError)  # TimeoutError: our own deadline's
+_FAILED: tuple[type[Exception], ...] = (*_BROKEN_OR_LATE, *CLOSED_UNDER_US)
 _READ_SIZE = 65536  # bytes per read of a batch's replies
 _PRECEDENCE = 0.25  # seconds past its deadline a client's own timeout may take to fire
 
@@ -78,6 +80,9 @@ class BatchSender:
                     connection = await checkout_async(self._pool)
             except (rex.RedisError, TimeoutError) as exc:
                 raise backend_error(exc, waited=loop.time() - started) from exc
+            except CLOSED_UNDER_US as exc:
+                waited = loop.time() - started
+                raise backend_error(closed_under_us(exc), waited=waited) from exc
             # Waiting for a free connection takes time: drop who gave up meanwhile.
             live = [i for i, request in enumerate(batch) if not request.cancelled()]
             replies: list[Any] = [None] * len(batch)
@@ -93,19 +98,20 @@ class BatchSender:
                         await self._reload_missing(connection, [steps[i] for i in live], answers)
                     for i, answer in zip(live, answers, strict=True):
                         replies[i] = answer
-            except (*_BROKEN, TimeoutError) as exc:
+            except _FAILED as caught:
+                broken = caught if isinstance(caught, _BROKEN_OR_LATE) else closed_under_us(caught)
                 await self._drop(connection)
                 resend = not sent or (
-                    isinstance(exc, rex.ConnectionError) and all(map(is_idempotent, steps))
+                    isinstance(broken, rex.ConnectionError) and all(map(is_idempotent, steps))
                 )
                 if again and resend and loop.time() < started + budget:
                     again = False
                     continue
                 raise backend_error(
-                    exc,
-                    outcome_unknown=sent and not refused_by_replica(exc),
+                    broken,
+                    outcome_unknown=sent and not refused_by_replica(broken),
                     waited=loop.time() - started,
-                ) from exc
+                ) from caught
             except BaseException:
                 await self._drop(connection)
                 raise
@@ -217,6 +223,8 @@ class BatchSender:
                 return await client.execute_command(*command)
         except rex.RedisError as exc:
             raise backend_error(exc) from exc
+        except CLOSED_UNDER_US as exc:
+            raise backend_error(closed_under_us(exc), outcome_unknown=True) from exc
 
 
 async def _reply_or_error(connection: Any) -> Any:

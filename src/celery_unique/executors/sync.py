@@ -26,12 +26,13 @@ from ..core.eviction import POLICY_CHECK, eviction_warning
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step, is_idempotent
 from ..errors import BackendError
 from .connections import checkout, close_client, deadline_of, direct_pool, packer
-from .errors import backend_error, refused_by_replica
+from .errors import CLOSED_UNDER_US, backend_error, closed_under_us, refused_by_replica
 
 __all__ = ["RedisExecutor"]
 
 T = TypeVar("T")
 _BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
+_FAILED: tuple[type[Exception], ...] = (*_BROKEN, *CLOSED_UNDER_US)
 # How far past its deadline a read may end rather than pay for a bounded wait (``can_read``).
 _SLACK = 0.05
 logger = logging.getLogger("celery_unique")
@@ -144,6 +145,9 @@ class RedisExecutor:
             except rex.RedisError as exc:
                 # Nothing was sent. redis-py's own retry policy already covered the connect.
                 raise backend_error(exc, waited=time.monotonic() - started) from exc
+            except CLOSED_UNDER_US as exc:  # its health check met a socket closed meanwhile
+                waited = time.monotonic() - started
+                raise backend_error(closed_under_us(exc), waited=waited) from exc
             if time.monotonic() >= deadline:  # the wait for a free connection used it up
                 self._pool.release(connection)
                 raise backend_error(rex.TimeoutError("no pooled connection in time"), waited=budget)
@@ -165,18 +169,19 @@ class RedisExecutor:
                     connection.disconnect()  # an old master: reconnect to the current one
                 self._pool.release(connection)
                 raise backend_error(exc) from exc
-            except _BROKEN as exc:
+            except _FAILED as caught:
+                broken = caught if isinstance(caught, _BROKEN) else closed_under_us(caught)
                 connection.disconnect()
                 self._pool.release(connection)
                 if checking:
                     self._unchecked = True  # its reply was never read: ask again later
-                if again and time.monotonic() < deadline and self._may_resend(step, sent, exc):
+                if again and time.monotonic() < deadline and self._may_resend(step, sent, broken):
                     again = False
                     continue
-                ran = sent and not refused_by_replica(exc)
+                ran = sent and not refused_by_replica(broken)
                 raise backend_error(
-                    exc, outcome_unknown=ran, waited=time.monotonic() - started
-                ) from exc
+                    broken, outcome_unknown=ran, waited=time.monotonic() - started
+                ) from caught
             except BaseException:
                 if checking:
                     self._unchecked = True
@@ -237,6 +242,8 @@ class RedisExecutor:
                     reply = client.execute_command(*command)
         except rex.RedisError as exc:
             raise backend_error(exc) from exc
+        except CLOSED_UNDER_US as exc:
+            raise backend_error(closed_under_us(exc), outcome_unknown=True) from exc
         if self._unchecked and self._claim_check():
             # A cluster routes each command itself: the policy check follows the first
             # answered command, on a cluster that has just answered.
