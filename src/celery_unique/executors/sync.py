@@ -139,7 +139,6 @@ class RedisExecutor:
         again = True  # one more send is allowed, where it is safe
         while True:
             sent = False
-            checking = self._unchecked and self._claim_check()
             try:
                 connection = checkout(self._pool)
             except rex.RedisError as exc:
@@ -151,6 +150,7 @@ class RedisExecutor:
             if time.monotonic() >= deadline:  # the wait for a free connection used it up
                 self._pool.release(connection)
                 raise backend_error(rex.TimeoutError("no pooled connection in time"), waited=budget)
+            checking = self._unchecked and self._claim_check()
             try:
                 if checking:
                     connection.send_packed_command((self._policy_query, data))
