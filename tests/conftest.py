@@ -16,10 +16,12 @@ import redis
 from celery_unique import AsyncLock, AsyncRedisBackend, Lock, RedisBackend
 from celery_unique.core.keys import KeySpace
 from celery_unique.core.locks import parse_owner
-from celery_unique.testing import redis_server
+from celery_unique.testing import TLSFiles, find_tls_redis_server, redis_server, tls_files
 from tests.proxy import Proxy
 
 MIN_REDIS = (6, 2)
+#: Set to 1 (as CI does) to make a missing TLS-capable redis-server an error, not a skip.
+REQUIRE_TLS = "CELERY_UNIQUE_REQUIRE_TLS"
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,19 @@ def redis_url() -> Iterator[str]:
         client.close()
         assert version >= MIN_REDIS, f"Redis >= 6.2 is needed, this server is {version}"
         yield url
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """Throwaway TLS files, once a TLS-capable redis-server is known to be there (else a skip,
+    or with ``CELERY_UNIQUE_REQUIRE_TLS=1`` a failure that says what to install)."""
+    try:
+        find_tls_redis_server()
+    except FileNotFoundError as exc:
+        if os.environ.get(REQUIRE_TLS) == "1":
+            pytest.fail(f"{REQUIRE_TLS}=1 and {exc}")
+        pytest.skip(str(exc))
+    return tls_files(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

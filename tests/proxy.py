@@ -21,6 +21,7 @@ class Proxy:
         self.url = ""
         self.sent = bytearray()  # every command that passed, as sent
         self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _replies(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         passed = 0
@@ -50,8 +51,14 @@ class Proxy:
         dst.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Known from the moment of accepting: a client may connect as the test ends (a
+        # background clean-up), and the teardown closes what it has not finished with.
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(writer)
         up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
-        self._writers += (writer, up_writer)
+        self._writers.append(up_writer)
         try:
             await asyncio.gather(
                 self._commands(reader, up_writer), self._replies(up_reader, writer)
@@ -75,6 +82,9 @@ class Proxy:
         self.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
         async with server:
             yield self
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             for writer in self._writers:
                 writer.close()
             for writer in self._writers:  # closed for good before the test's loop ends

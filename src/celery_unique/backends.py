@@ -49,13 +49,21 @@ class _BackendBase(Generic[X, L, S, R]):
         cluster: bool = False,
         **redis_kw: Any,
     ) -> Backend:
-        """A backend on a new client for ``url`` (``redis://``, ``rediss://``, ``unix://``;
-        ``cluster=True`` for a Redis Cluster); ``redis_kw`` go to redis-py.
+        """A backend on a new client for ``url``; ``redis_kw`` go to redis-py.
+
+        ``redis://``, ``rediss://`` (TLS: ``ssl_ca_certs=``, ``ssl_certfile=``...;
+        ``ssl_cert_reqs`` also in the URL's query, as Celery spells it), ``unix://``;
+        ``cluster=True`` for a Redis Cluster; Celery's Sentinel form
+        ``sentinel://h1:26379;sentinel://h2:26379/0`` with ``master_name=`` (and
+        ``sentinel_kwargs={"password": ...}`` for the sentinels' own password).
 
         Defaults bound every call: 2 s to connect and 2 s per reply, so an operation on a hung
         or unreachable server raises :class:`~celery_unique.BackendUnavailable` within about
         2 s (``socket_timeout=T``: within T); at most 64 pooled connections, which callers
-        queue for (``max_connections``).
+        queue for (``max_connections``). A failover (Sentinel, Cluster) is
+        ``BackendUnavailable`` until the replica is promoted; replication being
+        asynchronous, a lock granted just before it can be lost with the old master, so a
+        resource that must never see two holders checks ``lock.fence`` (README: Deployment).
         """
         return cls(cls._client_from_url(url, cluster=cluster, **redis_kw), key_prefix=key_prefix)
 

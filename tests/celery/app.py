@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 from celery.exceptions import Ignore, Reject
 
 from celery_unique import RateLimit, RateLimitedTask, UniqueTask
@@ -38,6 +38,13 @@ if os.environ.get("CELERY_UNIQUE_TEST_DEAD_LOCKS_URL"):
     # A worker whose lock Redis is down and which may run tasks without their locks.
     app.conf.update(
         unique_backend_url=os.environ["CELERY_UNIQUE_TEST_DEAD_LOCKS_URL"], unique_fail_open=True
+    )
+
+if os.environ.get("CELERY_UNIQUE_TEST_CLUSTER_URL"):
+    # Locks on a Redis Cluster; the broker and results stay on the test Redis.
+    app.conf.update(
+        unique_backend_url=os.environ["CELERY_UNIQUE_TEST_CLUSTER_URL"],
+        unique_backend_options={"cluster": True},
     )
 
 _clients: dict[str, redis.Redis] = {}
@@ -416,3 +423,39 @@ def values(tag: str) -> list[int]:
 def loses_its_lock(tag: str) -> None:
     with Run(tag):
         time.sleep(2.5)
+
+
+# -- redelivered while running (the fault suite) ----------------------------------------------
+
+
+@app.task(base=UniqueTask, name="t.redelivered", unique_lease=2)
+def redelivered(tag: str) -> str:
+    """Runs until the test says ``go`` (:func:`let_go`), at most 60 s."""
+    with Run(tag):
+        ends = time.monotonic() + 60
+        while not store().exists(f"go:{tag}") and time.monotonic() < ends:
+            time.sleep(0.02)
+    return tag
+
+
+def let_go(tag: str) -> None:
+    store().set(f"go:{tag}", 1, ex=600)
+
+
+@signals.task_postrun.connect(weak=False, dispatch_uid="tests.settled")
+def _count_endings(sender: Any = None, args: Any = None, state: Any = None, **_: Any) -> None:
+    # Every delivery of t.redelivered ends here once: deferred (RETRY, it comes back) or not.
+    if getattr(sender, "name", None) == "t.redelivered":
+        counter = f"{'deferred' if state == 'RETRY' else 'settled'}:{args[0]}"
+        store().incr(counter)
+        store().expire(counter, 600)
+
+
+def settled(tag: str) -> int:
+    """How many deliveries of ``redelivered(tag)`` have ended for good (not deferred)."""
+    return int(store().get(f"settled:{tag}") or 0)
+
+
+def deferred(tag: str) -> int:
+    """How many deliveries of ``redelivered(tag)`` were deferred."""
+    return int(store().get(f"deferred:{tag}") or 0)

@@ -96,9 +96,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextmanager
 def worker_process(
-    redis_url: str, *, concurrency: int = 1, env: Mapping[str, str] | None = None
+    redis_url: str,
+    *,
+    concurrency: int = 1,
+    env: Mapping[str, str] | None = None,
+    pool: str = "prefork",
 ) -> Iterator[tuple[Popen[bytes], str]]:
-    """A prefork worker in a subprocess (its own process group) on a queue of its own."""
+    """A worker (prefork unless ``pool`` says otherwise) in a subprocess (its own process
+    group) on a queue of its own."""
     queue = f"q-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "CELERY_UNIQUE_TEST_REDIS_URL": redis_url, **(env or {})}
     with tempfile.TemporaryFile() as log:
@@ -110,7 +115,7 @@ def worker_process(
                 "-A",
                 "tests.celery.app",
                 "worker",
-                "--pool=prefork",
+                f"--pool={pool}",
                 f"--concurrency={concurrency}",
                 "-Q",
                 queue,

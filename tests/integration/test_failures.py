@@ -38,7 +38,9 @@ OPERATIONS: dict[str, Operation] = {
 }
 
 
-async def failure_times(backend: AsyncRedisBackend) -> dict[str, float]:
+async def failure_times(
+    backend: AsyncRedisBackend, operations: dict[str, Operation] = OPERATIONS
+) -> dict[str, float]:
     """How long each operation took to raise BackendUnavailable, all run at once."""
     times: dict[str, float] = {}
 
@@ -49,7 +51,7 @@ async def failure_times(backend: AsyncRedisBackend) -> dict[str, float]:
         times[name] = time.monotonic() - started
 
     async with anyio.create_task_group() as group:
-        for name, operation in OPERATIONS.items():
+        for name, operation in operations.items():
             group.start_soon(timed, name, operation)
     return times
 

@@ -7,7 +7,7 @@ import pytest
 import redis.exceptions as rex
 
 from celery_unique import BackendError, BackendUnavailable
-from celery_unique.executors.errors import backend_error, reply_error
+from celery_unique.executors.errors import backend_error, refused_by_replica, reply_error
 
 
 @pytest.mark.parametrize(
@@ -73,3 +73,60 @@ def test_outcome_unknown_is_only_set_where_a_command_went_unanswered() -> None:
     assert backend_error(rex.TimeoutError("x"), outcome_unknown=True).outcome_unknown
     assert not backend_error(rex.ConnectionError("refused")).outcome_unknown
     assert not backend_error(reply_error("OOM no")).outcome_unknown
+
+
+def test_a_command_refused_inside_our_script_is_named_from_the_scripts_source() -> None:
+    from celery_unique.core.scripts import SEMAPHORE_ACQUIRE, TOKEN_BUCKET
+
+    line = next(
+        n for n, text in enumerate(SEMAPHORE_ACQUIRE.source.splitlines(), 1) if "'ZADD'" in text
+    )
+    refused = rex.ResponseError(
+        "The user executing the script can't run this command or subcommand script: "
+        f"{SEMAPHORE_ACQUIRE.sha}, on @user_script:{line}."
+    )
+    error = backend_error(refused)
+    assert type(error) is BackendError
+    assert "'zadd' command, which its semaphore_acquire script runs" in str(error)
+    assert "ACL rule" in str(error)
+    # A script that is not ours, or a line without a call: the server's words, as they are.
+    unknown = rex.ResponseError(
+        "The user executing the script can't run this command or subcommand script: "
+        f"{'0' * 40}, on @user_script:3."
+    )
+    assert "script: " + "0" * 40 in str(backend_error(unknown))
+    assert TOKEN_BUCKET.sha not in str(backend_error(unknown))
+
+
+@pytest.mark.parametrize(
+    "error", [rex.ClusterError("TTL exhausted."), rex.SlotNotCoveredError("slot 5 not covered")]
+)
+def test_a_cluster_reshaping_is_backend_unavailable(error: rex.RedisError) -> None:
+    assert isinstance(backend_error(error), BackendUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("wrapped", "expected", "says"),
+    [
+        ("-READONLY You can't write against a read only replica.", BackendUnavailable, "READONLY"),
+        ("-OOM command not allowed when used memory > 'maxmemory'.", BackendError, "out of memory"),
+    ],
+)
+def test_an_error_inside_a_script_of_redis_6_is_unwrapped(
+    wrapped: str, expected: type[BackendError], says: str
+) -> None:
+    # Redis 6.2 wraps what a script's call raised; 7 passes it on as it is.
+    place = "@user_script:31: @user_script: 31:"
+    text = f"ERR Error running script (call to f_{'a' * 40}): {place} {wrapped}"
+    for error in (rex.ResponseError(text), reply_error(text)):
+        mapped = backend_error(error)
+        assert type(mapped) is expected and says in str(mapped)
+    assert refused_by_replica(rex.ResponseError(text)) == (expected is BackendUnavailable)
+
+
+def test_a_connection_closed_under_a_call_is_backend_unavailable() -> None:
+    from celery_unique.executors.errors import closed_under_us
+
+    # What redis-py raises when another thread closed the connection mid-call.
+    error = backend_error(closed_under_us(AttributeError("'NoneType' has no 'readline'")))
+    assert isinstance(error, BackendUnavailable) and "closed while in use" in str(error)

@@ -34,6 +34,7 @@ __all__ = [
     "async_backend_for",
     "backend_for",
     "backends",
+    "carried_over",
     "check_choice",
     "check_count",
     "check_encoder",
@@ -127,8 +128,49 @@ def check_flag(found: Found | None) -> bool:
 
 
 def redis_url(url: object) -> bool:
-    """Whether ``url`` names a Redis server this library can keep its keys in."""
-    return isinstance(url, str) and url.split("://", 1)[0] in ("redis", "rediss", "unix")
+    """Whether ``url`` names a Redis server this library can keep its keys in (``sentinel://``
+    included: the master the sentinels name)."""
+    return isinstance(url, str) and url.split("://", 1)[0] in (
+        "redis",
+        "rediss",
+        "unix",
+        "sentinel",
+    )
+
+
+# Where each of Celery's Redis users keeps its own transport and TLS settings.
+_CARRIED = {
+    "result_backend": ("result_backend_transport_options", "redis_backend_use_ssl"),
+    "broker_url": ("broker_transport_options", "broker_use_ssl"),
+}
+# What of those settings concerns the connection (not, say, a visibility timeout).
+_SENTINEL_OPTIONS = ("master_name", "sentinel_kwargs")
+
+
+def carried_over(app: Celery) -> tuple[str, dict[str, Any]] | None:
+    """The result backend's URL when it is Redis, else the broker's, with the ``from_url``
+    keywords its own settings imply: Sentinel's ``master_name``/``sentinel_kwargs`` from its
+    transport options, TLS from ``redis_backend_use_ssl``/``broker_use_ssl``. ``None`` when
+    neither is Redis."""
+    conf = app.conf
+    for setting, (transport_key, ssl_key) in _CARRIED.items():
+        url = conf.get(setting)
+        if not redis_url(url):
+            continue
+        options: dict[str, Any] = {}
+        transport = conf.get(transport_key) or {}
+        if url.startswith("sentinel://"):
+            options |= {k: transport[k] for k in _SENTINEL_OPTIONS if k in transport}
+        use_ssl = conf.get(ssl_key)
+        if use_ssl:
+            if url.startswith("sentinel://"):
+                options["ssl"] = True  # the master's connections: redis-py's SSL ones
+            elif url.startswith("redis://"):
+                url = "rediss://" + url.removeprefix("redis://")  # as Celery and kombu do
+            if isinstance(use_ssl, dict):
+                options |= use_ssl
+        return url, options
+    return None
 
 
 class _Backends:
@@ -192,27 +234,31 @@ def _source(app: Celery) -> tuple[str, dict[str, Any], str]:
     """Where ``app``'s lock store is: its URL, ``from_url`` keywords and key prefix."""
     conf = app.conf
     url = conf.get("unique_backend_url")
+    carried: dict[str, Any] = {}
     if not url:
-        url = next((u for u in (conf.result_backend, conf.broker_url) if redis_url(u)), None)
-    if not url:
-        raise ConfigurationError(
-            "unique tasks need Redis: set app.conf.unique_backend_url "
-            "(e.g. 'redis://localhost:6379/0'); neither the result backend nor the "
-            "broker is a Redis URL"
-        )
+        found = carried_over(app)
+        if found is None:
+            raise ConfigurationError(
+                "unique tasks need Redis: set app.conf.unique_backend_url "
+                "(e.g. 'redis://localhost:6379/0'); neither the result backend nor the "
+                "broker is a Redis URL"
+            )
+        url, carried = found
     options = conf.get("unique_backend_options") or {}
     if not isinstance(options, dict):
         raise ConfigurationError(
             "app.conf.unique_backend_options must be a dict of keywords for "
             f"RedisBackend.from_url (socket_timeout=..., ...), got {options!r}"
         )
-    return url, options, conf.get("unique_key_prefix") or DEFAULT_PREFIX
+    # What is set for the lock store itself wins over what came with Celery's own Redis.
+    return url, carried | options, conf.get("unique_key_prefix") or DEFAULT_PREFIX
 
 
 def backend_for(app: Celery) -> RedisBackend:
     """The backend ``app``'s unique and rate-limited tasks use, built once from ``app.conf``:
-    ``unique_backend_url`` (else the result backend, else the broker, if Redis),
-    ``unique_backend_options`` (keywords for ``from_url``) and ``unique_key_prefix``."""
+    ``unique_backend_url`` (else the result backend, else the broker, if Redis, with their
+    own Sentinel and TLS settings: :func:`carried_over`), ``unique_backend_options``
+    (keywords for ``from_url``, which win) and ``unique_key_prefix``."""
 
     def build() -> RedisBackend:
         url, options, prefix = _source(app)

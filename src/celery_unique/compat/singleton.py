@@ -32,7 +32,7 @@ from kombu.utils.imports import symbol_by_name
 
 from ..backends import AsyncRedisBackend, RedisBackend
 from ..celery.admin import force_release, unlink_locks
-from ..celery.settings import Found, backends, from_task, redis_url
+from ..celery.settings import Found, backends, carried_over, from_task
 from ..celery.unique import UniqueTask, duplicate_message
 from ..core.keys import task_lock_start
 from ..core.lifecycle import holder_id
@@ -91,22 +91,24 @@ def _value(found: Found | None, default: Any = None) -> Any:
 
 def _source(app: Celery) -> tuple[str, dict[str, Any], str]:
     """Where ``Singleton`` tasks keep their locks: URL, redis-py keywords, key prefix."""
-    url = _value(config(app, "backend_url")) or next(
-        (u for u in (app.conf.result_backend, app.conf.broker_url) if redis_url(u)), None
-    )
+    url = _value(config(app, "backend_url"))
+    carried: dict[str, Any] = {}
     if not url:
-        raise ConfigurationError(
-            "Singleton tasks need Redis: set app.conf.singleton_backend_url (e.g. "
-            "'redis://localhost:6379/0'); neither the result backend nor the broker is "
-            "a Redis URL"
-        )
+        found = carried_over(app)
+        if found is None:
+            raise ConfigurationError(
+                "Singleton tasks need Redis: set app.conf.singleton_backend_url (e.g. "
+                "'redis://localhost:6379/0'); neither the result backend nor the broker is "
+                "a Redis URL"
+            )
+        url, carried = found  # with the result backend's (broker's) Sentinel and TLS settings
     kwargs = _value(config(app, "backend_kwargs"), {})
     if not isinstance(kwargs, dict):
         raise ConfigurationError(
             "singleton_backend_kwargs must be a dict of redis-py connection options, "
             f"got {kwargs!r}"
         )
-    return url, kwargs, _value(config(app, "key_prefix"), DEFAULT_KEY_PREFIX)
+    return url, carried | kwargs, _value(config(app, "key_prefix"), DEFAULT_KEY_PREFIX)
 
 
 def singleton_backend(app: Celery) -> RedisBackend:

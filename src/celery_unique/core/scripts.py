@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,7 @@ __all__ = [
     "SEMAPHORE_RELEASE",
     "TOKEN_BUCKET",
     "Script",
+    "command_at",
 ]
 
 
@@ -63,3 +65,27 @@ SEMAPHORE_ACQUIRE = Script.load("semaphore_acquire", idempotent=True)
 SEMAPHORE_RELEASE = Script.load("semaphore_release")
 SEMAPHORE_EXTEND = Script.load("semaphore_extend", idempotent=True)
 SEMAPHORE_HOLDERS = Script.load("semaphore_holders", idempotent=True)
+
+_ALL = (
+    ACQUIRE,
+    RELEASE,
+    EXTEND,
+    TOKEN_BUCKET,
+    MOVE,
+    SEMAPHORE_ACQUIRE,
+    SEMAPHORE_RELEASE,
+    SEMAPHORE_EXTEND,
+    SEMAPHORE_HOLDERS,
+)
+_CALL = re.compile(r"redis\.p?call\('([A-Za-z]+)'")
+
+
+def command_at(sha: str, line: int) -> tuple[str, str] | None:
+    """``(script name, command)`` for the Redis command our script ``sha`` calls on ``line``
+    (what an error from inside a script points at), or ``None`` if it is not one of ours."""
+    for script in _ALL:
+        if script.sha == sha:
+            lines = script.source.splitlines()
+            found = _CALL.search(lines[line - 1]) if 0 < line <= len(lines) else None
+            return (script.name, found.group(1).lower()) if found else None
+    return None

@@ -8,22 +8,29 @@ the core's flows over them. Every operation ends within its deadline, as the syn
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
 import redis.exceptions as rex
 
+from ..core.eviction import POLICY_CHECK, eviction_warning
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
-from ..errors import BackendError
-from .batching import Batcher
-from .connections import deadline_of
+from ..errors import BackendError, BackendUnavailable
+from .batching import Batcher, Request
+from .connections import aclose_client, deadline_of
 from .errors import backend_error
 from .sender import BatchSender
 
 __all__ = ["AsyncRedisExecutor"]
 
 T = TypeVar("T")
+logger = logging.getLogger("celery_unique")
+# Executors alive in this process, for the fork hook below.
+_live: weakref.WeakSet[AsyncRedisExecutor] = weakref.WeakSet()
 
 
 class AsyncRedisExecutor:
@@ -42,10 +49,44 @@ class AsyncRedisExecutor:
         self.timeout = deadline_of(client, timeout)
         self._sender = BatchSender(client, self.timeout, read_streams=read_streams)
         self._batcher = Batcher(self._sender)
+        self._unchecked = True  # the server's eviction policy is still to be read
+        _live.add(self)
+
+    def after_fork(self) -> None:
+        """In a forked child (run by itself, :func:`os.register_at_fork`): forget the
+        parent's connections and batches, so that the child opens its own. redis-py's
+        asyncio pools, unlike its sync ones, do not do this on a change of process."""
+        self._sender.forget_connections()
+        self._batcher.forget()
 
     async def execute(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
+        if self._unchecked:
+            return op.parse(await self._checked(op.step))
         return op.parse(await self._batcher.one(op.step))
+
+    def _with_policy_check(self, step: Eval | Call) -> Request:
+        # The first command takes the eviction policy check along in its own batch: no
+        # round trip of its own, no caller waits for it, and its answer is read by a callback.
+        self._unchecked = False
+        check, request = self._batcher.request_all((POLICY_CHECK.step, step))
+        assert check.future is not None
+        check.future.add_done_callback(self._policy_read)
+        return request
+
+    async def _checked(self, step: Eval | Call) -> Any:
+        future = self._with_policy_check(step).future
+        assert future is not None
+        return await future
+
+    def _policy_read(self, check: asyncio.Future[Any]) -> None:
+        error = None if check.cancelled() else check.exception()
+        if check.cancelled() or isinstance(error, BackendUnavailable):
+            self._unchecked = True  # no answer: ask again at the next use
+        elif error is None:  # an error: CONFIG refused (ACL, renamed), nothing to go on
+            policy = POLICY_CHECK.parse(check.result())
+            if policy is not None:
+                logger.warning(eviction_warning(policy))
 
     async def run(self, flow: Flow[T], *, see_through: Callable[[Any], object] | None = None) -> T:
         """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.
@@ -63,10 +104,12 @@ class AsyncRedisExecutor:
                     step = flow.send(None)
                     continue
                 try:
-                    if see_through is None:
-                        reply = await self._batcher.one(step)
-                    else:
+                    if see_through is not None:
                         reply = await self._seen_through(step, see_through)
+                    elif self._unchecked:
+                        reply = await self._checked(step)
+                    else:
+                        reply = await self._batcher.one(step)
                 except BackendError as exc:
                     step = flow.throw(exc)
                 else:
@@ -85,7 +128,7 @@ class AsyncRedisExecutor:
         # The caller awaits its reply's future itself (a shield would cost every caller a loop
         # turn and split the next batch); once cancelled, the batcher hands what the command
         # got to ``outcome``, if it was sent.
-        request = self._batcher.request(step)
+        request = self._with_policy_check(step) if self._unchecked else self._batcher.request(step)
         assert request.future is not None
         try:
             return await request.future
@@ -122,4 +165,13 @@ class AsyncRedisExecutor:
         # A batch still waiting for a connection would otherwise take one after the pool
         # closed, open it afresh and leave it open.
         await self._batcher.drain()
-        await self.client.aclose()
+        await aclose_client(self.client, self._sender.nodes_seen)
+
+
+def _after_fork_in_child() -> None:
+    for executor in list(_live):
+        executor.after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

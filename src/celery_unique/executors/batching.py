@@ -84,24 +84,34 @@ class Batcher:
         assert future is not None
         return future
 
+    def submit_all(self, steps: tuple[Eval | Call, ...]) -> list[asyncio.Future[Any]]:
+        """Queue ``steps`` for the next batch, all in the same one; futures of their replies."""
+        futures = [request.future for request in self.request_all(steps)]
+        return [future for future in futures if future is not None]
+
     def request(self, step: Eval | Call) -> Request:
         """Queue ``step`` for the next batch; the request, whose future gets its reply."""
+        (request,) = self.request_all((step,))
+        return request
+
+    def request_all(self, steps: tuple[Eval | Call, ...]) -> list[Request]:
+        """Queue ``steps`` for the next batch, all in the same one; their requests."""
         loop = asyncio.get_running_loop()
-        request = Request(step, loop.create_future())
-        self._waiting += 1
+        requests = [Request(step, loop.create_future()) for step in steps]
+        self._waiting += len(requests)
         batch = self._pending.get(loop)
         if batch is None:
             if not self._in_flight:
                 # Nothing under way to share a round trip with: send at once, no loop turn.
-                self._start(loop, [request])
-                return request
+                self._start(loop, requests)
+                return requests
             batch = self._pending[loop] = []
             loop.call_soon(self._flush, loop)
-        batch.append(request)
+        batch.extend(requests)
         if len(batch) >= min(BATCH_MAX, max(BATCH_MIN, self._waiting // 2)):
             self._pending[loop] = []
             self._start(loop, batch)
-        return request
+        return requests
 
     @staticmethod
     def outcome(request: Request) -> asyncio.Future[Any] | None:
@@ -117,6 +127,13 @@ class Batcher:
             if request.answered:
                 _settle_future(request.late, request.answer)
         return request.late
+
+    def forget(self) -> None:
+        """Drop every batch and count as they stand (in a forked child: the parent's, whose
+        tasks belong to an event loop the child does not run)."""
+        self._pending.clear()
+        self._sending.clear()
+        self._in_flight = self._waiting = 0
 
     async def drain(self) -> None:
         """Wait until every batch of the running loop has been answered."""

@@ -7,8 +7,9 @@ what differs between the redis-py versions the library supports is decided once,
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -19,8 +20,10 @@ from .wire import Packer
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "aclose_client",
     "checkout",
     "checkout_async",
+    "close_client",
     "deadline_of",
     "decoder",
     "direct_pool",
@@ -93,3 +96,29 @@ def deadline_of(client: Any, timeout: float | None) -> float:
         if node_client is not None:
             configured = node_client.connection_pool.connection_kwargs.get("socket_timeout")
     return float(configured) if configured else DEFAULT_TIMEOUT
+
+
+def _sentinels(client: Any) -> list[Any]:
+    # A Sentinel client's pool keeps the Sentinel manager (public in redis-py), whose clients
+    # of the sentinels themselves its close() leaves open.
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    return list(getattr(manager, "sentinels", ()))
+
+
+def close_client(client: Any) -> None:
+    """Close a sync client and every socket it opened: a cluster's node pools (which
+    ``RedisCluster.close()`` leaves open) and a Sentinel client's sentinel connections."""
+    if isinstance(client, redis.RedisCluster):
+        client.disconnect_connection_pools()  # type: ignore[no-untyped-call]
+    client.close()
+    for sentinel in _sentinels(client):
+        sentinel.close()
+
+
+async def aclose_client(client: Any, nodes: Iterable[Any] = ()) -> None:
+    """Close an asyncio client and every socket it opened (see :func:`close_client`), and
+    ``nodes``: cluster nodes it routed to, some of which it may have dropped since."""
+    await client.aclose()
+    for sentinel in _sentinels(client):
+        await sentinel.aclose()
+    await asyncio.gather(*(node.disconnect() for node in nodes), return_exceptions=True)

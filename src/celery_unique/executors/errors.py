@@ -9,11 +9,32 @@ failover under way, a cluster reshaping): :func:`backend_error`.
 
 from __future__ import annotations
 
+import re
+
 import redis.exceptions as rex
 
+from ..core.scripts import command_at
 from ..errors import BackendError, BackendUnavailable
 
-__all__ = ["backend_error", "reply_error"]
+__all__ = [
+    "CLOSED_UNDER_US",
+    "backend_error",
+    "closed_under_us",
+    "error_code",
+    "refused_by_replica",
+    "reply_error",
+]
+
+#: What redis-py raises when another thread or task closed a connection while it was in use:
+#: a Sentinel pool that found a new master, a cluster client that re-read the layout, both
+#: close connections of others (the socket or stream is gone mid-call).
+CLOSED_UNDER_US: tuple[type[Exception], ...] = (AttributeError, ValueError)
+
+
+def closed_under_us(exc: BaseException) -> rex.ConnectionError:
+    """``exc`` (one of :data:`CLOSED_UNDER_US`) as the broken connection it stands for."""
+    return rex.ConnectionError(f"the connection was closed while in use ({exc!r})")
+
 
 # Error replies by their first word, onto redis-py's public classes (a prefix redis-py knows
 # is dropped from the message, as redis-py drops it).
@@ -45,7 +66,7 @@ def reply_error(message: str) -> rex.RedisError:
 
 
 # Passing server states: the command did not run, and will once the state is over.
-_PASSING: tuple[tuple[type[rex.RedisError], str], ...] = (
+_PASSING: tuple[tuple[type[Exception], str], ...] = (
     (rex.BusyLoadingError, "Redis is loading its data set into memory (LOADING)"),
     (
         rex.ReadOnlyError,
@@ -58,6 +79,10 @@ _PASSING: tuple[tuple[type[rex.RedisError], str], ...] = (
         rex.ClusterDownError,
         "the cluster is down (CLUSTERDOWN): a primary failed and no replica has taken over yet",
     ),
+    (rex.SlotNotCoveredError, "no cluster node serves this key's slot right now"),
+    # redis-py's cluster client gives up with this once redirects (MOVED, ASK, TRYAGAIN) for
+    # one command ran out: a slot is moving, or a failover is under way.
+    (rex.ClusterError, "the cluster kept redirecting the command (a slot moving, a failover)"),
 )
 # The same states when they arrive as a plain ResponseError (older redis-py, or a cluster's).
 _PASSING_CODES = {
@@ -77,16 +102,44 @@ _OOM = (
 )
 _NOPERM = (
     "the Redis user lacks a permission the library needs ({detail}): grant it the commands "
-    "and key pattern of the library's ACL rule (see the Deployment guide)"
+    'and key pattern of the library\'s ACL rule (README, "Deployment")'
 )
 _AUTH = (
     "Redis refused the credentials ({detail}): check the username and password in the URL "
     "or the username=/password= options"
 )
+# A command our script runs and the user may not (Redis 7.0: "... can't run this command or
+# subcommand script: <sha>, on @user_script:<line>."; 6.2 words it differently).
+_SCRIPT_NOPERM = re.compile(r"user executing the script can't run this command", re.IGNORECASE)
+_SCRIPT_PLACE = re.compile(r"([0-9a-f]{40}).*?@user_script:\s*(\d+)", re.IGNORECASE)
 _MISCONF = (
     "Redis cannot save to disk and refuses writes (MISCONF): fix its disk, or set "
     "stop-writes-on-bgsave-error no"
 )
+
+
+# Redis < 7 wraps an error raised inside a script ("Error running script (call to f_<sha>):
+# @user_script:31: @user_script: 31: -READONLY You can't write ..."); Redis 7 passes it on.
+_WRAPPED = re.compile(r"Error running script .*?: -([A-Z]+) ")
+
+
+def error_code(exc: BaseException) -> str:
+    """The error reply's code (``READONLY``, ``OOM``...), unwrapped from a script's error."""
+    text = str(exc)
+    wrapped = _WRAPPED.search(text)
+    return wrapped.group(1) if wrapped else text.partition(" ")[0]
+
+
+def refused_by_replica(exc: BaseException) -> bool:
+    """Whether ``exc`` is a READONLY answer: the server is a replica (an old master after a
+    failover) and the command did not run. A connection that got one must be dropped, so
+    that the next one is made to the master; redis-py's Sentinel connections turn READONLY
+    into a ``ConnectionError`` raised while handling it, which counts too."""
+    if isinstance(exc, rex.ReadOnlyError):
+        return True
+    if isinstance(exc, rex.ConnectionError):
+        return isinstance(exc.__context__, rex.ReadOnlyError)
+    return isinstance(exc, rex.ResponseError) and error_code(exc) == "READONLY"
 
 
 def backend_error(
@@ -97,9 +150,11 @@ def backend_error(
     ``outcome_unknown``: the command had been sent and no answer came (it may have run);
     ``waited``: seconds the caller waited before giving up, for the message.
     """
+    if isinstance(exc, rex.ConnectionError) and refused_by_replica(exc):
+        exc = exc.__context__  # type: ignore[assignment]  # a ReadOnlyError: checked just above
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     text = str(exc)
-    code = text.partition(" ")[0]
+    code = error_code(exc)
     if isinstance(exc, rex.AuthenticationError) or code in ("WRONGPASS", "NOAUTH"):
         return BackendError(_AUTH.format(detail=detail))
     if _MAX_CLIENTS in text:
@@ -130,6 +185,18 @@ def backend_error(
         return BackendError(_OOM)
     if isinstance(exc, rex.NoPermissionError) or code == "NOPERM":
         return BackendError(_NOPERM.format(detail=text or detail))
+    if _SCRIPT_NOPERM.search(text):
+        return BackendError(_NOPERM.format(detail=_script_command(text)))
     if code == "MISCONF":
         return BackendError(_MISCONF)
     return BackendError(f"Redis answered with an error: {detail}")
+
+
+def _script_command(text: str) -> str:
+    """Which command a script was refused, named from our script's source where we can."""
+    place = _SCRIPT_PLACE.search(text)
+    found = place and command_at(place.group(1).lower(), int(place.group(2)))
+    if not found:
+        return f"a command one of its scripts runs: {text}"
+    script, command = found
+    return f"the '{command}' command, which its {script} script runs"

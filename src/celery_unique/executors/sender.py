@@ -29,7 +29,7 @@ import redis.exceptions as rex
 from ..core.steps import Call, Eval, is_idempotent
 from .batching import Request
 from .connections import checkout_async, decoder, direct_pool, packer
-from .errors import backend_error
+from .errors import CLOSED_UNDER_US, backend_error, closed_under_us, refused_by_replica
 from .wire import INCOMPLETE, Reader
 
 __all__ = ["BatchSender"]
@@ -45,7 +45,10 @@ else:
 
 
 _BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
+_BROKEN_OR_LATE = (*_BROKEN, TimeoutError)  # TimeoutError: our own deadline's
+_FAILED: tuple[type[Exception], ...] = (*_BROKEN_OR_LATE, *CLOSED_UNDER_US)
 _READ_SIZE = 65536  # bytes per read of a batch's replies
+_PRECEDENCE = 0.25  # seconds past its deadline a client's own timeout may take to fire
 
 
 class BatchSender:
@@ -56,6 +59,8 @@ class BatchSender:
         self.timeout = timeout
         self.read_streams = read_streams
         self._pool = direct_pool(client)
+        #: The cluster nodes this sender has seen the client route to (closed at the end).
+        self.nodes_seen: set[Any] = set()
         if self._pool is not None:
             self._packer = packer(self._pool)
             self._decode = decoder(self._pool)
@@ -75,6 +80,9 @@ class BatchSender:
                     connection = await checkout_async(self._pool)
             except (rex.RedisError, TimeoutError) as exc:
                 raise backend_error(exc, waited=loop.time() - started) from exc
+            except CLOSED_UNDER_US as exc:
+                waited = loop.time() - started
+                raise backend_error(closed_under_us(exc), waited=waited) from exc
             # Waiting for a free connection takes time: drop who gave up meanwhile.
             live = [i for i, request in enumerate(batch) if not request.cancelled()]
             for i in live:
@@ -92,22 +100,36 @@ class BatchSender:
                         await self._reload_missing(connection, [steps[i] for i in live], answers)
                     for i, answer in zip(live, answers, strict=True):
                         replies[i] = answer
-            except (*_BROKEN, TimeoutError) as exc:
+            except _FAILED as caught:
+                broken = caught if isinstance(caught, _BROKEN_OR_LATE) else closed_under_us(caught)
                 await self._drop(connection)
                 resend = not sent or (
-                    isinstance(exc, rex.ConnectionError) and all(map(is_idempotent, steps))
+                    isinstance(broken, rex.ConnectionError) and all(map(is_idempotent, steps))
                 )
                 if again and resend and loop.time() < started + budget:
                     again = False
                     continue
                 raise backend_error(
-                    exc, outcome_unknown=sent, waited=loop.time() - started
-                ) from exc
+                    broken,
+                    outcome_unknown=sent and not refused_by_replica(broken),
+                    waited=loop.time() - started,
+                ) from caught
             except BaseException:
                 await self._drop(connection)
                 raise
-            await self._pool.release(connection)
+            if any(map(refused_by_replica, replies)):
+                await self._drop(connection)  # an old master: reconnect to the current one
+            else:
+                await self._pool.release(connection)
             return [_as_error(reply) for reply in replies]
+
+    def forget_connections(self) -> None:
+        """Forget the pool's connections without closing them: in a forked child they are
+        the parent's sockets, on the parent's event loop, and the child must not touch them.
+        (A cluster client's are its own business: make an asyncio cluster client after the
+        fork.)"""
+        if self._pool is not None:
+            self._pool.reset()
 
     async def _drop(self, connection: Any) -> None:
         with contextlib.suppress(rex.RedisError, OSError):
@@ -170,8 +192,19 @@ class BatchSender:
 
     async def _through_client(self, steps: list[Eval | Call], budget: float) -> list[Any]:
         # A cluster routes each key to its node; a single-connection client owns its one.
+        # At the client's own deadline its socket timeout ends a stuck read first, and
+        # redis-py closes that connection itself; cancelled, a cluster node's connection in
+        # use may be left open once the node drops out of the client's view (a failover).
+        # So the client gets a moment's precedence; a caller's sooner deadline is kept.
+        bound = budget + _PRECEDENCE if budget >= self.timeout else budget
+        manager = getattr(self.client, "nodes_manager", None)
+        if manager is not None:
+            # A node that fails is dropped from the client's view (its routing table and its
+            # startup nodes, which it asks for the layout) with connections still open, and
+            # its close() no longer reaches them: ours will.
+            self.nodes_seen.update(manager.nodes_cache.values(), manager.startup_nodes.values())
         try:
-            async with _timeout(budget):
+            async with _timeout(bound):
                 replies = await asyncio.gather(
                     *(self._one(step) for step in steps), return_exceptions=True
                 )
@@ -192,6 +225,8 @@ class BatchSender:
                 return await client.execute_command(*command)
         except rex.RedisError as exc:
             raise backend_error(exc) from exc
+        except CLOSED_UNDER_US as exc:
+            raise backend_error(closed_under_us(exc), outcome_unknown=True) from exc
 
 
 async def _reply_or_error(connection: Any) -> Any:

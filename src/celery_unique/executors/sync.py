@@ -14,24 +14,29 @@ restarted or flushed server) loads the script and sends the command once more.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import redis.exceptions as rex
 
+from ..core.eviction import POLICY_CHECK, eviction_warning
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step, is_idempotent
 from ..errors import BackendError
-from .connections import checkout, deadline_of, direct_pool, packer
-from .errors import backend_error
+from .connections import checkout, close_client, deadline_of, direct_pool, packer
+from .errors import CLOSED_UNDER_US, backend_error, closed_under_us, refused_by_replica
 
 __all__ = ["RedisExecutor"]
 
 T = TypeVar("T")
 _BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
+_FAILED: tuple[type[Exception], ...] = (*_BROKEN, *CLOSED_UNDER_US)
 # How far past its deadline a read may end rather than pay for a bounded wait (``can_read``).
 _SLACK = 0.05
+logger = logging.getLogger("celery_unique")
 # Connections an executor keeps between operations instead of handing them back to the pool:
 # a pool checkout and release (its lock, queue, metrics and unread-data check, three
 # syscalls) cost more than the rest of a lock call's Python.
@@ -48,15 +53,25 @@ class RedisExecutor:
     def __init__(self, client: Any, *, timeout: float | None = None) -> None:
         self.client = client
         self.timeout = deadline_of(client, timeout)
+        # The server's eviction policy is still to be read: the first command takes the
+        # CONFIG GET along in its own write (a cluster's asks after it), once.
+        self._unchecked = True
+        self._check_lock = threading.Lock()
         self._pool = direct_pool(client)
         if self._pool is not None:
             self._packer = packer(self._pool)
+            self._policy_query = self._packer.command(POLICY_CHECK.step.args)
             kwargs = self._pool.connection_kwargs
             socket_timeout = kwargs.get("socket_timeout")
             # Connections whose own socket timeout is at most the deadline need no extra
             # bound on a read that starts with the whole deadline left.
             self._read_bound = socket_timeout if socket_timeout else float("inf")
             self._idle: list[Any] = []
+            # Callers between entering an operation and holding a connection: while any is
+            # waiting, a finished one goes back to the pool, where a waiter may be blocked
+            # (a bounded pool would otherwise starve it while a connection sits idle here).
+            self._wanting = 0
+            self._idle_lock = threading.Lock()
             self._pid = os.getpid()
 
     def execute(self, op: Op[T]) -> T:
@@ -91,6 +106,7 @@ class RedisExecutor:
     def scan(self, match: str, count: int = 1000) -> Iterator[str]:
         """Every key matching the glob ``match`` (SCAN, never KEYS; every primary of a
         cluster), as text."""
+        self._hand_back_idle()  # the client's own calls draw on the same pool
         try:
             for key in self.client.scan_iter(match=match, count=count):
                 yield key.decode() if isinstance(key, bytes) else key
@@ -101,40 +117,69 @@ class RedisExecutor:
         """Delete ``keys`` (UNLINK: freed off Redis' main thread); returns how many existed."""
         if not keys:
             return 0
+        self._hand_back_idle()
         try:
             return int(self.client.unlink(*keys))
         except rex.RedisError as exc:
             raise backend_error(exc) from exc
 
     def close(self) -> None:
-        """Close the client and its connections."""
+        """Close the client and its connections (a cluster's nodes', a Sentinel client's
+        sentinels' too)."""
+        self._hand_back_idle()
+        close_client(self.client)
+
+    def _hand_back_idle(self) -> None:
         if self._pool is not None:
-            idle, self._idle = self._idle, []
+            with self._idle_lock:
+                idle, self._idle = self._idle, []
             for connection in idle:
                 self._pool.release(connection)
-        self.client.close()
 
     def _take(self, pool: Any) -> Any:
         """A connection: one kept from an earlier operation if it is still sound, else the
         pool's (which checks a connection before it lends it)."""
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
-            self._idle = []
+            with self._idle_lock:
+                self._idle, self._wanting = [], 0
             self._pid = os.getpid()
         while True:
-            try:
-                connection = self._idle.pop()  # atomic: threads share the executor
-            except IndexError:
-                return checkout(pool)
+            with self._idle_lock:
+                connection = self._idle.pop() if self._idle else None
+                if connection is None:
+                    self._wanting += 1
+                    break
             if _quiet(connection):
                 return connection
             connection.disconnect()  # closed by the server, or unread data: start afresh
             pool.release(connection)
+        try:
+            return checkout(pool)
+        finally:
+            with self._idle_lock:
+                self._wanting -= 1
 
     def _keep(self, pool: Any, connection: Any) -> None:
-        if len(self._idle) < _IDLE_MAX:
-            self._idle.append(connection)
-        else:
-            pool.release(connection)
+        with self._idle_lock:
+            if not self._wanting and len(self._idle) < _IDLE_MAX:
+                self._idle.append(connection)
+                return
+        pool.release(connection)
+
+    def _claim_check(self) -> bool:
+        """Whether this call reads the eviction policy: the first one to ask, once."""
+        with self._check_lock:
+            claimed, self._unchecked = self._unchecked, False
+            return claimed
+
+    def _policy_read(self, reply: Any) -> None:
+        """Log the eviction warning if ``reply`` (or the error it was) says so."""
+        if isinstance(reply, rex.ConnectionError | rex.TimeoutError | OSError):
+            self._unchecked = True  # no answer: ask again at the next use
+        elif not isinstance(reply, BaseException):  # an error: CONFIG refused, nothing to go on
+            policy = POLICY_CHECK.parse(reply)
+            if policy is not None:
+                logger.warning(eviction_warning(policy))
 
     def _send(self, step: Eval | Call) -> Any:
         if self._pool is None:
@@ -151,29 +196,47 @@ class RedisExecutor:
             except rex.RedisError as exc:
                 # Nothing was sent. redis-py's own retry policy already covered the connect.
                 raise backend_error(exc, waited=time.monotonic() - started) from exc
+            except CLOSED_UNDER_US as exc:  # its health check met a socket closed meanwhile
+                waited = time.monotonic() - started
+                raise backend_error(closed_under_us(exc), waited=waited) from exc
             if time.monotonic() >= deadline:  # the wait for a free connection used it up
                 self._pool.release(connection)
                 raise backend_error(rex.TimeoutError("no pooled connection in time"), waited=budget)
+            checking = self._unchecked and self._claim_check()
             try:
-                connection.send_packed_command((data,))
+                if checking:
+                    connection.send_packed_command((self._policy_query, data))
+                else:
+                    connection.send_packed_command((data,))
                 sent = True
+                if checking:
+                    self._policy_read(self._reply_or_error(connection, deadline))
+                    checking = False
                 try:
                     reply = self._read(connection, deadline)
                 except rex.NoScriptError:
                     reply = self._load_and_resend(connection, step, data, deadline)
             except rex.ResponseError as exc:
+                if refused_by_replica(exc):
+                    connection.disconnect()  # an old master: reconnect to the current one
                 self._pool.release(connection)
                 raise backend_error(exc) from exc
-            except _BROKEN as exc:
+            except _FAILED as caught:
+                broken = caught if isinstance(caught, _BROKEN) else closed_under_us(caught)
                 connection.disconnect()
                 self._pool.release(connection)
-                if again and time.monotonic() < deadline and self._may_resend(step, sent, exc):
+                if checking:
+                    self._unchecked = True  # its reply was never read: ask again later
+                if again and time.monotonic() < deadline and self._may_resend(step, sent, broken):
                     again = False
                     continue
+                ran = sent and not refused_by_replica(broken)
                 raise backend_error(
-                    exc, outcome_unknown=sent, waited=time.monotonic() - started
-                ) from exc
+                    broken, outcome_unknown=ran, waited=time.monotonic() - started
+                ) from caught
             except BaseException:
+                if checking:
+                    self._unchecked = True
                 # Interrupted mid-exchange (KeyboardInterrupt, a signal's exception): the
                 # stream is in an unknown state, so the connection is not reused.
                 connection.disconnect()
@@ -196,6 +259,12 @@ class RedisExecutor:
             raise rex.TimeoutError("Timeout reading from Redis")
         return connection.read_response()
 
+    def _reply_or_error(self, connection: Any, deadline: float) -> Any:
+        try:
+            return self._read(connection, deadline)
+        except rex.ResponseError as exc:  # an error reply, read whole: the stream is in step
+            return exc
+
     def _load_and_resend(
         self, connection: Any, step: Eval | Call, data: bytes, deadline: float
     ) -> Any:
@@ -215,15 +284,26 @@ class RedisExecutor:
         client = self.client
         try:
             if isinstance(step, Call):
-                return client.execute_command(*step.args)
-            command = ("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
-            try:
-                return client.execute_command(*command)
-            except rex.NoScriptError:
-                client.script_load(step.script.source)
-                return client.execute_command(*command)
+                reply = client.execute_command(*step.args)
+            else:
+                command = ("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
+                try:
+                    reply = client.execute_command(*command)
+                except rex.NoScriptError:
+                    client.script_load(step.script.source)
+                    reply = client.execute_command(*command)
         except rex.RedisError as exc:
             raise backend_error(exc) from exc
+        except CLOSED_UNDER_US as exc:
+            raise backend_error(closed_under_us(exc), outcome_unknown=True) from exc
+        if self._unchecked and self._claim_check():
+            # A cluster routes each command itself: the policy check follows the first
+            # answered command, on a cluster that has just answered.
+            try:
+                self._policy_read(client.execute_command(*POLICY_CHECK.step.args))
+            except rex.RedisError as exc:
+                self._policy_read(exc)
+        return reply
 
 
 def _quiet(connection: Any) -> bool:
