@@ -3,6 +3,7 @@ and the figures it measures, printed at the end of the run (``nox -s faults``)."
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,6 +31,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("fault suite figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def collected() -> Iterator[None]:
+    """Collect the garbage after each test: a socket it left open is reported against it,
+    not against whichever later test the collector happens to run in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture

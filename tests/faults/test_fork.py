@@ -4,6 +4,7 @@ the app is loaded: each child works, on connections of its own, never on its par
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import uuid
@@ -41,6 +42,9 @@ def in_children(how: str, body: Callable[[], bool]) -> list[int]:
 
     def child() -> None:
         try:
+            # Free now what the fork hooks let go of, as the child's collector may at any
+            # moment: freeing a parent's connection must not break it for the parent.
+            gc.collect()
             ok = body()
         except BaseException:
             os._exit(2)

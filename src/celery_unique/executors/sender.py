@@ -49,6 +49,7 @@ _BROKEN_OR_LATE = (*_BROKEN, TimeoutError)  # TimeoutError: our own deadline's
 _FAILED: tuple[type[Exception], ...] = (*_BROKEN_OR_LATE, *CLOSED_UNDER_US)
 _READ_SIZE = 65536  # bytes per read of a batch's replies
 _PRECEDENCE = 0.25  # seconds past its deadline a client's own timeout may take to fire
+_INHERITED: list[object] = []  # in a forked child: the parent's connections, never to be freed
 
 
 class BatchSender:
@@ -128,8 +129,15 @@ class BatchSender:
         the parent's sockets, on the parent's event loop, and the child must not touch them.
         (A cluster client's are its own business: make an asyncio cluster client after the
         fork.)"""
-        if self._pool is not None:
-            self._pool.reset()
+        if self._pool is None:
+            return
+        # Not even by freeing them: a connection freed in the child closes its stream, which
+        # unregisters the socket from the parent's epoll set (the kernel object the child
+        # shares), and the parent then never hears its replies. So what the pool held at the
+        # fork is kept alive for the child's lifetime (a few objects, once per fork).
+        with contextlib.suppress(TypeError):  # a pool without a __dict__: nothing to keep
+            _INHERITED.append(list(vars(self._pool).values()))
+        self._pool.reset()
 
     async def _drop(self, connection: Any) -> None:
         with contextlib.suppress(rex.RedisError, OSError):
