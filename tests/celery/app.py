@@ -8,6 +8,7 @@ Tasks record what really ran in Redis (``runs:<tag>``, and the most that ran at 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from celery import Celery, signals
 from celery.exceptions import Ignore, Reject
 
 from celery_unique import RateLimit, RateLimitedTask, UniqueTask
+from celery_unique import signals as unique_signals
 
 app = Celery("celery_unique_tests")
 app.conf.update(
@@ -442,11 +444,22 @@ def let_go(tag: str) -> None:
     store().set(f"go:{tag}", 1, ex=600)
 
 
+_deferring = threading.local()  # the run this thread is deferring (task_deferred said so)
+
+
+@unique_signals.task_deferred.connect(weak=False, dispatch_uid="tests.deferring")
+def _note_deferral(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    _deferring.task_id = task_id
+
+
 @signals.task_postrun.connect(weak=False, dispatch_uid="tests.settled")
-def _count_endings(sender: Any = None, args: Any = None, state: Any = None, **_: Any) -> None:
-    # Every delivery of t.redelivered ends here once: deferred (RETRY, it comes back) or not.
+def _count_endings(
+    sender: Any = None, task_id: str | None = None, args: Any = None, **_: Any
+) -> None:
+    # Every delivery of t.redelivered ends here once: deferred (it comes back) or for good.
+    deferring, _deferring.task_id = getattr(_deferring, "task_id", None), None
     if getattr(sender, "name", None) == "t.redelivered":
-        counter = f"{'deferred' if state == 'RETRY' else 'settled'}:{args[0]}"
+        counter = f"{'deferred' if deferring == task_id else 'settled'}:{args[0]}"
         store().incr(counter)
         store().expire(counter, 600)
 

@@ -17,6 +17,7 @@ from typing import Any
 from celery import signals
 from celery.utils.dispatch import Signal
 
+from celery_unique import signals as unique_signals
 from celery_unique.celery.base import BOOKED_HEADER
 from tests.celery import app as t
 from tests.helpers import wait_until
@@ -46,13 +47,13 @@ def deferrals(task: str, *leading: Any) -> Iterator[Counter[str]]:
     """How many times each instance of ``task`` (with these leading arguments) was deferred."""
     ours, seen, lock = _ours(task, leading), Counter[str](), threading.Lock()
 
-    def count(sender: Any = None, request: Any = None, **_: Any) -> None:
-        # A deferral ends the run with Retry, so the worker sends task_retry for it.
-        if ours(sender, request.args):
+    def count(sender: Any = None, task_id: str = "", **_: Any) -> None:
+        # Sent in the deferred run's own thread, so its request is at hand.
+        if ours(sender, sender.request.args):
             with lock:
-                seen[request.id] += 1
+                seen[task_id] += 1
 
-    with _connected((signals.task_retry, count)):
+    with _connected((unique_signals.task_deferred, count)):
         yield seen
 
 

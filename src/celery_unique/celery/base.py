@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 from celery import Celery, Task
 from celery import signals as celery_signals
-from celery.exceptions import Reject, Retry, TimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 
 from .. import signals
 from ..backends import RedisBackend
@@ -83,6 +83,8 @@ def defer(
     reason: str,
     why: str,
     headers: Mapping[str, Any] | None = None,
+    *,
+    stores_state: bool = True,
 ) -> NoReturn:
     """Put the running instance back in the queue for ``countdown`` seconds and stop this run.
 
@@ -90,7 +92,9 @@ def defer(
     ``max_retries`` up), options untouched. Published through ``apply_async``, so a unique
     task hands its key back to the queued copy. ``reason`` is one of
     :data:`~celery_unique.signals.DEFERRAL_REASONS` (sent with ``task_deferred``), ``why``
-    the words for the log.
+    the words for the log. The run ends as a retry (the result reads ``RETRY``), or with
+    ``stores_state=False`` as ignored, storing nothing: a second delivery of an instance that
+    runs elsewhere must not write over that run's state, its success included.
     """
     request = task.request
     logger.info("%s[%s] deferred by %.2f s: %s", task.name, request.id, countdown, why)
@@ -103,6 +107,8 @@ def defer(
         retries=request.retries,
         headers={**(request.headers or {}), **(headers or {})},
     ).apply_async()
+    if not stores_state:
+        raise Ignore(why)
     raise Retry(why, when=countdown)
 
 

@@ -469,13 +469,23 @@ class UniqueTask(BackedTask):
         if isinstance(outcome, lc.Skip):
             return self.key_taken(outcome.holder)
         if isinstance(outcome, lc.Deferral):
-            if outcome.reason == "while_running":
-                why, headers = "another instance is running", {WAITED_HEADER: waited + 1}
-            else:
+            # A copy of a run under way leaves the task's state to that run (its success
+            # would otherwise read RETRY, and a later copy would run the instance again).
+            elsewhere = outcome.reason != "while_running"
+            if elsewhere:
                 why, headers = "already running elsewhere", {DEFERRED_HEADER: True}
+            else:
+                why, headers = "another instance is running", {WAITED_HEADER: waited + 1}
             _current.run = run  # its copy is published from here: a Republish
             try:
-                defer(self, outcome.countdown, outcome.reason, why, headers)
+                defer(
+                    self,
+                    outcome.countdown,
+                    outcome.reason,
+                    why,
+                    headers,
+                    stores_state=not elsewhere,
+                )
             finally:
                 _current.run = None
         if isinstance(outcome, lc.Run) and not outcome.locked:

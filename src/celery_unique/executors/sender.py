@@ -205,12 +205,7 @@ class BatchSender:
         # use may be left open once the node drops out of the client's view (a failover).
         # So the client gets a moment's precedence; a caller's sooner deadline is kept.
         bound = budget + _PRECEDENCE if budget >= self.timeout else budget
-        manager = getattr(self.client, "nodes_manager", None)
-        if manager is not None:
-            # A node that fails is dropped from the client's view (its routing table and its
-            # startup nodes, which it asks for the layout) with connections still open, and
-            # its close() no longer reaches them: ours will.
-            self.nodes_seen.update(manager.nodes_cache.values(), manager.startup_nodes.values())
+        self._see_nodes()
         try:
             async with _timeout(bound):
                 replies = await asyncio.gather(
@@ -218,7 +213,17 @@ class BatchSender:
                 )
         except TimeoutError as exc:
             raise backend_error(exc, outcome_unknown=True, waited=budget) from exc
+        finally:
+            self._see_nodes()  # and those the call itself found (a refresh of the layout)
         return list(replies)
+
+    def _see_nodes(self) -> None:
+        # A node that fails is dropped from the client's view (its routing table and its
+        # startup nodes, which it asks for the layout) with connections still open, and its
+        # close() no longer reaches them: ours will.
+        manager = getattr(self.client, "nodes_manager", None)
+        if manager is not None:
+            self.nodes_seen.update(manager.nodes_cache.values(), manager.startup_nodes.values())
 
     async def _one(self, step: Eval | Call) -> Any:
         client = self.client
