@@ -472,6 +472,7 @@ class UniqueTask(BackedTask):
             # A copy of a run under way leaves the task's state to that run (its success
             # would otherwise read RETRY, and a later copy would run the instance again).
             elsewhere = outcome.reason != "while_running"
+            headers: dict[str, Any]
             if elsewhere:
                 why, headers = "already running elsewhere", {DEFERRED_HEADER: True}
             else:
