@@ -165,7 +165,7 @@ class AsyncRedisExecutor:
         # A batch still waiting for a connection would otherwise take one after the pool
         # closed, open it afresh and leave it open.
         await self._batcher.drain()
-        await aclose_client(self.client, self._sender.nodes_seen)
+        await aclose_client(self.client, self._sender.nodes_seen.values())
 
 
 def _after_fork_in_child() -> None:

@@ -179,11 +179,19 @@ def _takes_inuse(pool_class: Any) -> bool:
     return "inuse_connections" in inspect.signature(pool_class.disconnect).parameters
 
 
+def sentinel_pools_can_queue() -> tuple[bool, bool]:
+    """Whether this redis-py's (sync, asyncio) Sentinel pools can queue callers for a
+    connection: its blocking pool's ``disconnect`` takes what a Sentinel pool passes it."""
+    return (
+        _takes_inuse(redis.BlockingConnectionPool),
+        _takes_inuse(redis.asyncio.BlockingConnectionPool),
+    )
+
+
 def sentinel_pool_classes(*, blocking: bool | None = None) -> tuple[type, type]:
     """The (sync, asyncio) pool classes for Sentinel clients: the queueing ones where this
     redis-py supports them (or ``blocking`` says so), else redis-py's own."""
-    sync_ok = _takes_inuse(redis.BlockingConnectionPool) if blocking is None else blocking
-    async_ok = _takes_inuse(redis.asyncio.BlockingConnectionPool) if blocking is None else blocking
+    sync_ok, async_ok = sentinel_pools_can_queue() if blocking is None else (blocking, blocking)
     return (
         BlockingSentinelPool if sync_ok else redis.sentinel.SentinelConnectionPool,
         AsyncBlockingSentinelPool if async_ok else redis.asyncio.sentinel.SentinelConnectionPool,

@@ -10,6 +10,7 @@ failover under way, a cluster reshaping): :func:`backend_error`.
 from __future__ import annotations
 
 import re
+import ssl
 
 import redis.exceptions as rex
 
@@ -173,6 +174,13 @@ def backend_error(
             "no pooled Redis connection came free in time: every one is busy (or stuck on an "
             "unresponsive server); raise max_connections, or find what holds them"
         )
+    handshake = _tls_failure(exc)
+    if handshake is not None:
+        return BackendUnavailable(
+            f"the TLS handshake with Redis failed ({handshake}): check ssl_ca_certs (the CA "
+            "that signed the server's certificate), and ssl_certfile and ssl_keyfile where the "
+            "server asks for a client certificate"
+        )
     if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
         within = "" if waited is None else f" within {waited:.2f} s"
         return BackendUnavailable(
@@ -190,6 +198,19 @@ def backend_error(
     if code == "MISCONF":
         return BackendError(_MISCONF)
     return BackendError(f"Redis answered with an error: {detail}")
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """What the TLS layer said, where an ``ssl.SSLError`` caused ``exc`` (redis-py 5.0's
+    asyncio client words it ``Error 1 connecting ...``, its cause only in the chain)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; a cycle in one must not hang us
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _script_command(text: str) -> str:

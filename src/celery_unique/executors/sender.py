@@ -60,8 +60,9 @@ class BatchSender:
         self.timeout = timeout
         self.read_streams = read_streams
         self._pool = direct_pool(client)
-        #: The cluster nodes this sender has seen the client route to (closed at the end).
-        self.nodes_seen: set[Any] = set()
+        #: The cluster nodes this sender has seen the client route to (closed at the end),
+        #: by identity: redis-py 5.0's nodes compare equal but cannot be hashed.
+        self.nodes_seen: dict[int, Any] = {}
         if self._pool is not None:
             self._packer = packer(self._pool)
             self._decode = decoder(self._pool)
@@ -223,7 +224,8 @@ class BatchSender:
         # close() no longer reaches them: ours will.
         manager = getattr(self.client, "nodes_manager", None)
         if manager is not None:
-            self.nodes_seen.update(manager.nodes_cache.values(), manager.startup_nodes.values())
+            for node in (*manager.nodes_cache.values(), *manager.startup_nodes.values()):
+                self.nodes_seen[id(node)] = node
 
     async def _one(self, step: Eval | Call) -> Any:
         client = self.client
