@@ -49,6 +49,7 @@ _BROKEN_OR_LATE = (*_BROKEN, TimeoutError)  # TimeoutError: our own deadline's
 _FAILED: tuple[type[Exception], ...] = (*_BROKEN_OR_LATE, *CLOSED_UNDER_US)
 _READ_SIZE = 65536  # bytes per read of a batch's replies
 _PRECEDENCE = 0.25  # seconds past its deadline a client's own timeout may take to fire
+_KEYLESS = frozenset({"CONFIG", "TIME", "PING"})  # commands a cluster may send to any node
 _INHERITED: list[object] = []  # in a forked child: the parent's connections, never to be freed
 
 
@@ -231,6 +232,12 @@ class BatchSender:
         client = self.client
         try:
             if isinstance(step, Call):
+                if step.args[0] in _KEYLESS and hasattr(client, "get_random_node"):
+                    # No key to route by: any node answers (redis-py 5.0's cluster client,
+                    # left to work that out itself, fails on CONFIG GET with a ValueError).
+                    await client.initialize()  # a no-op once it knows its nodes
+                    node = client.get_random_node()
+                    return await client.execute_command(*step.args, target_nodes=node)
                 return await client.execute_command(*step.args)
             command = ("EVALSHA", step.script.sha, len(step.keys), *step.keys, *step.args)
             try:
