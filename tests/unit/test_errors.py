@@ -3,6 +3,8 @@ BackendError with what to change; never a bare redis-py exception."""
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 import redis.exceptions as rex
 
@@ -130,3 +132,28 @@ def test_a_connection_closed_under_a_call_is_backend_unavailable() -> None:
     # What redis-py raises when another thread closed the connection mid-call.
     error = backend_error(closed_under_us(AttributeError("'NoneType' has no 'readline'")))
     assert isinstance(error, BackendUnavailable) and "closed while in use" in str(error)
+
+
+def _raised_from(cause: BaseException) -> rex.ConnectionError:
+    try:
+        try:
+            raise cause
+        except BaseException as exc:
+            raise rex.ConnectionError("Error 1 connecting to 127.0.0.1:6380. 1.") from exc
+    except rex.ConnectionError as wrapped:
+        return wrapped
+
+
+def test_a_failed_tls_handshake_is_named_from_the_ssl_error_it_came_from() -> None:
+    # redis-py 5.0's asyncio client words it "Error 1 connecting": the cause says more.
+    cause = ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed")
+    error = backend_error(_raised_from(cause))
+    assert isinstance(error, BackendUnavailable)
+    assert "TLS handshake" in str(error) and "certificate verify failed" in str(error)
+    assert "ssl_ca_certs" in str(error)
+
+
+def test_a_tls_connection_that_closed_is_not_called_a_failed_handshake() -> None:
+    error = backend_error(_raised_from(ssl.SSLEOFError(8, "EOF occurred")))
+    assert isinstance(error, BackendUnavailable)
+    assert "TLS handshake" not in str(error) and "did not answer" in str(error)

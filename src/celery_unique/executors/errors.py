@@ -200,6 +200,10 @@ def backend_error(
     return BackendError(f"Redis answered with an error: {detail}")
 
 
+# A TLS connection that merely closed (the server went away): not a handshake that failed.
+_TLS_CLOSED = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError, ssl.SSLWantReadError)
+
+
 def _tls_failure(exc: BaseException) -> str | None:
     """What the TLS layer said, where an ``ssl.SSLError`` caused ``exc`` (redis-py 5.0's
     asyncio client words it ``Error 1 connecting ...``, its cause only in the chain)."""
@@ -207,7 +211,7 @@ def _tls_failure(exc: BaseException) -> str | None:
     for _ in range(8):  # a chain is short; a cycle in one must not hang us
         if seen is None:
             return None
-        if isinstance(seen, ssl.SSLError):
+        if isinstance(seen, ssl.SSLError) and not isinstance(seen, _TLS_CLOSED):
             return str(seen)
         seen = seen.__cause__ or seen.__context__
     return None
