@@ -5,6 +5,7 @@ checks; unique_backend_options win over them. Django's CELERY_ namespace works t
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -109,6 +110,19 @@ def test_a_tls_result_backend_carries_its_ssl_settings_over(
         broker_url="memory://",
         result_backend=tls_server + query,
         redis_backend_use_ssl=tls.client_kwargs(),
+    )
+    works(backend_for(app))
+    works_async(app)
+
+
+def test_an_ssl_constant_as_celerys_docs_give_it_carries_over(
+    make_app: MakeApp, tls_server: str, tls: TLSFiles
+) -> None:
+    # Celery's docs write redis_backend_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED}.
+    app = make_app(
+        broker_url="memory://",
+        result_backend=tls_server,
+        redis_backend_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED, **tls.client_kwargs()},
     )
     works(backend_for(app))
     works_async(app)

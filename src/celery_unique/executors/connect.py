@@ -72,20 +72,26 @@ def _kwargs(redis_kw: dict[str, Any], retry: Any, *, pooled: bool) -> dict[str, 
 
 
 # Celery's spellings of a certificate check (in a rediss:// URL's query, or
-# redis_backend_use_ssl), of which redis-py takes only the short ones.
+# redis_backend_use_ssl, where Celery's docs give ssl constants), as the short names every
+# redis-py takes: redis-py 5's asyncio client fails on an ssl constant.
 _CERT_REQS = {
-    "cert_none": ssl.CERT_NONE,
-    "none": ssl.CERT_NONE,
-    "cert_optional": ssl.CERT_OPTIONAL,
-    "optional": ssl.CERT_OPTIONAL,
-    "cert_required": ssl.CERT_REQUIRED,
-    "required": ssl.CERT_REQUIRED,
+    "cert_none": "none",
+    "none": "none",
+    "cert_optional": "optional",
+    "optional": "optional",
+    "cert_required": "required",
+    "required": "required",
+}
+_CERT_CONSTANTS = {
+    ssl.CERT_NONE: "none",
+    ssl.CERT_OPTIONAL: "optional",
+    ssl.CERT_REQUIRED: "required",
 }
 
 
 def _cert_reqs(url: str, kwargs: dict[str, Any]) -> str:
     """``url`` without its ``ssl_cert_reqs`` query (a keyword given wins over it), and that
-    check in ``kwargs`` as an ``ssl`` constant."""
+    check in ``kwargs`` by its redis-py name (``"none"``, ``"optional"``, ``"required"``)."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     given = [value for name, value in query if name == "ssl_cert_reqs"]
@@ -100,6 +106,8 @@ def _cert_reqs(url: str, kwargs: dict[str, Any]) -> str:
                 f"ssl_cert_reqs must be one of {sorted(set(_CERT_REQS))}, got {value!r}"
             )
         kwargs["ssl_cert_reqs"] = _CERT_REQS[value.lower()]
+    elif value in _CERT_CONSTANTS:
+        kwargs["ssl_cert_reqs"] = _CERT_CONSTANTS[value]
     return url
 
 
