@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from celery_unique import UniqueTask
+from celery_unique.celery import publishers
 from celery_unique.celery.settings import backends
 from tests.celery import app as t
 from tests.celery.conftest import MakeApp
@@ -61,13 +62,13 @@ def anyio_backend() -> str:
 def threads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Every call that went to a worker thread from the async API (recorded, then run)."""
     calls: list[Any] = []
-    real = anyio.to_thread.run_sync
+    real = publishers.run_in_publisher
 
-    async def recorded(function: Any, *args: Any, **kwargs: Any) -> Any:
+    async def recorded(function: Any) -> Any:
         calls.append(function)
-        return await real(function, *args, **kwargs)
+        return await real(function)
 
-    monkeypatch.setattr(anyio.to_thread, "run_sync", recorded)
+    monkeypatch.setattr(publishers, "run_in_publisher", recorded)
     return calls
 
 

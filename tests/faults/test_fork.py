@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from celery_unique import AsyncRedisBackend, RedisBackend
+from celery_unique.celery import publishers
 from celery_unique.testing import RedisServer
 from tests.faults.conftest import report
 
@@ -67,7 +68,11 @@ def in_children(how: str, body: Callable[[], bool]) -> list[int]:
             process.start()
         for process in processes:
             process.join(60)
-        return [process.exitcode or 0 for process in processes]
+        codes = [-1 if process.exitcode is None else process.exitcode for process in processes]
+        for process in processes:
+            if process.exitcode is None:
+                process.kill()  # one that did not end: a failure, not a pass
+        return codes
 
 
 @pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
@@ -100,3 +105,13 @@ def test_an_async_backend_made_before_the_fork_works_in_every_child(
         loop.run_until_complete(backend.aclose())
         loop.close()
     report(f"fork ({how}), async: {CHILDREN} children each on a connection of its own, 0 errors")
+
+
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
+def test_the_async_apis_publisher_threads_start_afresh_in_a_child(how: str) -> None:
+    # The parent's threads are not in the child: its pool of them must not wait for them.
+    assert asyncio.run(publishers.run_in_publisher(lambda: os.getpid())) == os.getpid()
+    answered = in_children(
+        how, lambda: asyncio.run(publishers.run_in_publisher(os.getpid)) == os.getpid()
+    )
+    assert answered == [0] * CHILDREN

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import anyio
-import anyio.to_thread
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult, EagerResult
 from celery.states import READY_STATES, SUCCESS
@@ -38,6 +37,7 @@ from ..errors import (
     LockNotOwnedError,
 )
 from ..locks import Lock
+from . import publishers
 from .admin import clear_locks
 from .base import (
     DEFERRED_HEADER,
@@ -315,12 +315,13 @@ class UniqueTask(BackedTask):
     ) -> AsyncResult:
         """``apply_async`` for async code: the key is taken through the running loop's
         :class:`~celery_unique.AsyncRedisBackend` (a duplicate touches neither the broker nor
-        a thread), and a new instance is published from a worker thread, so the event loop
+        a thread), and a new instance is published from a publisher thread (one of a few kept
+        for the process: :mod:`.publishers`), so the event loop
         never blocks. Cancelled before the publish, it frees the key it took.
         """
         backend = self.async_redis_backend()
         if backend is None:  # no asyncio twin of this task's Redis: all of it off the loop
-            return await anyio.to_thread.run_sync(
+            return await publishers.run_in_publisher(
                 functools.partial(self.apply_async, args, kwargs, task_id, **options)
             )
         call = self._prepare(args, kwargs, task_id, options)
@@ -335,7 +336,7 @@ class UniqueTask(BackedTask):
             return answer
         # Not cancelled once under way: the message goes out or not, and the key follows it
         # (freed if publishing fails); a cancellation lands once it has.
-        return await anyio.to_thread.run_sync(self._publish, call, transition)
+        return await publishers.run_in_publisher(functools.partial(self._publish, call, transition))
 
     async def adelay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """``delay`` for async code; see :meth:`aapply_async`."""
@@ -344,7 +345,7 @@ class UniqueTask(BackedTask):
     def async_redis_backend(self) -> AsyncRedisBackend | None:
         """The asyncio twin of :meth:`redis_backend` for the running event loop (one per
         loop), or ``None`` when there is none (a custom sync client): ``aapply_async`` then
-        runs ``apply_async`` in a worker thread."""
+        runs ``apply_async`` in a publisher thread."""
         return async_backend_for(self.app)
 
     def _prepare(

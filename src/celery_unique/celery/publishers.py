@@ -1,0 +1,62 @@
+"""The threads that publish for the async API (``aapply_async``, ``adelay``).
+
+Celery keeps a result backend, with its own Redis connections, per thread that publishes. On
+short-lived worker threads (asyncio's or anyio's, which end after a while idle) each publish
+could build one afresh, and each thread's end left its sockets for a later garbage collection.
+So the publishes go to a few threads of our own, started on first use and kept for the life
+of the process (a forked child starts its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import anyio
+
+__all__ = ["PUBLISHERS", "run_in_publisher"]
+
+T = TypeVar("T")
+
+#: How many threads publish at once (Celery's broker pool holds 10 connections by default).
+PUBLISHERS = 8
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _publishers() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(PUBLISHERS, thread_name_prefix="celery-unique-publish")
+        return _pool
+
+
+async def run_in_publisher(function: Callable[[], T]) -> T:
+    """Run ``function`` in a publisher thread and return what it returns.
+
+    Once started it is seen through: a cancellation waits for it to end and is raised then,
+    so that what it did (a message sent, a key freed) is done when the caller learns of it.
+    """
+    future = asyncio.get_running_loop().run_in_executor(_publishers(), function)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([future])
+        raise
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _pool
+    # The parent's threads are not in the child: a pool that counts them would never run.
+    _lock, _pool = threading.Lock(), None
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
