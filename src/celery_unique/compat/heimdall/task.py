@@ -178,7 +178,7 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
 
     def async_redis_backend(self) -> AsyncRedisBackend | None:
         """The app's asyncio backend; ``None`` when :meth:`setup_redis` gives a client of
-        its own (``aapply_async`` then runs in a worker thread)."""
+        its own (``aapply_async`` then runs in a publisher thread)."""
         if type(self).setup_redis is HeimdallTask.setup_redis:
             return super().async_redis_backend()
         return None
