@@ -316,8 +316,8 @@ class UniqueTask(BackedTask):
         """``apply_async`` for async code: the key is taken through the running loop's
         :class:`~celery_unique.AsyncRedisBackend` (a duplicate touches neither the broker nor
         a thread), and a new instance is published from a publisher thread (one of a few kept
-        for the process: :mod:`.publishers`), so the event loop
-        never blocks. Cancelled before the publish, it frees the key it took.
+        for the process: :mod:`.publishers`), so the event loop never blocks. Cancelled
+        before the publish, it frees the key it took.
         """
         backend = self.async_redis_backend()
         if backend is None:  # no asyncio twin of this task's Redis: all of it off the loop
