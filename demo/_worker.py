@@ -21,15 +21,17 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import redis
 
-from demo._report import heading
+from celery_unique.testing import redis_server
+from demo._report import Check, heading, say, summary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -160,6 +162,47 @@ def show_log(log: IO[bytes], title: str = "the worker's log") -> None:
     tail = log.read().decode(errors="replace").strip().splitlines()[-30:]
     heading(f"{title} (last lines)")
     print("\n".join(tail) or "(empty)", flush=True)
+
+
+def run_fleet(
+    app: str,
+    url_env: str,
+    configure: Callable[[str], None],
+    demo: Callable[[list[subprocess.Popen[bytes]]], list[Check]],
+    *,
+    nodes: Sequence[str],
+    concurrency: int,
+) -> int:
+    """Start a private redis-server and one worker of ``app`` per node on it, run ``demo``
+    against them and print its checks' summary (the workers' logs too, when one failed or
+    the demo raised); the exit status."""
+    with ExitStack() as logs_stack:
+        logs = [
+            logs_stack.enter_context(tempfile.TemporaryFile(prefix=f"{app}-{node}-"))
+            for node in nodes
+        ]
+        try:
+            with redis_server() as url:
+                say(f"private redis-server up at {url}")
+                configure(url)
+                # The workers stop first: they need Redis to shut down cleanly.
+                with celery_workers(
+                    app,
+                    {url_env: url},
+                    logs,
+                    concurrency=concurrency,
+                    nodes=[f"{node}@%h" for node in nodes],
+                ) as workers:
+                    checks = demo(workers)
+        except Exception:  # not on Ctrl-C: the user knows why it stopped
+            for node, log in zip(nodes, logs, strict=True):
+                show_log(log, f"worker {node}'s log")
+            raise
+        status = summary(checks)
+        if status:
+            for node, log in zip(nodes, logs, strict=True):
+                show_log(log, f"worker {node}'s log")
+        return status
 
 
 def _terminated(signum: int, frame: object) -> None:

@@ -34,11 +34,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,9 +48,8 @@ from celery.result import AsyncResult
 from celery_unique import RateLimitedTask, RedisBackend, UniqueTask
 from celery_unique.celery.admin import held_locks
 from celery_unique.signals import task_deferred
-from celery_unique.testing import redis_server
-from demo._report import Check, heading, say, summary
-from demo._worker import celery_workers, records, run, show_log, wait_until
+from demo._report import Check, heading, say
+from demo._worker import records, run, run_fleet, wait_until
 
 # The workers run in other processes and learn the broker from their environment.
 REDIS_URL_ENV = "CELERY_UNIQUE_CONCURRENCY_DEMO_REDIS_URL"
@@ -806,33 +804,14 @@ def demo(workers: Sequence[subprocess.Popen[bytes]]) -> list[Check]:
 
 
 def main() -> int:
-    with ExitStack() as logs_stack:
-        logs = [
-            logs_stack.enter_context(tempfile.TemporaryFile(prefix=f"celery-concurrency-{node}-"))
-            for node in NODES
-        ]
-        try:
-            with redis_server() as url:
-                say(f"private redis-server up at {url}")
-                configure(url)
-                # The workers stop first: they need Redis to shut down cleanly.
-                with celery_workers(
-                    "demo.concurrency",
-                    {REDIS_URL_ENV: url},
-                    logs,
-                    concurrency=CONCURRENCY,
-                    nodes=[f"{node}@%h" for node in NODES],
-                ) as workers:
-                    checks = demo(workers)
-        except Exception:  # not on Ctrl-C: the user knows why it stopped
-            for node, log in zip(NODES, logs, strict=True):
-                show_log(log, f"worker {node}'s log")
-            raise
-        status = summary(checks)
-        if status:
-            for node, log in zip(NODES, logs, strict=True):
-                show_log(log, f"worker {node}'s log")
-        return status
+    return run_fleet(
+        "demo.concurrency",
+        REDIS_URL_ENV,
+        configure,
+        demo,
+        nodes=NODES,
+        concurrency=CONCURRENCY,
+    )
 
 
 if __name__ == "__main__":

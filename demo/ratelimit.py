@@ -27,11 +27,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,9 +39,8 @@ from celery import Celery, Task, signals
 from celery.result import AsyncResult
 
 from celery_unique import RateLimit, RateLimitedTask
-from celery_unique.testing import redis_server
-from demo._report import Check, heading, say, summary
-from demo._worker import celery_workers, records, run, show_log, wait_until
+from demo._report import Check, heading, say
+from demo._worker import records, run, run_fleet, wait_until
 
 # The workers run in other processes and learn the broker from their environment.
 REDIS_URL_ENV = "CELERY_UNIQUE_RATELIMIT_DEMO_REDIS_URL"
@@ -381,36 +379,21 @@ def wait_for_workers(workers: Sequence[subprocess.Popen[bytes]]) -> None:
     say(f"both consuming: {', '.join(sorted(map(str, client.smembers(READY))))}")
 
 
+def demo(workers: list[subprocess.Popen[bytes]]) -> list[Check]:
+    """Both demos, once both workers consume; their checks."""
+    wait_for_workers(workers)
+    return fleet_limit(store(), workers) + celery_limit(store())
+
+
 def main() -> int:
-    with ExitStack() as logs_stack:
-        logs = [
-            logs_stack.enter_context(tempfile.TemporaryFile(prefix=f"celery-ratelimit-{node}-"))
-            for node in NODES
-        ]
-        try:
-            with redis_server() as url:
-                say(f"private redis-server up at {url}")
-                configure(url)
-                # The workers stop first: they need Redis to shut down cleanly.
-                with celery_workers(
-                    "demo.ratelimit",
-                    {REDIS_URL_ENV: url},
-                    logs,
-                    concurrency=CONCURRENCY,
-                    nodes=[f"{node}@%h" for node in NODES],
-                ) as workers:
-                    wait_for_workers(workers)
-                    checks = fleet_limit(store(), workers)
-                    checks += celery_limit(store())
-        except Exception:  # not on Ctrl-C: the user knows why it stopped
-            for node, log in zip(NODES, logs, strict=True):
-                show_log(log, f"worker {node}'s log")
-            raise
-        status = summary(checks)
-        if status:
-            for node, log in zip(NODES, logs, strict=True):
-                show_log(log, f"worker {node}'s log")
-        return status
+    return run_fleet(
+        "demo.ratelimit",
+        REDIS_URL_ENV,
+        configure,
+        demo,
+        nodes=NODES,
+        concurrency=CONCURRENCY,
+    )
 
 
 if __name__ == "__main__":
