@@ -32,11 +32,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from celery_unique import AsyncRedisBackend, RedisBackend
 
 WARMUP = 20  # untimed operations before every timed run, shared among concurrent callers
 CONCURRENCY = (1, 16, 64)  # async tasks the async variants run at
@@ -198,6 +200,48 @@ async def interleave(
             for variant in group[shift:] + group[:shift]:
                 variant.rates.append(await variant.measure(seconds))
         print(f"{label}rep {rep + 1}/{reps} done", file=sys.stderr)
+
+
+def async_group(makers: Mapping[str, Callable[[str], AsyncOp]], concurrency: int) -> list[Variant]:
+    """One variant per maker, each run by ``concurrency`` tasks on names of their own
+    (``makers`` maps a label to a function making one task's operation for a name)."""
+    return [
+        Variant(
+            label,
+            f"async x{concurrency}",
+            timed_async([make(f"bench-a{concurrency}-{n}-{i}") for i in range(concurrency)]),
+            concurrency,
+        )
+        for n, (label, make) in enumerate(makers.items())
+    ]
+
+
+async def run_pairs(
+    url: str,
+    chosen: Settings,
+    scripts: Sequence[Any],
+    sync_variants: Callable[[Any], list[Variant]],
+    async_variants: Callable[[Any, int], list[Variant]],
+    *,
+    label: str,
+) -> list[Variant]:
+    """Load ``scripts`` (whose raw variants call them by SHA), build the sync variants on a
+    sync backend and the async ones on an async backend at each of :data:`CONCURRENCY`, and
+    interleave them all; the measured variants."""
+    backend = RedisBackend.from_url(url)
+    abackend = AsyncRedisBackend.from_url(url)
+    try:
+        for script in scripts:
+            if backend.client.script_load(script.source) != script.sha:
+                raise RuntimeError(f"SCRIPT LOAD of {script.name} gave an unexpected SHA")
+        variants = sync_variants(backend)
+        for concurrency in CONCURRENCY:
+            variants += async_variants(abackend, concurrency)
+        await interleave(variants, chosen.seconds, chosen.reps, label=label)
+    finally:
+        await abackend.aclose()
+        backend.close()
+    return variants
 
 
 # --- what a benchmark reports ----------------------------------------------------------------

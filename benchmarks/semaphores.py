@@ -111,32 +111,18 @@ def async_variants(backend: AsyncRedisBackend, concurrency: int) -> list[h.Varia
         return pair
 
     makers = {RAW: raw, EXECUTOR: ours_executor, ASEMAPHORE: ours_semaphore}
-    group = f"async x{concurrency}"
-    return [
-        h.Variant(
-            label,
-            group,
-            h.timed_async([make(f"bench-a{concurrency}-{n}-{i}") for i in range(concurrency)]),
-            concurrency,
-        )
-        for n, (label, make) in enumerate(makers.items())
-    ]
+    return h.async_group(makers, concurrency)
 
 
 async def run(url: str, chosen: h.Settings) -> h.Section:
-    backend = RedisBackend.from_url(url)
-    abackend = AsyncRedisBackend.from_url(url)
-    try:
-        for script in (SEMAPHORE_ACQUIRE, SEMAPHORE_RELEASE):
-            if backend.client.script_load(script.source) != script.sha:
-                raise RuntimeError(f"SCRIPT LOAD of {script.name} gave an unexpected SHA")
-        variants = sync_variants(backend)
-        for concurrency in h.CONCURRENCY:
-            variants += async_variants(abackend, concurrency)
-        await h.interleave(variants, chosen.seconds, chosen.reps, label="semaphores: ")
-    finally:
-        await abackend.aclose()
-        backend.close()
+    variants = await h.run_pairs(
+        url,
+        chosen,
+        (SEMAPHORE_ACQUIRE, SEMAPHORE_RELEASE),
+        sync_variants,
+        async_variants,
+        label="semaphores: ",
+    )
     return report(variants)
 
 
