@@ -102,27 +102,24 @@ def ssl_options(tls: TLSFiles) -> dict[str, Any]:
     return {"ssl_cert_reqs": "required", **tls.client_kwargs()}
 
 
-@pytest.mark.parametrize("query", ["?ssl_cert_reqs=CERT_REQUIRED", "?ssl_cert_reqs=required", ""])
+@pytest.mark.parametrize(
+    ("query", "use_ssl"),
+    [
+        ("?ssl_cert_reqs=CERT_REQUIRED", {}),
+        ("?ssl_cert_reqs=required", {}),
+        ("", {}),
+        # As Celery's docs write it: redis_backend_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED}.
+        ("", {"ssl_cert_reqs": ssl.CERT_REQUIRED}),
+    ],
+    ids=["query CERT_REQUIRED", "query required", "no check given", "ssl constant"],
+)
 def test_a_tls_result_backend_carries_its_ssl_settings_over(
-    make_app: MakeApp, tls_server: str, tls: TLSFiles, query: str
+    make_app: MakeApp, tls_server: str, tls: TLSFiles, query: str, use_ssl: dict[str, Any]
 ) -> None:
     app = make_app(
         broker_url="memory://",
         result_backend=tls_server + query,
-        redis_backend_use_ssl=tls.client_kwargs(),
-    )
-    works(backend_for(app))
-    works_async(app)
-
-
-def test_an_ssl_constant_as_celerys_docs_give_it_carries_over(
-    make_app: MakeApp, tls_server: str, tls: TLSFiles
-) -> None:
-    # Celery's docs write redis_backend_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED}.
-    app = make_app(
-        broker_url="memory://",
-        result_backend=tls_server,
-        redis_backend_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED, **tls.client_kwargs()},
+        redis_backend_use_ssl={**use_ssl, **tls.client_kwargs()},
     )
     works(backend_for(app))
     works_async(app)
