@@ -11,6 +11,7 @@ asserted.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -28,7 +29,7 @@ import redis
 
 from celery_unique import AsyncRedisBackend, RateLimit, RedisBackend, UniqueTask
 from celery_unique.core.keys import KeySpace
-from celery_unique.testing import RedisServer
+from celery_unique.testing import RedisServer, wait_until
 from tests.celery import app as t
 from tests.celery.conftest import worker_process
 from tests.faults.conftest import redis_time_us, report
@@ -127,11 +128,8 @@ def test_16_processes_200_trials_of_apply_async_exactly_one_publish_each(
 TAGS, DUPLICATES = 25, 20
 
 
-def wait_for(what: str, predicate: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.02)
+def started_once(tag: str) -> bool:
+    return t.runs(tag) == 1
 
 
 def test_500_redeliveries_of_running_tasks_never_run_beside_them(
@@ -140,7 +138,7 @@ def test_500_redeliveries_of_running_tasks_never_run_beside_them(
     with worker_process(redis_url, concurrency=TAGS + 8, pool="threads") as (_, queue):
         tags = [uuid.uuid4().hex for _ in range(TAGS)]
         firsts = [t.redelivered.apply_async((tag,), queue=queue) for tag in tags]
-        wait_for("every first run to start", lambda: all(t.runs(tag) for tag in tags), 30)
+        wait_until("every first run to start", lambda: all(t.runs(tag) for tag in tags), 30)
         # What a broker's redelivery looks like: the same message, same id, published again.
         for tag, first in zip(tags, firsts, strict=True):
             key = t.redelivered.unique_key((tag,))
@@ -150,7 +148,7 @@ def test_500_redeliveries_of_running_tasks_never_run_beside_them(
                 )
         # Every duplicate is delivered while its first runs (each is deferred), then the
         # first runs end.
-        wait_for(
+        wait_until(
             "every duplicate to be delivered",
             lambda: all(t.deferred(tag) >= DUPLICATES for tag in tags),
             120,
@@ -160,7 +158,7 @@ def test_500_redeliveries_of_running_tasks_never_run_beside_them(
         for first in firsts:
             first.get(timeout=60)
         # Deferred copies come back after the run's lease; each ends once, without running.
-        wait_for(
+        wait_until(
             "every delivery to end",
             lambda: all(t.settled(tag) == 1 + DUPLICATES for tag in tags),
             120,
@@ -195,7 +193,7 @@ def test_20_sigkilled_workers_free_their_keys_within_the_lease(
                 for _, queue in workers:
                     tag = uuid.uuid4().hex
                     t.short_lease.apply_async((tag,), queue=queue)  # lease 2 s, body 60 s
-                    wait_for("the run to start", lambda tag=tag: t.runs(tag) == 1, 30)
+                    wait_until("the run to start", functools.partial(started_once, tag), 30)
                     keys.append(KeySpace("cut:").lock(t.short_lease.unique_key((tag, 60))))
                 assert all(client.exists(key) for key in keys)  # held by the runs
                 killed = time.monotonic()
