@@ -207,7 +207,6 @@ class BatchSender:
         # use may be left open once the node drops out of the client's view (a failover).
         # So the client gets a moment's precedence; a caller's sooner deadline is kept.
         bound = budget + _PRECEDENCE if budget >= self.timeout else budget
-        self._see_nodes()
         try:
             async with _timeout(bound):
                 replies = await asyncio.gather(
@@ -216,13 +215,14 @@ class BatchSender:
         except TimeoutError as exc:
             raise backend_error(exc, outcome_unknown=True, waited=budget) from exc
         finally:
-            self._see_nodes()  # and those the call itself found (a refresh of the layout)
+            self._see_nodes()
         return list(replies)
 
     def _see_nodes(self) -> None:
         # A node that fails is dropped from the client's view (its routing table and its
         # startup nodes, which it asks for the layout) with connections still open, and its
-        # close() no longer reaches them: ours will.
+        # close() no longer reaches them: ours will. Noted after each call, so the nodes a
+        # call found (the first one's layout, a refresh) are among them.
         manager = getattr(self.client, "nodes_manager", None)
         if manager is not None:
             for node in (*manager.nodes_cache.values(), *manager.startup_nodes.values()):
