@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import redis
+from celery import signals
 
 from celery_unique.testing import redis_server
 from demo._report import Check, heading, say, summary
@@ -164,17 +165,53 @@ def show_log(log: IO[bytes], title: str = "the worker's log") -> None:
     print("\n".join(tail) or "(empty)", flush=True)
 
 
+READY = "demo:ready"  # the node names of a fleet demo's workers that are consuming
+
+
+def announce_readiness(store: Callable[[], redis.Redis]) -> None:
+    """Connect a fleet demo's worker-side signals to its records (``store``): each pool
+    process connects before its first task, so no run's record is late by a connection's
+    setup, and each worker's main process adds its node name to :data:`READY` once its pool
+    is up and it consumes."""
+
+    def connect_early(**_: Any) -> None:
+        store().ping()
+
+    def worker_ready(sender: Any = None, **_: Any) -> None:
+        store().sadd(READY, sender.hostname)
+
+    uid = store.__module__
+    signals.worker_process_init.connect(connect_early, weak=False, dispatch_uid=f"{uid}.early")
+    signals.worker_ready.connect(worker_ready, weak=False, dispatch_uid=f"{uid}.ready")
+
+
+def _wait_for_fleet(
+    workers: Sequence[subprocess.Popen[bytes]],
+    store: Callable[[], redis.Redis],
+    nodes: Sequence[str],
+    concurrency: int,
+) -> None:
+    # Every worker consumes before the demo starts, so that its calls meet all of them.
+    pids = ", ".join(f"{node} pid {w.pid}" for node, w in zip(nodes, workers, strict=True))
+    say(f"celery workers starting ({pids}; prefork, {concurrency} processes each)")
+    client = store()
+    wait_until(lambda: client.scard(READY) == len(nodes), workers, "every worker to be ready")
+    say(f"all consuming: {', '.join(sorted(map(str, client.smembers(READY))))}")
+
+
 def run_fleet(
     app: str,
     url_env: str,
     configure: Callable[[str], None],
+    store: Callable[[], redis.Redis],
     demo: Callable[[list[subprocess.Popen[bytes]]], list[Check]],
     *,
     nodes: Sequence[str],
     concurrency: int,
 ) -> int:
-    """Start a private redis-server and one worker of ``app`` per node on it, run ``demo``
-    against them and print its checks' summary (the workers' logs too, when one failed or
+    """Start a private redis-server and one worker of ``app`` per node on it, wait until
+    every worker consumes (see :func:`announce_readiness`), run ``demo`` against them and
+    print its checks' summary (the workers' logs too, when one failed or
     the demo raised); the exit status."""
     with ExitStack() as logs_stack:
         logs = [
@@ -193,6 +230,7 @@ def run_fleet(
                     concurrency=concurrency,
                     nodes=[f"{node}@%h" for node in nodes],
                 ) as workers:
+                    _wait_for_fleet(workers, store, nodes, concurrency)
                     checks = demo(workers)
         except Exception:  # not on Ctrl-C: the user knows why it stopped
             for node, log in zip(nodes, logs, strict=True):

@@ -42,14 +42,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
-from celery import Celery, Task, signals
+from celery import Celery, Task
 from celery.result import AsyncResult
 
 from celery_unique import RateLimitedTask, RedisBackend, UniqueTask
 from celery_unique.celery.admin import held_locks
 from celery_unique.signals import task_deferred
 from demo._report import Check, heading, say
-from demo._worker import records, run, run_fleet, wait_until
+from demo._worker import announce_readiness, records, run, run_fleet, wait_until
 
 # The workers run in other processes and learn the broker from their environment.
 REDIS_URL_ENV = "CELERY_UNIQUE_CONCURRENCY_DEMO_REDIS_URL"
@@ -77,7 +77,6 @@ FREE_RUNS = "demo:free-runs"  # the same for the call without the limit
 RUNNING = "demo:running"  # a hash: node -> runs of call_partner_api in progress there
 DEFERRALS = "demo:deferrals"  # one JSON record per task_deferred signal, any task
 REBUILDS = "demo:rebuilds"  # one JSON record per start or end of a rebuild
-READY = "demo:ready"  # the node names of the workers that are consuming
 
 # --- the Celery app: the workers import this module and find it here -----------------------
 
@@ -251,17 +250,7 @@ def _record_deferral(
     client.rpush(DEFERRALS, json.dumps(asdict(found)))
 
 
-@signals.worker_process_init.connect(weak=False, dispatch_uid="demo.connect_early")
-def _connect_early(**_: Any) -> None:
-    # Each pool process connects before its first task, so no run's record is late by a
-    # connection's setup.
-    store().ping()
-
-
-@signals.worker_ready.connect(weak=False, dispatch_uid="demo.worker_ready")
-def _worker_ready(sender: Any = None, **_: Any) -> None:
-    # Sent by a worker's main process once its pool is up and it consumes.
-    store().sadd(READY, sender.hostname)
+announce_readiness(store)
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -781,21 +770,9 @@ def leftovers(backend: RedisBackend) -> list[Check]:
     ]
 
 
-def wait_for_workers(workers: Sequence[subprocess.Popen[bytes]]) -> None:
-    """Wait until every worker consumes, so that the calls meet all of them."""
-    pids = ", ".join(
-        f"{node} pid {worker.pid}" for node, worker in zip(NODES, workers, strict=True)
-    )
-    say(f"celery workers starting ({pids}; prefork, {CONCURRENCY} processes each)")
-    client = store()
-    wait_until(lambda: client.scard(READY) == len(NODES), workers, "both workers to be ready")
-    say(f"both consuming: {', '.join(sorted(map(str, client.smembers(READY))))}")
-
-
 def demo(workers: Sequence[subprocess.Popen[bytes]]) -> list[Check]:
     client = store()
     backend = RedisBackend(client, key_prefix=KEY_PREFIX)
-    wait_for_workers(workers)
     checks = concurrency_limit(client, backend, workers)
     checks += celery_concurrency(client)
     checks += while_running(client, backend, workers)
@@ -808,6 +785,7 @@ def main() -> int:
         "demo.concurrency",
         REDIS_URL_ENV,
         configure,
+        store,
         demo,
         nodes=NODES,
         concurrency=CONCURRENCY,

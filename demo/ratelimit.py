@@ -40,7 +40,7 @@ from celery.result import AsyncResult
 
 from celery_unique import RateLimit, RateLimitedTask
 from demo._report import Check, heading, say
-from demo._worker import records, run, run_fleet, wait_until
+from demo._worker import announce_readiness, records, run, run_fleet, wait_until
 
 # The workers run in other processes and learn the broker from their environment.
 REDIS_URL_ENV = "CELERY_UNIQUE_RATELIMIT_DEMO_REDIS_URL"
@@ -60,7 +60,6 @@ CLOCK_SLACK = 0.05
 RUNS = "demo:runs"  # one JSON record per run of call_partner_api
 CELERY_RUNS = "demo:celery-runs"  # the same for the task limited by Celery's rate_limit
 DEFERRALS = "demo:deferrals"  # over-limit runs put back in the queue
-READY = "demo:ready"  # the node names of the workers that are consuming
 
 # --- the Celery app: the workers import this module and find it here -----------------------
 
@@ -131,17 +130,7 @@ def _count_deferral(sender: Any = None, **_: Any) -> None:
         store().incr(DEFERRALS)
 
 
-@signals.worker_process_init.connect(weak=False, dispatch_uid="demo.connect_early")
-def _connect_early(**_: Any) -> None:
-    # Each pool process connects before its first task, so no run's recorded start is late
-    # by a connection's setup.
-    store().ping()
-
-
-@signals.worker_ready.connect(weak=False, dispatch_uid="demo.worker_ready")
-def _worker_ready(sender: Any = None, **_: Any) -> None:
-    # Sent by a worker's main process once its pool is up and it consumes.
-    store().sadd(READY, sender.hostname)
+announce_readiness(store)
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -368,20 +357,8 @@ def celery_limit(client: redis.Redis) -> list[Check]:
 # --- main ------------------------------------------------------------------------------------
 
 
-def wait_for_workers(workers: Sequence[subprocess.Popen[bytes]]) -> None:
-    """Wait until every worker consumes, so that the calls meet all of them."""
-    pids = ", ".join(
-        f"{node} pid {worker.pid}" for node, worker in zip(NODES, workers, strict=True)
-    )
-    say(f"celery workers starting ({pids}; prefork, {CONCURRENCY} processes each)")
-    client = store()
-    wait_until(lambda: client.scard(READY) == len(NODES), workers, "both workers to be ready")
-    say(f"both consuming: {', '.join(sorted(map(str, client.smembers(READY))))}")
-
-
 def demo(workers: list[subprocess.Popen[bytes]]) -> list[Check]:
     """Both demos, once both workers consume; their checks."""
-    wait_for_workers(workers)
     return fleet_limit(store(), workers) + celery_limit(store())
 
 
@@ -390,6 +367,7 @@ def main() -> int:
         "demo.ratelimit",
         REDIS_URL_ENV,
         configure,
+        store,
         demo,
         nodes=NODES,
         concurrency=CONCURRENCY,
