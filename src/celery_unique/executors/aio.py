@@ -8,7 +8,6 @@ the core's flows over them. Every operation ends within its deadline, as the syn
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,18 +16,17 @@ from typing import Any, TypeVar
 import anyio
 import redis.exceptions as rex
 
-from ..core.eviction import POLICY_CHECK, eviction_warning
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
 from ..errors import BackendError, BackendUnavailable
 from .batching import Batcher, Request
 from .connections import aclose_client, deadline_of
 from .errors import backend_error
+from .policy import EvictionCheck
 from .sender import BatchSender
 
 __all__ = ["AsyncRedisExecutor"]
 
 T = TypeVar("T")
-logger = logging.getLogger("celery_unique")
 # Executors alive in this process, for the fork hook below.
 _live: weakref.WeakSet[AsyncRedisExecutor] = weakref.WeakSet()
 
@@ -49,7 +47,7 @@ class AsyncRedisExecutor:
         self.timeout = deadline_of(client, timeout)
         self._sender = BatchSender(client, self.timeout, read_streams=read_streams)
         self._batcher = Batcher(self._sender)
-        self._unchecked = True  # the server's eviction policy is still to be read
+        self._eviction = EvictionCheck()
         _live.add(self)
 
     def after_fork(self) -> None:
@@ -61,15 +59,16 @@ class AsyncRedisExecutor:
 
     async def execute(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
-        if self._unchecked:
+        if self._eviction.pending:
             return op.parse(await self._checked(op.step))
         return op.parse(await self._batcher.one(op.step))
 
     def _with_policy_check(self, step: Eval | Call) -> Request:
         # The first command takes the eviction policy check along in its own batch: no
         # round trip of its own, no caller waits for it, and its answer is read by a callback.
-        self._unchecked = False
-        check, request = self._batcher.request_all((POLICY_CHECK.step, step))
+        if not self._eviction.claim():
+            return self._batcher.request(step)
+        check, request = self._batcher.request_all((EvictionCheck.step, step))
         assert check.future is not None
         check.future.add_done_callback(self._policy_read)
         return request
@@ -80,13 +79,12 @@ class AsyncRedisExecutor:
         return await future
 
     def _policy_read(self, check: asyncio.Future[Any]) -> None:
-        error = None if check.cancelled() else check.exception()
-        if check.cancelled() or isinstance(error, BackendUnavailable):
-            self._unchecked = True  # no answer: ask again at the next use
-        elif error is None:  # an error: CONFIG refused (ACL, renamed), nothing to go on
-            policy = POLICY_CHECK.parse(check.result())
-            if policy is not None:
-                logger.warning(eviction_warning(policy))
+        if check.cancelled():
+            self._eviction.unanswered()
+            return
+        error = check.exception()
+        reply = check.result() if error is None else error
+        self._eviction.answered(reply, unreachable=isinstance(error, BackendUnavailable))
 
     async def run(self, flow: Flow[T], *, see_through: Callable[[Any], object] | None = None) -> T:
         """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.
@@ -106,7 +104,7 @@ class AsyncRedisExecutor:
                 try:
                     if see_through is not None:
                         reply = await self._seen_through(step, see_through)
-                    elif self._unchecked:
+                    elif self._eviction.pending:
                         reply = await self._checked(step)
                     else:
                         reply = await self._batcher.one(step)
@@ -128,7 +126,8 @@ class AsyncRedisExecutor:
         # The caller awaits its reply's future itself (a shield would cost every caller a loop
         # turn and split the next batch); once cancelled, the batcher hands what the command
         # got to ``outcome``, if it was sent.
-        request = self._with_policy_check(step) if self._unchecked else self._batcher.request(step)
+        pending = self._eviction.pending
+        request = self._with_policy_check(step) if pending else self._batcher.request(step)
         assert request.future is not None
         try:
             return await request.future

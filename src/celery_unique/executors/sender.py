@@ -30,6 +30,7 @@ from ..core.steps import Call, Eval, is_idempotent
 from .batching import Request
 from .connections import checkout_async, decoder, direct_pool, packer
 from .errors import CLOSED_UNDER_US, backend_error, closed_under_us, refused_by_replica
+from .policy import Budget
 from .wire import INCOMPLETE, Reader
 
 __all__ = ["BatchSender"]
@@ -70,21 +71,18 @@ class BatchSender:
 
     async def __call__(self, batch: list[Request]) -> list[Any]:
         steps = [request.step for request in batch]
-        budget = min([self.timeout, *(s.timeout for s in steps if s.timeout is not None)])
-        if self._pool is None:
-            return await self._through_client(steps, budget)
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        again = True  # one more send is allowed, where it is safe
+        budget = Budget(loop.time(), self.timeout, (s.timeout for s in steps))
+        if self._pool is None:
+            return await self._through_client(steps, budget.total)
         while True:
-            left = started + budget - loop.time()
             try:
-                async with _timeout(left):
+                async with _timeout(budget.left(loop.time())):
                     connection = await checkout_async(self._pool)
             except (rex.RedisError, TimeoutError) as exc:
-                raise backend_error(exc, waited=loop.time() - started) from exc
+                raise backend_error(exc, waited=budget.waited(loop.time())) from exc
             except CLOSED_UNDER_US as exc:
-                waited = loop.time() - started
+                waited = budget.waited(loop.time())
                 raise backend_error(closed_under_us(exc), waited=waited) from exc
             # Waiting for a free connection takes time: drop who gave up meanwhile.
             live = [i for i, request in enumerate(batch) if not request.cancelled()]
@@ -94,7 +92,7 @@ class BatchSender:
             sent = False
             try:
                 if live:
-                    async with _timeout(started + budget - loop.time()):
+                    async with _timeout(budget.left(loop.time())):
                         await connection.send_packed_command(
                             b"".join(self._pack(steps[i]) for i in live)
                         )
@@ -106,16 +104,18 @@ class BatchSender:
             except _FAILED as caught:
                 broken = caught if isinstance(caught, _BROKEN_OR_LATE) else closed_under_us(caught)
                 await self._drop(connection)
-                resend = not sent or (
-                    isinstance(broken, rex.ConnectionError) and all(map(is_idempotent, steps))
-                )
-                if again and resend and loop.time() < started + budget:
-                    again = False
+                if budget.resend(
+                    loop.time(),
+                    sent=sent,
+                    connection_lost=isinstance(broken, rex.ConnectionError),
+                    idempotent=all(map(is_idempotent, steps)),
+                ):
                     continue
+                replica = refused_by_replica(broken)
                 raise backend_error(
                     broken,
-                    outcome_unknown=sent and not refused_by_replica(broken),
-                    waited=loop.time() - started,
+                    outcome_unknown=budget.outcome_unknown(sent=sent, refused_by_replica=replica),
+                    waited=budget.waited(loop.time()),
                 ) from caught
             except BaseException:
                 await self._drop(connection)

@@ -5,16 +5,15 @@ once per script and argument tuple (:mod:`.wire`) and sent with redis-py's
 ``send_packed_command``, the reply read with ``read_response``. Most of a redis-py call is its
 generic command machinery, not the round trip, so this is what makes a lock call cheap.
 
-Every operation ends within its deadline (the client's ``socket_timeout``, or a sooner one a
-step asks for): a slow connect leaves the read only what is left of it. A command is sent
-again only when it cannot have run (the connection failed before it was sent) or running it
-twice is harmless (an idempotent script), and only within the same deadline. NOSCRIPT (a
-restarted or flushed server) loads the script and sends the command once more.
+Every operation follows the send policy of :mod:`.policy`: one budget (the client's
+``socket_timeout``, or a sooner deadline a step asks for) covers taking a connection
+(connecting and the handshake included), the write, the read, a NOSCRIPT reload and the one
+resend.
 """
 
 from __future__ import annotations
 
-import logging
+import concurrent.futures
 import os
 import threading
 import time
@@ -23,11 +22,11 @@ from typing import Any, TypeVar
 
 import redis.exceptions as rex
 
-from ..core.eviction import POLICY_CHECK, eviction_warning
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step, is_idempotent
 from ..errors import BackendError
 from .connections import checkout, close_client, deadline_of, direct_pool, packer
 from .errors import CLOSED_UNDER_US, backend_error, closed_under_us, refused_by_replica
+from .policy import Budget, EvictionCheck
 
 __all__ = ["RedisExecutor"]
 
@@ -36,7 +35,8 @@ _BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
 _FAILED: tuple[type[Exception], ...] = (*_BROKEN, *CLOSED_UNDER_US)
 # How far past its deadline a read may end rather than pay for a bounded wait (``can_read``).
 _SLACK = 0.05
-logger = logging.getLogger("celery_unique")
+# Helper threads per executor that take connections from the pool (see _checkout).
+_CONNECTORS = 8
 # Connections an executor keeps between operations instead of handing them back to the pool:
 # a pool checkout and release (its lock, queue, metrics and unread-data check, three
 # syscalls) cost more than the rest of a lock call's Python.
@@ -53,14 +53,16 @@ class RedisExecutor:
     def __init__(self, client: Any, *, timeout: float | None = None) -> None:
         self.client = client
         self.timeout = deadline_of(client, timeout)
-        # The server's eviction policy is still to be read: the first command takes the
-        # CONFIG GET along in its own write (a cluster's asks after it), once.
-        self._unchecked = True
-        self._check_lock = threading.Lock()
+        # The first command takes the eviction check along in its own write (a cluster's
+        # asks after it), once.
+        self._eviction = EvictionCheck()
         self._pool = direct_pool(client)
+        # Threads that take connections from the pool for callers (see _checkout).
+        self._connect_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._connect_pid = 0
         if self._pool is not None:
             self._packer = packer(self._pool)
-            self._policy_query = self._packer.command(POLICY_CHECK.step.args)
+            self._policy_query = self._packer.command(EvictionCheck.step.args)
             kwargs = self._pool.connection_kwargs
             socket_timeout = kwargs.get("socket_timeout")
             # Connections whose own socket timeout is at most the deadline need no extra
@@ -127,6 +129,8 @@ class RedisExecutor:
         """Close the client and its connections (a cluster's nodes', a Sentinel client's
         sentinels' too)."""
         self._hand_back_idle()
+        if self._connect_pool is not None:
+            self._connect_pool.shutdown(wait=False, cancel_futures=True)
         close_client(self.client)
 
     def _hand_back_idle(self) -> None:
@@ -136,7 +140,7 @@ class RedisExecutor:
             for connection in idle:
                 self._pool.release(connection)
 
-    def _take(self, pool: Any) -> Any:
+    def _take(self, pool: Any, budget: Budget) -> Any:
         """A connection: one kept from an earlier operation if it is still sound, else the
         pool's (which checks a connection before it lends it)."""
         if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
@@ -154,7 +158,7 @@ class RedisExecutor:
             connection.disconnect()  # closed by the server, or unread data: start afresh
             pool.release(connection)
         try:
-            return checkout(pool)
+            return self._checkout(pool, budget)
         finally:
             with self._idle_lock:
                 self._wanting -= 1
@@ -166,43 +170,65 @@ class RedisExecutor:
                 return
         pool.release(connection)
 
-    def _claim_check(self) -> bool:
-        """Whether this call reads the eviction policy: the first one to ask, once."""
-        with self._check_lock:
-            claimed, self._unchecked = self._unchecked, False
-            return claimed
+    def _checkout(self, pool: Any, budget: Budget) -> Any:
+        """A connection from the pool within what is left of ``budget``.
+
+        A checkout may connect: the TCP connect, TLS and the handshake run inside redis-py
+        under the connection's own timeouts, which know nothing of this operation's deadline.
+        So it runs on a helper thread and the caller waits only for what is left; a checkout
+        that ends after its caller gave up hands its connection back to the pool.
+        """
+        left = budget.left(time.monotonic())
+        if left <= 0:
+            raise rex.TimeoutError("no time left to take a connection")
+        future = self._connector().submit(checkout, pool)
+        try:
+            return future.result(timeout=left)
+        except concurrent.futures.TimeoutError:
+            if not future.cancel():  # under way: let it finish, and give its connection back
+                future.add_done_callback(self._hand_back_late)
+            raise rex.TimeoutError("Timeout connecting to Redis") from None
+
+    def _connector(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._idle_lock:
+            if self._connect_pool is None or self._connect_pid != os.getpid():
+                # A forked child has none of its parent's threads: start its own.
+                self._connect_pool = concurrent.futures.ThreadPoolExecutor(
+                    _CONNECTORS, thread_name_prefix="celery-unique connect"
+                )
+                self._connect_pid = os.getpid()
+            return self._connect_pool
+
+    def _hand_back_late(self, future: concurrent.futures.Future[Any]) -> None:
+        if self._pool is not None and not future.cancelled() and future.exception() is None:
+            self._pool.release(future.result())
 
     def _policy_read(self, reply: Any) -> None:
         """Log the eviction warning if ``reply`` (or the error it was) says so."""
-        if isinstance(reply, rex.ConnectionError | rex.TimeoutError | OSError):
-            self._unchecked = True  # no answer: ask again at the next use
-        elif not isinstance(reply, BaseException):  # an error: CONFIG refused, nothing to go on
-            policy = POLICY_CHECK.parse(reply)
-            if policy is not None:
-                logger.warning(eviction_warning(policy))
+        self._eviction.answered(reply, unreachable=isinstance(reply, _BROKEN))
 
     def _send(self, step: Eval | Call) -> Any:
         if self._pool is None:
             return self._through_client(step)
-        started = time.monotonic()
-        budget = self.timeout if step.timeout is None else min(self.timeout, step.timeout)
-        deadline = started + budget
+        clock = time.monotonic
+        budget = Budget(clock(), self.timeout, (step.timeout,))
         data = self._pack(step)
-        again = True  # one more send is allowed, where it is safe
         while True:
             sent = False
             try:
-                connection = self._take(self._pool)
+                connection = self._take(self._pool, budget)
             except rex.RedisError as exc:
                 # Nothing was sent. redis-py's own retry policy already covered the connect.
-                raise backend_error(exc, waited=time.monotonic() - started) from exc
+                raise backend_error(exc, waited=budget.waited(clock())) from exc
             except CLOSED_UNDER_US as exc:  # its health check met a socket closed meanwhile
-                waited = time.monotonic() - started
+                waited = budget.waited(clock())
                 raise backend_error(closed_under_us(exc), waited=waited) from exc
-            if time.monotonic() >= deadline:  # the wait for a free connection used it up
+            if budget.spent(clock()):  # the wait for a free connection used it up
                 self._pool.release(connection)
-                raise backend_error(rex.TimeoutError("no pooled connection in time"), waited=budget)
-            checking = self._unchecked and self._claim_check()
+                raise backend_error(
+                    rex.TimeoutError("no pooled connection in time"), waited=budget.waited(clock())
+                )
+            checking = self._eviction.claim()
             try:
                 if checking:
                     connection.send_packed_command((self._policy_query, data))
@@ -210,12 +236,12 @@ class RedisExecutor:
                     connection.send_packed_command((data,))
                 sent = True
                 if checking:
-                    self._policy_read(self._reply_or_error(connection, deadline))
+                    self._policy_read(self._reply_or_error(connection, budget.deadline))
                     checking = False
                 try:
-                    reply = self._read(connection, deadline)
+                    reply = self._read(connection, budget.deadline)
                 except rex.NoScriptError:
-                    reply = self._load_and_resend(connection, step, data, deadline)
+                    reply = self._load_and_resend(connection, step, data, budget.deadline)
             except rex.ResponseError as exc:
                 if refused_by_replica(exc):
                     connection.disconnect()  # an old master: reconnect to the current one
@@ -226,17 +252,20 @@ class RedisExecutor:
                 connection.disconnect()
                 self._pool.release(connection)
                 if checking:
-                    self._unchecked = True  # its reply was never read: ask again later
-                if again and time.monotonic() < deadline and self._may_resend(step, sent, broken):
-                    again = False
+                    self._eviction.unanswered()  # its reply was never read: ask again later
+                lost = isinstance(broken, rex.ConnectionError)
+                if budget.resend(
+                    clock(), sent=sent, connection_lost=lost, idempotent=is_idempotent(step)
+                ):
                     continue
-                ran = sent and not refused_by_replica(broken)
+                replica = refused_by_replica(broken)
+                unknown = budget.outcome_unknown(sent=sent, refused_by_replica=replica)
                 raise backend_error(
-                    broken, outcome_unknown=ran, waited=time.monotonic() - started
+                    broken, outcome_unknown=unknown, waited=budget.waited(clock())
                 ) from caught
             except BaseException:
                 if checking:
-                    self._unchecked = True
+                    self._eviction.unanswered()
                 # Interrupted mid-exchange (KeyboardInterrupt, a signal's exception): the
                 # stream is in an unknown state, so the connection is not reused.
                 connection.disconnect()
@@ -244,12 +273,6 @@ class RedisExecutor:
                 raise
             self._keep(self._pool, connection)
             return reply
-
-    @staticmethod
-    def _may_resend(step: Eval | Call, sent: bool, exc: BaseException) -> bool:
-        # A timeout used the deadline up; a broken connection after the send left the
-        # command's fate unknown, which only an idempotent command may shrug off.
-        return not sent or (isinstance(exc, rex.ConnectionError) and is_idempotent(step))
 
     def _read(self, connection: Any, deadline: float) -> Any:
         left = deadline - time.monotonic()
@@ -296,11 +319,11 @@ class RedisExecutor:
             raise backend_error(exc) from exc
         except CLOSED_UNDER_US as exc:
             raise backend_error(closed_under_us(exc), outcome_unknown=True) from exc
-        if self._unchecked and self._claim_check():
+        if self._eviction.claim():
             # A cluster routes each command itself: the policy check follows the first
             # answered command, on a cluster that has just answered.
             try:
-                self._policy_read(client.execute_command(*POLICY_CHECK.step.args))
+                self._policy_read(client.execute_command(*EvictionCheck.step.args))
             except rex.RedisError as exc:
                 self._policy_read(exc)
         return reply
