@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 
 from .core import locks, semaphores
-from .core.holding import Attempt
+from .core.holding import Attempt, stamped
 from .core.keys import KeySpace
 from .core.results import Acquisition, Slot
 from .core.steps import Flow, Op, check_timeout, to_ms
@@ -36,8 +36,16 @@ logger = logging.getLogger("celery_unique")
 
 E = TypeVar("E")  # the executor: "Executor" for the sync flavour, "AsyncExecutor" for asyncio
 
-# Background clean-ups of the asyncio flavour, kept referenced until they are done.
-_CLEANUPS: set[asyncio.Task[Any]] = set()
+# Background tasks of the asyncio flavour (clean-ups, renewals), kept referenced until they
+# are done: the event loop itself keeps only weak references to tasks.
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def _in_background(coro: Any) -> asyncio.Task[Any]:
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task
 
 
 def _new_token() -> str:
@@ -49,7 +57,7 @@ class _Lease(Generic[E]):
     """State and decisions shared by every flavour of every held thing."""
 
     _what = "lock"  # how messages name it
-    _renewal: Any = None  # the renewal thread (sync) or task (asyncio) while it runs
+    _renewal: _Renewal | None = None  # the renewal (a thread, or a task) while it runs
 
     def __init__(
         self,
@@ -99,7 +107,7 @@ class _Lease(Generic[E]):
     def _extend_op(self, ttl: float) -> Op[bool]:
         raise NotImplementedError
 
-    def _renew_flow(self) -> Flow[str]:
+    def _renew_flow(self, since: float, stopped: Callable[[], bool]) -> Flow[str]:
         raise NotImplementedError
 
     def _cleanup_flow(self, token: str) -> Flow[bool]:
@@ -111,6 +119,24 @@ class _Lease(Generic[E]):
     def renewing(self) -> bool:
         """Whether auto-renewal is extending the lease right now."""
         return self._renewal is not None
+
+    def _stop_renewal(self) -> None:
+        """Stop renewing, for sure and at once: from here no extend is sent (the renewal
+        checks its stop before each), and nothing waits for the renewal to wind down, so a
+        renewal stuck in a command (or one whose cancellation the runtime swallowed) cannot
+        hold the release up. An extend already sent is owner-checked and harmless."""
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None:
+            renewal.stop.set()
+            renewal.interrupt()
+
+    def _renewal_ended(self, renewal: _Renewal, reason: str) -> None:
+        """A renewal's flow returned ``reason``; report a loss unless it was stopped."""
+        if reason == "stopped" or renewal.stop.is_set():
+            return
+        if self._renewal is renewal:
+            self._renewal = None
+        self._renewal_stopped(reason)
 
     def __repr__(self) -> str:
         state = "held" if self._held else "lost" if self.lost else "not held"
@@ -185,6 +211,17 @@ class _Stopped(Exception):
     """Raised inside the renewal thread's sleep when the lease is given up."""
 
 
+class _Renewal:
+    """A running renewal: its stop flag, and how to cut its wait short (wake a thread's
+    sleep, cancel a task)."""
+
+    __slots__ = ("interrupt", "stop")
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.interrupt: Callable[[], object] = lambda: None
+
+
 class _SyncLease(_Lease[Executor]):
     """The threads flavour: renewal and clean-ups run on daemon threads."""
 
@@ -192,7 +229,9 @@ class _SyncLease(_Lease[Executor]):
         """Take it; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
         was_held = self._held
         try:
-            result = self._executor.run(self._acquire_flow(blocking, timeout))
+            result, sent = self._executor.run(
+                stamped(self._acquire_flow(blocking, timeout), time.monotonic)
+            )
         except BackendError as exc:
             if exc.outcome_unknown and not was_held:
                 self._release_later(self._rotate_token())
@@ -203,7 +242,7 @@ class _SyncLease(_Lease[Executor]):
                 self._release_later(self._rotate_token())
             raise
         if self._record(result):
-            self._start_renewal()
+            self._start_renewal(sent)
         return bool(result.acquired)
 
     def release(self) -> None:
@@ -258,10 +297,12 @@ class _SyncLease(_Lease[Executor]):
 
         threading.Thread(target=run, name=f"celery-unique free {self.name}", daemon=True).start()
 
-    def _start_renewal(self) -> None:
+    def _start_renewal(self, since: float) -> None:
+        """Renew from a daemon thread, the lease counted from ``since`` (the acquire's send)."""
         if self._renewal is not None:
             return
-        stop = threading.Event()
+        renewal = _Renewal()
+        stop = renewal.stop
 
         def sleep(seconds: float) -> None:
             if stop.wait(seconds):
@@ -269,23 +310,14 @@ class _SyncLease(_Lease[Executor]):
 
         def run() -> None:
             try:
-                reason = self._executor.run(self._renew_flow(), sleep=sleep)
+                reason = self._executor.run(self._renew_flow(since, stop.is_set), sleep=sleep)
             except _Stopped:
                 return
-            self._renewal = None
-            self._renewal_stopped(reason)
+            self._renewal_ended(renewal, reason)
 
-        thread = threading.Thread(target=run, name=f"celery-unique renew {self.name}", daemon=True)
-        self._renewal = (thread, stop)
-        thread.start()
-
-    def _stop_renewal(self) -> None:
-        renewal, self._renewal = self._renewal, None
-        if renewal is not None:
-            thread, stop = renewal
-            stop.set()
-            if thread is not threading.current_thread():
-                thread.join()
+        self._renewal = renewal
+        name = f"celery-unique renew {self.name}"
+        threading.Thread(target=run, name=name, daemon=True).start()
 
 
 class _AsyncLease(_Lease[AsyncExecutor]):
@@ -298,8 +330,9 @@ class _AsyncLease(_Lease[AsyncExecutor]):
         was_held = self._held
         in_flight: list[Any] = []
         try:
-            result = await self._executor.run(
-                self._acquire_flow(blocking, timeout), see_through=in_flight.append
+            result, sent = await self._executor.run(
+                stamped(self._acquire_flow(blocking, timeout), time.monotonic),
+                see_through=in_flight.append,
             )
         except BackendError as exc:
             if exc.outcome_unknown and not was_held:
@@ -317,13 +350,12 @@ class _AsyncLease(_Lease[AsyncExecutor]):
                     await self._release_quietly()
             raise
         if self._record(result):
-            self._start_renewal()
+            self._start_renewal(sent)
         return bool(result.acquired)
 
     async def release(self) -> None:
         """Give it up; :class:`LockNotOwnedError` if this owner no longer holds it."""
-        if self._renewal is not None:  # (an await less on the common path)
-            await self._stop_renewal()
+        self._stop_renewal()
         if not await self._executor.execute(self._release_op(self.token)):
             raise self._not_owned("release")
         self._held = False
@@ -331,7 +363,7 @@ class _AsyncLease(_Lease[AsyncExecutor]):
     async def release_in_background(self) -> None:
         """Give it up without waiting: a task of the running loop sends the release; see
         :meth:`Lock.release_in_background`."""
-        await self._stop_renewal()
+        self._stop_renewal()
         self._held = False
         self._release_later(self.token)
 
@@ -342,7 +374,7 @@ class _AsyncLease(_Lease[AsyncExecutor]):
 
     async def abandon(self) -> None:
         """Stop renewing and forget it without releasing: it expires by its TTL."""
-        await self._stop_renewal()
+        self._stop_renewal()
         self._held = False
 
     async def __aenter__(self) -> Any:
@@ -376,24 +408,20 @@ class _AsyncLease(_Lease[AsyncExecutor]):
             except Exception:
                 self._cleanup_failed()
 
-        task = asyncio.get_running_loop().create_task(run())
-        _CLEANUPS.add(task)
-        task.add_done_callback(_CLEANUPS.discard)
+        _in_background(run())
 
-    def _start_renewal(self) -> None:
-        if self._renewal is None:
-            self._renewal = asyncio.get_running_loop().create_task(self._renew())
+    def _start_renewal(self, since: float) -> None:
+        """Renew from a task of the running loop, the lease counted from ``since``."""
+        if self._renewal is not None:
+            return
+        renewal = _Renewal()
+        task = _in_background(self._renew(renewal, since))
+        renewal.interrupt = task.cancel
+        self._renewal = renewal
 
-    async def _renew(self) -> None:
-        reason = await self._executor.run(self._renew_flow())
-        self._renewal = None
-        self._renewal_stopped(reason)
-
-    async def _stop_renewal(self) -> None:
-        task, self._renewal = self._renewal, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            await asyncio.wait([task])
+    async def _renew(self, renewal: _Renewal, since: float) -> None:
+        reason = await self._executor.run(self._renew_flow(since, renewal.stop.is_set))
+        self._renewal_ended(renewal, reason)
 
 
 async def _shielded(coro: Any) -> Any:
@@ -456,9 +484,15 @@ class _LockKind(_Lease[E]):
     def _extend_op(self, ttl: float) -> Op[bool]:
         return locks.extend(self._key, self.token, ttl)
 
-    def _renew_flow(self) -> Flow[str]:
+    def _renew_flow(self, since: float, stopped: Callable[[], bool]) -> Flow[str]:
         return locks.renew(
-            self._key, self.token, self.ttl, clock=time.monotonic, until=self._renew_until
+            self._key,
+            self.token,
+            self.ttl,
+            clock=time.monotonic,
+            until=self._renew_until,
+            since=since,
+            stopped=stopped,
         )
 
     def _cleanup_flow(self, token: str) -> Flow[bool]:
@@ -493,9 +527,10 @@ class Lock(_LockKind[Executor], _SyncLease):
         is freed in the same atomic step if ``predecessor`` holds it. The returned
         :class:`Acquisition` names the holder when it was another token.
         """
+        sent = time.monotonic()
         result = self._executor.execute(self._take_over_op(predecessor, freeing))
         if self._record(result):
-            self._start_renewal()
+            self._start_renewal(sent)
         return result
 
     def hand_over(self, token: str, ttl: float) -> Acquisition:
@@ -531,14 +566,15 @@ class AsyncLock(_LockKind[AsyncExecutor], _AsyncLease):
     async def take_over(self, predecessor: str, *, freeing: str | None = None) -> Acquisition:
         """Acquire in one attempt, also when the lock is held by token ``predecessor``; see
         :meth:`Lock.take_over`."""
+        sent = time.monotonic()
         result = await self._executor.execute(self._take_over_op(predecessor, freeing))
         if self._record(result):
-            self._start_renewal()
+            self._start_renewal(sent)
         return result
 
     async def hand_over(self, token: str, ttl: float) -> Acquisition:
         """Pass the lock to ``token`` for ``ttl`` seconds; see :meth:`Lock.hand_over`."""
-        await self._stop_renewal()
+        self._stop_renewal()
         self._held = False
         return await self._executor.execute(locks.acquire_once(self._key, token, ttl, self.token))
 
@@ -612,9 +648,15 @@ class _SemaphoreKind(_Lease[E]):
     def _extend_op(self, ttl: float) -> Op[bool]:
         return semaphores.extend(self._key, self.token, ttl)
 
-    def _renew_flow(self) -> Flow[str]:
+    def _renew_flow(self, since: float, stopped: Callable[[], bool]) -> Flow[str]:
         return semaphores.renew(
-            self._key, self.token, self.ttl, clock=time.monotonic, until=self._renew_until
+            self._key,
+            self.token,
+            self.ttl,
+            clock=time.monotonic,
+            until=self._renew_until,
+            since=since,
+            stopped=stopped,
         )
 
     def _cleanup_flow(self, token: str) -> Flow[bool]:

@@ -16,8 +16,10 @@ __all__ = [
     "BACKOFF_MAX",
     "Attempt",
     "acquire",
+    "loss_margin",
     "release_eventually",
     "renew",
+    "stamped",
 ]
 
 # Blocking acquire backs off from the first to the last delay, doubling, with jitter,
@@ -42,6 +44,7 @@ class Attempt(Protocol):
 
 
 R = TypeVar("R", bound=Attempt)
+T = TypeVar("T")
 
 
 def acquire(
@@ -83,44 +86,98 @@ def acquire(
 
 
 def renew(
-    extend: Callable[[float, float], Eval], ttl: float, *, clock: Clock, until: float | None = None
+    extend: Callable[[float, float], Eval],
+    ttl: float,
+    *,
+    clock: Clock,
+    until: float | None = None,
+    since: float | None = None,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> Flow[str]:
     """Keep a lease alive: ``extend(span, step_timeout)`` every ``ttl / 3`` until it is lost.
 
+    ``since``: the ``clock()`` time the successful acquire was sent (default: now). The lease
+    is counted from there, not from its reply: Redis may have run the acquire at once and the
+    reply come late, and a successor can take the name ``ttl`` after that.
+
     Returns why renewal stopped: ``"lost"`` (another holds it, or it expired),
-    ``"unreachable"`` (Redis did not answer for a whole TTL, so the lease has ended there)
-    or ``"until"``: with ``until`` (a ``clock()`` time), no extend reaches past it, and the
-    last one makes the lease end right then.
+    ``"unreachable"`` (Redis did not answer in time to save the lease: it is reported a
+    :data:`loss_margin` before it can end, so that the holder knows before a successor can
+    take it), ``"stopped"`` (``stopped()`` turned true: the holder is releasing; no extend is
+    sent once it has) or ``"until"``: with ``until`` (a ``clock()`` time), no extend reaches
+    past it, and the last one makes the lease end right then.
     A failed extend is retried sooner, while the lease still has time left.
     """
     interval = ttl / 3
-    valid_until = clock() + ttl
-    delay = interval
+    start = clock() if since is None else since
+    valid_until = start + ttl
+    margin = loss_margin(ttl)
+    delay = max(start + interval - clock(), 0.0)
     while True:
         if until is not None and valid_until >= until:
             return "until"
         yield Sleep(delay)
+        if stopped():
+            return "stopped"
         sent = clock()
+        give_up = valid_until - margin
+        if sent >= give_up:
+            return "unreachable"
         span = ttl
         if until is not None and until - sent < ttl:
             span = until - sent
             if span < 0.001:  # below Redis' resolution: let the lease end as it stands
                 return "until"
-        # An answer later than the lease's end is worthless: wait no longer than that.
-        step = extend(span, max(valid_until - sent, 0.05))
+        # An answer after the moment the loss must be reported is worthless: wait no longer.
+        step = extend(span, give_up - sent)
         try:
             renewed = flag((yield step))
         except BackendError:
-            left = valid_until - clock()
+            if stopped():
+                return "stopped"
+            left = give_up - clock()
             if left <= 0:
                 return "unreachable"
             delay = min(interval / 4, left / 2)
             continue
+        if stopped():
+            return "stopped"  # a "no" may be the release's doing: not a loss
         if not renewed:
             return "lost"
         # The new TTL runs from when Redis ran the script, which is after ``sent``.
         valid_until = sent + span
         delay = interval
+
+
+def loss_margin(ttl: float) -> float:
+    """How long before a lease's end an unreachable Redis is reported as its loss: a tenth of
+    the TTL, at most 0.25 s (time for the holder to hear of it before a successor can)."""
+    return min(ttl / 10, 0.25)
+
+
+def stamped(flow: Flow[T], clock: Clock) -> Flow[tuple[T, float]]:
+    """Run ``flow`` and return its result with the ``clock()`` time its last command was
+    handed out: the moment a lease it took is counted from (never later than its send)."""
+    sent = clock()
+    reply: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            try:
+                step = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as done:
+                return done.value, sent
+            if not isinstance(step, Sleep):
+                sent = clock()
+            reply, error = None, None
+            try:
+                reply = yield step
+            except GeneratorExit:
+                raise
+            except BaseException as exc:  # the executor's error, for the flow to handle
+                error = exc
+    finally:
+        flow.close()
 
 
 def release_eventually(release: Eval | Call, ttl: float, *, clock: Clock) -> Flow[bool]:

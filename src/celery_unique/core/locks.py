@@ -6,6 +6,7 @@ function returns an :class:`~.steps.Op` (one round trip) or a flow; none does I/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from . import holding
@@ -105,7 +106,14 @@ def owner(key: str) -> Op[str | None]:
 
 
 def renew(
-    key: str, token: str, ttl: float, *, clock: Clock, until: float | None = None
+    key: str,
+    token: str,
+    ttl: float,
+    *,
+    clock: Clock,
+    until: float | None = None,
+    since: float | None = None,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> Flow[str]:
     """Keep a held lock alive; see :func:`.holding.renew`."""
     return holding.renew(
@@ -113,4 +121,6 @@ def renew(
         ttl,
         clock=clock,
         until=until,
+        since=since,
+        stopped=stopped,
     )

@@ -7,7 +7,7 @@ lease. Each function returns an :class:`~.steps.Op` or a flow; none does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -105,7 +105,14 @@ def holders(key: str) -> Op[int]:
 
 
 def renew(
-    key: str, token: str, ttl: float, *, clock: Clock, until: float | None = None
+    key: str,
+    token: str,
+    ttl: float,
+    *,
+    clock: Clock,
+    until: float | None = None,
+    since: float | None = None,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> Flow[str]:
     """Keep a held slot alive; see :func:`.holding.renew`."""
     return holding.renew(
@@ -113,4 +120,6 @@ def renew(
         ttl,
         clock=clock,
         until=until,
+        since=since,
+        stopped=stopped,
     )
