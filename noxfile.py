@@ -191,6 +191,8 @@ def _check_artefacts(session: nox.Session, sdist: Path, wheel: Path) -> None:
         in_wheel = set(whl.namelist())
     dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
     scripts = {name.removeprefix("lua/") for name in in_sdist if name.startswith("lua/")}
+    if not scripts:
+        session.error("the sdist has no Lua scripts in lua/")
     needed = {
         "sdist": (in_sdist, {"LICENSE", "PKG-INFO", "src/celery_unique/py.typed"}),
         "wheel": (
@@ -199,8 +201,10 @@ def _check_artefacts(session: nox.Session, sdist: Path, wheel: Path) -> None:
             | {f"celery_unique/lua/{script}" for script in scripts},
         ),
     }
-    listed = subprocess.run(["git", "ls-files"], capture_output=True, text=True, check=False)
-    if listed.returncode == 0:  # not from an unpacked sdist
+    listed = None
+    if shutil.which("git"):
+        listed = subprocess.run(["git", "ls-files"], capture_output=True, text=True, check=False)
+    if listed and listed.returncode == 0:  # a checkout, not an unpacked sdist
         tracked = {name for name in listed.stdout.splitlines() if not name.startswith(".")}
         needed["sdist"][1].update(tracked)
     else:
