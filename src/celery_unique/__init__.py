@@ -86,4 +86,6 @@ __all__ = [
     "clear_locks",
 ]
 
+# The one place the version is written: the build reads it from here (pyproject.toml's
+# [tool.hatch.version]). CHANGELOG.md and docs/versioning.md say what a new one may change.
 __version__ = "0.1.0.dev0"

@@ -46,6 +46,13 @@ def test_all_lists_every_public_name_and_each_has_a_docstring() -> None:
     assert set(celery_unique.__all__) == public
 
 
+def test_the_version_is_the_installed_distributions() -> None:
+    # __version__ is a dunder, so the check above leaves it out of __all__ on purpose.
+    from importlib.metadata import version
+
+    assert celery_unique.__version__ == version("celery-unique")
+
+
 @pytest.mark.parametrize(
     "module", ["celery_unique.compat.singleton", "celery_unique.compat.heimdall"]
 )
