@@ -18,6 +18,7 @@ class Proxy:
         self.replies.set()
         self.cut_after: int | None = None  # drop a connection after this many reply bytes
         self.hold = False  # pass commands on, never a reply
+        self.delay = 0.0  # seconds each reply is held up on its way back (a slow link)
         self.url = ""
         self.sent = bytearray()  # every command that passed, as sent
         self._writers: list[asyncio.StreamWriter] = []
@@ -28,6 +29,10 @@ class Proxy:
         while data := await src.read(65536):
             if self.hold:
                 continue
+            if self.delay:
+                await asyncio.sleep(self.delay)
+                if self.hold:  # silent by the time it would have arrived
+                    continue
             await self.replies.wait()
             if self.cut_after is not None and passed + len(data) > self.cut_after:
                 dst.write(data[: self.cut_after - passed])
@@ -76,6 +81,12 @@ class Proxy:
 
     def pass_replies(self) -> None:
         self.replies.set()
+
+    def cut(self) -> None:
+        """Reset every connection open now, both ways (a dropped link); new ones still pass."""
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
 
     async def run(self) -> AsyncIterator[Proxy]:
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)

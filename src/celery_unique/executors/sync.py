@@ -129,8 +129,11 @@ class RedisExecutor:
         """Close the client and its connections (a cluster's nodes', a Sentinel client's
         sentinels' too)."""
         self._hand_back_idle()
-        if self._connect_pool is not None:
-            self._connect_pool.shutdown(wait=False, cancel_futures=True)
+        # A closed client still connects again when used (a renewal winding down after the
+        # close, say), as redis-py's does: the next use starts helper threads afresh.
+        connectors, self._connect_pool = self._connect_pool, None
+        if connectors is not None:
+            connectors.shutdown(wait=False, cancel_futures=True)
         close_client(self.client)
 
     def _hand_back_idle(self) -> None:

@@ -1,0 +1,150 @@
+"""Timing promises under faults, each where it once failed (found by a soak of combined faults):
+
+* a call's deadline covers taking a connection: connecting and the handshake spend from it,
+  in a fresh pool, after the server dropped the pool's connections, and on the one resend;
+* release stops renewal for sure: no extend is sent once ``release()`` has returned, and
+  release never waits on a renewal (Python 3.10 and 3.11 could swallow its cancellation);
+* a lease is counted from the send of the acquire that took it, so the holder hears of its
+  loss before a successor can take the name.
+
+Faults come from the fault proxy: ``hold`` swallows every reply (a server that accepts and
+never answers, handshakes included), ``cut()`` drops the open connections, ``delay`` slows
+replies down.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from celery_unique import BackendUnavailable
+from celery_unique.core.holding import loss_margin
+from celery_unique.core.scripts import ACQUIRE
+from tests.conftest import MakeBackend
+from tests.helpers import async_wait_until
+from tests.proxy import Proxy
+
+pytestmark = pytest.mark.anyio
+
+# acquire(timeout=T) returns or raises within T + this (its last attempt's floor).
+SLACK = 0.5
+
+
+def _waited(error: BaseException) -> float:
+    """The seconds an error's message says the call waited."""
+    found = re.search(r"within (\d+\.\d+) s", str(error))
+    assert found, str(error)
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("pool", ["fresh", "dropped"])
+async def test_a_short_acquire_timeout_covers_connecting(
+    make_backend: MakeBackend, proxy: Proxy, pool: str
+) -> None:
+    backend = make_backend(proxy.url)  # socket_timeout 2 s: far longer than the call's
+    if pool == "dropped":
+        await backend.lock("warm", ttl=5).owner()  # a pooled connection...
+        proxy.cut()  # ...that the server dropped (CLIENT KILL, a restart)
+    proxy.hold = True  # connections are accepted, the handshake never answered
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable) as raised:
+        await backend.lock("job", ttl=5).acquire(timeout=0.2)
+    took = time.monotonic() - started
+    assert took <= 0.2 + SLACK, took
+    assert _waited(raised.value) <= took + 0.01  # the message tells the time really waited
+
+
+async def test_the_resend_after_a_broken_connection_stays_within_the_deadline(
+    make_backend: MakeBackend, proxy: Proxy
+) -> None:
+    backend = make_backend(proxy.url, socket_timeout=1.0)
+    await backend.lock("warm", ttl=5).owner()
+    proxy.hold = True
+    seen = len(proxy.sent)
+    outcome: dict[str, Any] = {}
+
+    async def call() -> None:
+        started = time.monotonic()
+        try:
+            await backend.lock("job", ttl=5).acquire(blocking=False)
+        except BackendUnavailable as exc:
+            outcome["error"] = exc
+        outcome["took"] = time.monotonic() - started
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(call)
+        await async_wait_until(lambda: ACQUIRE.sha.encode() in proxy.sent[seen:])
+        # Most of the deadline gone, the connection breaks: acquire may be sent again (it is
+        # idempotent for its token), but only on what is left of the same second.
+        await anyio.sleep(0.8)
+        proxy.cut()
+    assert isinstance(outcome.get("error"), BackendUnavailable), outcome
+    assert outcome["took"] <= 1.0 + SLACK, outcome["took"]
+
+
+@pytest.mark.parametrize("kind", ["lock", "semaphore"])
+async def test_no_extend_is_sent_once_release_has_returned(
+    make_backend: MakeBackend, proxy: Proxy, kind: str
+) -> None:
+    """Hundreds of releases landing at every phase of renewal, through a slow link."""
+    backend = make_backend(proxy.url)
+    proxy.delay = 0.02
+    released: list[tuple[bytes, int]] = []  # (token, bytes the proxy had seen by then)
+    rng = random.Random(16)
+
+    async def trials(n: int) -> None:
+        for _ in range(n):
+            if kind == "lock":
+                held: Any = backend.lock(f"r{rng.random()}", ttl=0.3, auto_renew=True)
+            else:
+                held = backend.semaphore("r", limit=1000, ttl=0.3, auto_renew=True)
+            await held.acquire()
+            await anyio.sleep(rng.uniform(0, 0.25))  # any phase of the 0.1 s renewal cycle
+            with anyio.fail_after(3):  # a release held up by its renewal fails here
+                await held.release()
+            released.append((held.token.encode(), len(proxy.sent)))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(20):
+            group.start_soon(trials, 10)
+    assert len(released) == 200
+    # Long enough for any renewal still going to send its next extend (a cycle and a reply).
+    await anyio.sleep(0.25)
+    late = [token for token, seen in released if proxy.sent.find(token, seen) != -1]
+    assert late == [], f"{len(late)} of 200 renewals sent an extend after release returned"
+
+
+async def test_a_lease_is_counted_from_the_send_of_its_acquire(
+    make_backend: MakeBackend, proxy: Proxy
+) -> None:
+    ttl = 1.0
+    holder = make_backend(proxy.url)
+    successor = make_backend()  # straight to Redis
+    await holder.lock("warm", ttl=5).owner()  # a pooled connection: no handshake below
+    proxy.delay = 0.4  # replies come 0.4 s late: Redis ran the acquire long before we knew
+    lost_at: list[float] = []
+    lock = holder.lock(
+        "job", ttl=ttl, auto_renew=True, on_lost=lambda _: lost_at.append(time.monotonic())
+    )
+    sent = time.monotonic()
+    assert await lock.acquire(blocking=False)
+    proxy.hold = True  # then silence: no renewal gets through
+    taken_at = None
+    deadline = sent + 5
+    while time.monotonic() < deadline:
+        if await successor.lock("job", ttl=ttl).acquire(blocking=False):
+            taken_at = time.monotonic()
+            break
+        await anyio.sleep(0.01)
+    assert taken_at is not None, "the lease never ran out"
+    await async_wait_until(lambda: bool(lost_at))
+    # Told a margin before its lease could end where Redis counts it (from the send)...
+    assert lost_at[0] - sent <= ttl - loss_margin(ttl) / 2, lost_at[0] - sent
+    # ...so before anyone else could take the name.
+    assert lost_at[0] <= taken_at
+    assert lock.lost
