@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from celery.contrib.testing.worker import start_worker
 
 from celery_unique import RateLimit, RateLimitedTask, RedisBackend, UniqueTask
 from celery_unique.celery.settings import async_backend_for, backend_for, backends
 from celery_unique.compat.singleton import singleton_backend
 from celery_unique.testing import SentinelServers, TLSFiles, redis_sentinel, running_redis
 from tests.celery.conftest import MakeApp
+from tests.helpers import wait_until
 
 SENTINEL_PW = "sentinel-pw"
 
@@ -192,3 +194,36 @@ def test_every_unique_setting_is_read_in_djangos_namespace(
     rate = limited.rate_config
     assert rate.static == (RateLimit(5, per=1),) and rate.max_wait == 9.0
     assert rate.lease == 11.0 and rate.backend is backend
+
+
+# -- settings as Celery resolves them ---------------------------------------------------------
+
+
+def test_a_broker_given_in_the_environment_is_the_lock_store(
+    make_app: MakeApp, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Docker and twelve-factor apps: CELERY_BROKER_URL, nothing in the app's settings."""
+    monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
+    app = make_app(result_backend=None)
+    assert app.conf.get("broker_url") is None  # the raw settings do not have it
+
+    @app.task(base=UniqueTask, shared=False, name=f"env-{uuid.uuid4().hex[:6]}")
+    def job(x: int) -> int:
+        return x * 2
+
+    backend = backend_for(app)
+    works(backend)
+    first = job.delay(21)
+    assert job.delay(21).id == first.id  # a duplicate, answered from that lock store
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30):
+        wait_until(lambda: backend.owner(job.unique_key((21,), {})) is None)  # ran, freed
+    assert job.delay(21).id != first.id  # freed on success: a new instance
+
+
+def test_the_first_url_of_a_broker_failover_list_is_the_lock_store(
+    make_app: MakeApp, redis_url: str
+) -> None:
+    unreachable = "redis://127.0.0.1:1/0"
+    for listed in ([redis_url, unreachable], f"{redis_url};{unreachable}"):
+        app = make_app(broker_url=listed)
+        works(backend_for(app))

@@ -154,9 +154,10 @@ def carried_over(app: Celery) -> tuple[str, dict[str, Any]] | None:
     neither is Redis."""
     conf = app.conf
     for setting, (transport_key, ssl_key) in _CARRIED.items():
-        url = conf.get(setting)
+        url = _first_url(getattr(conf, setting, None))
         if not redis_url(url):
             continue
+        assert isinstance(url, str)
         options: dict[str, Any] = {}
         transport = conf.get(transport_key) or {}
         if url.startswith("sentinel://"):
@@ -171,6 +172,18 @@ def carried_over(app: Celery) -> tuple[str, dict[str, Any]] | None:
                 options |= use_ssl
         return url, options
     return None
+
+
+def _first_url(value: object) -> object:
+    """A Celery URL setting as Celery resolves it (read as ``conf.broker_url``, so that
+    ``CELERY_BROKER_URL`` and the other environment variables Celery honours count), the
+    first of a failover list: ``[url, ...]`` or ``"url;url"`` (but a ``sentinel://`` URL's
+    ``;`` separates the sentinels of one URL)."""
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if isinstance(value, str) and ";" in value and not value.startswith("sentinel://"):
+        value = value.split(";", 1)[0].strip()
+    return value
 
 
 class _Backends:
