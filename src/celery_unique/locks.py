@@ -332,7 +332,7 @@ class _AsyncLease(_Lease[AsyncExecutor]):
         try:
             result, sent = await self._executor.run(
                 stamped(self._acquire_flow(blocking, timeout), time.monotonic),
-                see_through=in_flight.append,
+                on_cancelled=in_flight.append,
             )
         except BackendError as exc:
             if exc.outcome_unknown and not was_held:

@@ -16,7 +16,7 @@ from celery.signals import worker_ready
 
 import celery_unique
 from celery_unique import ConfigurationError, RedisBackend
-from celery_unique.celery.settings import Found
+from celery_unique.celery.settings import Setting
 from celery_unique.compat import singleton as compat
 from celery_unique.compat.singleton import DuplicateTaskError, Singleton, clear_locks
 from celery_unique.core.locks import parse_owner
@@ -230,12 +230,16 @@ def test_uppercase_settings_with_and_without_a_namespace(make_app: MakeApp, redi
 
     namespaced = make_app()
     namespaced.config_from_object(Settings, namespace="CELERY")
-    assert compat.config(namespaced, "key_prefix") == Found("NS_", "app.conf.singleton_key_prefix")
+    assert compat.config(namespaced, "key_prefix") == Setting(
+        "NS_", "app.conf.singleton_key_prefix"
+    )
     assert getattr(compat.config(namespaced, "raise_on_duplicate"), "value", None) is True
 
     plain = make_app(CELERY_SINGLETON_LOCK_EXPIRY=12, SINGLETON_KEY_PREFIX="P_")
-    assert compat.config(plain, "lock_expiry") == Found(12, "app.conf.CELERY_SINGLETON_LOCK_EXPIRY")
-    assert compat.config(plain, "key_prefix") == Found("P_", "app.conf.SINGLETON_KEY_PREFIX")
+    assert compat.config(plain, "lock_expiry") == Setting(
+        12, "app.conf.CELERY_SINGLETON_LOCK_EXPIRY"
+    )
+    assert compat.config(plain, "key_prefix") == Setting("P_", "app.conf.SINGLETON_KEY_PREFIX")
     assert compat.config(plain, "backend_url") is None
 
 

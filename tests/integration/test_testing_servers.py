@@ -204,10 +204,10 @@ def _discover(
     addresses: list[tuple[str, int]], name: str, password: str | None = None
 ) -> tuple[str, int]:
     sentinel_kwargs = {"password": password, "socket_timeout": 1.0, "retry": NO_RETRY}
-    # redis.sentinel has no annotations.
-    sentinel = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    # redis.sentinel had no annotations before redis-py 8.2.
+    sentinel = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
     try:
-        host, port = sentinel.discover_master(name)  # type: ignore[no-untyped-call]
+        host, port = sentinel.discover_master(name)  # type: ignore[no-untyped-call, unused-ignore]
         return str(host), int(port)
     finally:
         for client in sentinel.sentinels:
@@ -251,7 +251,7 @@ def _cluster_client(url: str) -> Iterator[redis.RedisCluster]:
     finally:
         # RedisCluster.close() leaves the node pools that from_url made open; after a
         # failover the client's objects form a cycle, and the gc found the sockets open.
-        client.disconnect_connection_pools()  # type: ignore[no-untyped-call]
+        client.disconnect_connection_pools()  # type: ignore[no-untyped-call, unused-ignore]
         client.close()
 
 

@@ -22,7 +22,7 @@ __all__ = [
     "HOLD_HEADER",
     "KEY_HEADER",
     "WAITED_HEADER",
-    "BackedTask",
+    "RedisTask",
     "defer",
     "delay_of",
 ]
@@ -45,7 +45,7 @@ WAITED_HEADER = "celery_unique_waited"
 BOOKED_HEADER = "celery_unique_rate_booked"
 
 
-class BackedTask(Task):  # type: ignore[misc]
+class RedisTask(Task):  # type: ignore[misc]
     """A Celery task whose locks and limits live in Redis."""
 
     def redis_backend(self) -> RedisBackend:
@@ -53,7 +53,7 @@ class BackedTask(Task):  # type: ignore[misc]
         :func:`~.settings.backend_for`). Override to use another Redis."""
         return backend_for(self.app)
 
-    def seen_from_main_process(
+    def free_ended_instance(
         self, task_id: str, request: Any, args: Any, kwargs: Any, event: Event
     ) -> None:
         """The worker's main process saw ``event`` (Revoked, Expired, TimeLimit, LostChild)
@@ -118,9 +118,9 @@ def defer(
 @celery_signals.task_revoked.connect(weak=False, dispatch_uid="celery_unique.revoked")  # type: ignore[untyped-decorator]
 def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
     """Revoked, expired or terminated (queued or running)."""
-    if isinstance(sender, BackedTask) and request is not None:
+    if isinstance(sender, RedisTask) and request is not None:
         event = Expired() if expired else Revoked()
-        sender.seen_from_main_process(request.id, request, request.args, request.kwargs, event)
+        sender.free_ended_instance(request.id, request, request.args, request.kwargs, event)
 
 
 @celery_signals.task_failure.connect(weak=False, dispatch_uid="celery_unique.failure")  # type: ignore[untyped-decorator]
@@ -136,7 +136,7 @@ def _on_failure(
     (failures inside the run are the run's own business)."""
     from billiard.exceptions import WorkerLostError
 
-    if not isinstance(sender, BackedTask) or task_id is None:
+    if not isinstance(sender, RedisTask) or task_id is None:
         return
     if isinstance(exception, TimeLimitExceeded):
         event: Event = TimeLimit()
@@ -145,4 +145,4 @@ def _on_failure(
     else:
         return
     request = sender.request if sender.request.id == task_id else None
-    sender.seen_from_main_process(task_id, request, args, kwargs, event)
+    sender.free_ended_instance(task_id, request, args, kwargs, event)

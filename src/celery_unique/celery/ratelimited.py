@@ -16,11 +16,11 @@ from ..core.rates import RateLimit, as_limits
 from ..errors import BackendError, LockNotOwnedError
 from ..limiters import RateLimiter
 from ..locks import Semaphore
-from .base import BOOKED_HEADER, BackedTask, defer
+from .base import BOOKED_HEADER, RedisTask, defer
 from .settings import (
     DEFAULT_LEASE,
     DEFAULT_MAX_WAIT,
-    Found,
+    Setting,
     check_count,
     check_seconds,
     from_task,
@@ -41,7 +41,7 @@ _SOURCES: dict[str, tuple[str | None, str | None]] = {
 }
 
 
-class RateLimitedTask(BackedTask):
+class RateLimitedTask(RedisTask):
     """A Celery task whose runs are limited fleet-wide, through a token bucket in Redis.
 
     ::
@@ -88,7 +88,7 @@ class RateLimitedTask(BackedTask):
     concurrency_limit: ClassVar[int | None] = None
     concurrency_key: ClassVar[Any] = None
 
-    def rate_setting(self, name: str) -> Found | None:
+    def rate_setting(self, name: str) -> Setting | None:
         """The configured value of setting ``name`` (``limit``, ``key``, ``max_wait``,
         ``concurrency``, ``concurrency_key``, ``lease``) and where it was set, ``None`` if
         unset: the task's options, then ``app.conf``."""
@@ -127,12 +127,12 @@ class RateLimitedTask(BackedTask):
         countdown = (slot.retry_after or 1.0) * random.uniform(1.0, 1.1)
         defer(self, countdown, "concurrency", "its concurrency limit is reached")
 
-    def seen_from_main_process(
+    def free_ended_instance(
         self, task_id: str, request: Any, args: Any, kwargs: Any, event: Event
     ) -> None:
         """Free the concurrency slot of an instance the main process saw revoked, expired
         or killed (its token is the task id)."""
-        super().seen_from_main_process(task_id, request, args, kwargs, event)
+        super().free_ended_instance(task_id, request, args, kwargs, event)
         if self.rate_config.concurrency is None:
             return
         try:
@@ -202,11 +202,11 @@ class RateConfig:
         found = task.rate_setting("limit")
         spec = None if found is None else found.value
         key = task.rate_setting("key")
-        max_wait = task.rate_setting("max_wait") or Found(DEFAULT_MAX_WAIT, "the default")
+        max_wait = task.rate_setting("max_wait") or Setting(DEFAULT_MAX_WAIT, "the default")
         concurrency = task.rate_setting("concurrency")
         limit = None if concurrency is None else check_count(concurrency)
         conc_key = task.rate_setting("concurrency_key")
-        lease = task.rate_setting("lease") or Found(DEFAULT_LEASE, "the default")
+        lease = task.rate_setting("lease") or Setting(DEFAULT_LEASE, "the default")
         return cls(
             backend=None if spec is None and limit is None else task.redis_backend(),
             static=None if spec is None or callable(spec) else as_limits(spec),
@@ -251,7 +251,7 @@ class RateConfig:
         )
 
 
-def _rate_key(task: BackedTask, option: Any) -> Callable[[Sequence[Any], Mapping[str, Any]], str]:
+def _rate_key(task: RedisTask, option: Any) -> Callable[[Sequence[Any], Mapping[str, Any]], str]:
     if option is None:
         name = f"task:{task.name}"
         return lambda args, kwargs: name

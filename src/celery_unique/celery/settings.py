@@ -30,7 +30,7 @@ __all__ = [
     "DEFAULT_LEASE",
     "DEFAULT_MAX_WAIT",
     "DEFAULT_TTL",
-    "Found",
+    "Setting",
     "async_backend_for",
     "backend_for",
     "backends",
@@ -50,7 +50,7 @@ DEFAULT_MAX_WAIT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
-class Found:
+class Setting:
     """A setting's value and where it was set (for the error if it is wrong)."""
 
     value: Any
@@ -67,20 +67,20 @@ def task_option(task: Task, option: str) -> Any:
     return value.__func__ if isinstance(value, staticmethod | classmethod) else value
 
 
-def from_task(task: Task, option: str | None, conf_key: str | None) -> Found | None:
+def from_task(task: Task, option: str | None, conf_key: str | None) -> Setting | None:
     """The task option ``option``, else ``app.conf[conf_key]``; ``None`` if neither is set."""
     if option is not None:
         value = task_option(task, option)
         if value is not None:
-            return Found(value, f"the {option} option of task {task.name!r}")
+            return Setting(value, f"the {option} option of task {task.name!r}")
     if conf_key is not None:
         value = task.app.conf.get(conf_key)
         if value is not None:
-            return Found(value, f"app.conf.{conf_key}")
+            return Setting(value, f"app.conf.{conf_key}")
     return None
 
 
-def check_seconds(found: Found, *, allow_zero: bool = False) -> float:
+def check_seconds(found: Setting, *, allow_zero: bool = False) -> float:
     """A finite number of seconds > 0 (or >= 0)."""
     value = found.value
     ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
@@ -92,7 +92,7 @@ def check_seconds(found: Found, *, allow_zero: bool = False) -> float:
     return float(value)
 
 
-def check_count(found: Found) -> int:
+def check_count(found: Setting) -> int:
     """A whole number >= 1."""
     value = found.value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -100,7 +100,7 @@ def check_count(found: Found) -> int:
     return value
 
 
-def check_choice(found: Found, choices: Sequence[str]) -> str:
+def check_choice(found: Setting, choices: Sequence[str]) -> str:
     """One of ``choices``."""
     if found.value not in choices:
         raise ConfigurationError(
@@ -109,7 +109,7 @@ def check_choice(found: Found, choices: Sequence[str]) -> str:
     return str(found.value)
 
 
-def check_encoder(found: Found | None) -> type[json.JSONEncoder] | None:
+def check_encoder(found: Setting | None) -> type[json.JSONEncoder] | None:
     """A ``json.JSONEncoder`` subclass, or its dotted path."""
     if found is None:
         return None
@@ -122,7 +122,7 @@ def check_encoder(found: Found | None) -> type[json.JSONEncoder] | None:
     return encoder
 
 
-def check_flag(found: Found | None) -> bool:
+def check_flag(found: Setting | None) -> bool:
     """A boolean; unset is false."""
     return False if found is None else bool(found.value)
 

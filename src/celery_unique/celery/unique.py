@@ -44,14 +44,14 @@ from .base import (
     HOLD_HEADER,
     KEY_HEADER,
     WAITED_HEADER,
-    BackedTask,
+    RedisTask,
     defer,
     delay_of,
 )
 from .settings import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
-    Found,
+    Setting,
     async_backend_for,
     check_choice,
     check_encoder,
@@ -101,8 +101,8 @@ class UniqueConfig:
 def resolve(task: UniqueTask) -> UniqueConfig:
     """Read and check every setting of ``task``, once."""
 
-    def get(name: str, default: Any) -> Found:
-        return task.unique_setting(name) or Found(default, f"the default {name}")
+    def get(name: str, default: Any) -> Setting:
+        return task.unique_setting(name) or Setting(default, f"the default {name}")
 
     ttl = check_seconds(get("ttl", DEFAULT_TTL))
     lease = check_seconds(get("lease", DEFAULT_LEASE))
@@ -183,7 +183,7 @@ class _Call:
 _current = threading.local()
 
 
-class UniqueTask(BackedTask):
+class UniqueTask(RedisTask):
     """A Celery task of which at most one instance per key is queued or running.
 
     ::
@@ -218,7 +218,7 @@ class UniqueTask(BackedTask):
 
     Subclasses (the compat layers) adapt it through :meth:`unique_setting`,
     :meth:`unique_key_function`, :meth:`redis_backend`, :meth:`duplicate_error` and
-    :meth:`key_taken`.
+    :meth:`skipped_result`.
     """
 
     unique_on: ClassVar[UniqueOn] = None
@@ -231,7 +231,7 @@ class UniqueTask(BackedTask):
 
     # -- override points ----------------------------------------------------------------------
 
-    def unique_setting(self, name: str) -> Found | None:
+    def unique_setting(self, name: str) -> Setting | None:
         """The configured value of setting ``name`` and where it was set, ``None`` if unset:
         ``on``, ``ttl``, ``lease``, ``until``, ``on_duplicate``, ``fail_open``,
         ``json_encoder`` or ``hard_ttl`` (``ttl`` bounds the key's whole life, the run
@@ -253,7 +253,7 @@ class UniqueTask(BackedTask):
         """What a duplicate raises with ``on_duplicate="raise"``."""
         return DuplicateTaskError(duplicate_message(self, holder, ttl), task_id=holder, ttl=ttl)
 
-    def key_taken(self, holder: str) -> Any:
+    def skipped_result(self, holder: str) -> Any:
         """What a run returns when its key is held by another instance (default: nothing
         is stored, ``Ignore``).
 
@@ -413,7 +413,7 @@ class UniqueTask(BackedTask):
         """Publish the call's message (the key is taken); free the key if that fails."""
         policy, outcome = call.config.policy, transition.outcome
         headers = {**call.headers, KEY_HEADER: call.key}
-        if policy.holds_until:
+        if policy.tracks_ttl_end:
             headers[HOLD_HEADER] = self.app.now().timestamp() + call.ttl
         try:
             result = super().apply_async(
@@ -448,7 +448,7 @@ class UniqueTask(BackedTask):
         policy = config.policy
         task_id: str = request.id
         key = getattr(request, KEY_HEADER, None) or config.key(args, kwargs)
-        left = self._ttl_left(request) if policy.holds_until else None
+        left = self._ttl_left(request) if policy.tracks_ttl_end else None
         deferred = bool(getattr(request, DEFERRED_HEADER, None))
         waited = int(getattr(request, WAITED_HEADER, None) or 0)
         state = lc.KeyState.HANDED_BACK if request.retries or deferred else lc.KeyState.QUEUED
@@ -468,7 +468,7 @@ class UniqueTask(BackedTask):
             return super().__call__(*args, **kwargs)
         run.state, outcome = transition.state, transition.outcome
         if isinstance(outcome, lc.Skip):
-            return self.key_taken(outcome.holder)
+            return self.skipped_result(outcome.holder)
         if isinstance(outcome, lc.Deferral):
             # A copy of a run under way leaves the task's state to that run (its success
             # would otherwise read RETRY, and a later copy would run the instance again).
@@ -650,12 +650,12 @@ class UniqueTask(BackedTask):
         )
         signals.task_lock_lost.send(sender=self, task_id=run.task_id)
 
-    def seen_from_main_process(
+    def free_ended_instance(
         self, task_id: str, request: Any, args: Any, kwargs: Any, event: lc.Event
     ) -> None:
         """Free the key of an instance the main process saw revoked, expired or killed
         (it cannot tell a queued one from a running one: the rule frees either)."""
-        super().seen_from_main_process(task_id, request, args, kwargs, event)
+        super().free_ended_instance(task_id, request, args, kwargs, event)
         key = getattr(request, KEY_HEADER, None) if request is not None else None
         if not key:
             try:
@@ -674,7 +674,7 @@ class UniqueTask(BackedTask):
         return float(hold) - float(self.app.now().timestamp())
 
 
-def duplicate_message(task: BackedTask, holder: str, ttl: float | None) -> str:
+def duplicate_message(task: RedisTask, holder: str, ttl: float | None) -> str:
     """Why a call was refused as a duplicate, and what to do about it."""
     left = "an unknown time" if ttl is None else f"{ttl:.1f} s"
     return (

@@ -32,7 +32,7 @@ from kombu.utils.imports import symbol_by_name
 
 from ..backends import AsyncRedisBackend, RedisBackend
 from ..celery.admin import force_release, unlink_locks
-from ..celery.settings import Found, backends, carried_over, from_task
+from ..celery.settings import Setting, backends, carried_over, from_task
 from ..celery.unique import UniqueTask, duplicate_message
 from ..core.keys import task_lock_start
 from ..core.lifecycle import holder_id
@@ -67,7 +67,7 @@ class DuplicateTaskError(BaseDuplicateTaskError):
         super().__init__(message, task_id=task_id, ttl=ttl)
 
 
-def config(app: Celery, name: str) -> Found | None:
+def config(app: Celery, name: str) -> Setting | None:
     """The setting ``singleton_<name>``, in any of the spellings celery-singleton read.
 
     ``app.conf.get`` already maps namespaced configs (``config_from_object(...,
@@ -81,11 +81,11 @@ def config(app: Celery, name: str) -> Found | None:
     ):
         value = conf.get(key)
         if value is not None:
-            return Found(value, f"app.conf.{key}")
+            return Setting(value, f"app.conf.{key}")
     return None
 
 
-def _value(found: Found | None, default: Any = None) -> Any:
+def _value(found: Setting | None, default: Any = None) -> Any:
     return default if found is None else found.value
 
 
@@ -179,29 +179,29 @@ class Singleton(UniqueTask):
     raise_on_duplicate: ClassVar[bool | None] = None
     lock_expiry: ClassVar[float | None] = None
 
-    def unique_setting(self, name: str) -> Found | None:
+    def unique_setting(self, name: str) -> Setting | None:
         """celery-singleton's spellings first: ``lock_expiry`` (a hard TTL),
         ``raise_on_duplicate``, ``unique_on`` as one name, the ``singleton_*`` settings."""
         app = self.app
         if name == "on":
             found = from_task(self, "unique_on", None)
             if found is not None and isinstance(found.value, str):
-                return Found([found.value], found.where)
+                return Setting([found.value], found.where)
             return found
         if name in ("ttl", "hard_ttl"):
             expiry = from_task(self, "lock_expiry", None) or config(app, "lock_expiry")
             if expiry is None:
                 return super().unique_setting(name)
-            return expiry if name == "ttl" else Found(True, expiry.where)
+            return expiry if name == "ttl" else Setting(True, expiry.where)
         if name == "on_duplicate":
             raises = from_task(self, "raise_on_duplicate", None) or config(
                 app, "raise_on_duplicate"
             )
             if raises is None:
                 return super().unique_setting(name)
-            return Found("raise" if raises.value else "return", raises.where)
+            return Setting("raise" if raises.value else "return", raises.where)
         if name == "until":
-            return Found("executed", "celery-singleton's behaviour")
+            return Setting("executed", "celery-singleton's behaviour")
         if name == "json_encoder":
             return config(app, "json_encoder_class") or super().unique_setting(name)
         return super().unique_setting(name)

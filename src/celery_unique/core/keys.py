@@ -46,13 +46,6 @@ def hash_tag(name: str) -> str:
     return "{#" + digest + "}" + name
 
 
-def _untag(tagged: str) -> str:
-    """The name :func:`hash_tag` made ``tagged`` from."""
-    if tagged.startswith("{#"):
-        return tagged[tagged.index("}") + 1 :]
-    return tagged[1:-1]
-
-
 def task_lock_name(task_name: str, digest: str) -> str:
     """The lock name of a unique task's instance: its task name and its arguments' digest."""
     return f"{_TASK}{task_name}:{digest}"

@@ -121,7 +121,7 @@ class Policy:
     while_running: bool = False
 
     @property
-    def holds_until(self) -> bool:
+    def tracks_ttl_end(self) -> bool:
         """Whether an instance's messages must carry the moment its TTL ends."""
         return self.hard_ttl or self.until == "expired"
 
@@ -159,7 +159,7 @@ class EagerDone:
 @dataclass(frozen=True, slots=True)
 class Start:
     """A worker starts a delivery of the instance. ``ttl_left``: seconds until the
-    instance's TTL ends, when that counts (:attr:`Policy.holds_until`); ``deferred``: this
+    instance's TTL ends, when that counts (:attr:`Policy.tracks_ttl_end`); ``deferred``: this
     copy was deferred because another delivery ran; ``waited``: how many times this instance
     was deferred already because another instance was running (``Policy.while_running``)."""
 

@@ -86,12 +86,12 @@ class AsyncRedisExecutor:
         reply = check.result() if error is None else error
         self._eviction.answered(reply, unreachable=isinstance(error, BackendUnavailable))
 
-    async def run(self, flow: Flow[T], *, see_through: Callable[[Any], object] | None = None) -> T:
+    async def run(self, flow: Flow[T], *, on_cancelled: Callable[[Any], object] | None = None) -> T:
         """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.
 
-        With ``see_through``, a cancellation that lands while a command is in flight waits for
+        With ``on_cancelled``, a cancellation that lands while a command is in flight waits for
         its reply (within the command's deadline), hands the reply (or the error it got) to
-        ``see_through``, and is raised then: the caller learns what the command did, and
+        ``on_cancelled``, and is raised then: the caller learns what the command did, and
         nothing it sends next can overtake it.
         """
         try:
@@ -102,8 +102,8 @@ class AsyncRedisExecutor:
                     step = flow.send(None)
                     continue
                 try:
-                    if see_through is not None:
-                        reply = await self._seen_through(step, see_through)
+                    if on_cancelled is not None:
+                        reply = await self._seen_through(step, on_cancelled)
                     elif self._eviction.pending:
                         reply = await self._checked(step)
                     else:

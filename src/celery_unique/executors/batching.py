@@ -84,11 +84,6 @@ class Batcher:
         assert future is not None
         return future
 
-    def submit_all(self, steps: tuple[Eval | Call, ...]) -> list[asyncio.Future[Any]]:
-        """Queue ``steps`` for the next batch, all in the same one; futures of their replies."""
-        futures = [request.future for request in self.request_all(steps)]
-        return [future for future in futures if future is not None]
-
     def request(self, step: Eval | Call) -> Request:
         """Queue ``step`` for the next batch; the request, whose future gets its reply."""
         (request,) = self.request_all((step,))

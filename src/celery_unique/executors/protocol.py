@@ -60,9 +60,9 @@ class AsyncExecutor(Protocol):
     async def execute(self, op: Op[T]) -> T:
         """Send ``op``'s step and return its parsed reply."""
 
-    async def run(self, flow: Flow[T], *, see_through: Callable[[Any], object] | None = None) -> T:
-        """Drive ``flow`` to its result; with ``see_through`` a cancellation waits for the
-        command in flight and hands ``see_through`` its reply (or error) before it is raised."""
+    async def run(self, flow: Flow[T], *, on_cancelled: Callable[[Any], object] | None = None) -> T:
+        """Drive ``flow`` to its result; with ``on_cancelled`` a cancellation waits for the
+        command in flight and hands ``on_cancelled`` its reply (or error) before it is raised."""
 
     def scan(self, match: str, count: int = 1000) -> AsyncIterator[str]:
         """Every key matching the glob ``match``, on every primary."""

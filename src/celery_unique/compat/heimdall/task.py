@@ -16,9 +16,9 @@ from celery.result import AsyncResult
 
 from ...backends import AsyncRedisBackend, RedisBackend
 from ...celery.admin import force_release
-from ...celery.base import BackedTask
+from ...celery.base import RedisTask
 from ...celery.ratelimited import RateLimitedTask
-from ...celery.settings import Found, backend_for
+from ...celery.settings import Setting, backend_for
 from ...celery.unique import KeyFunction, UniqueTask
 from ...core.arguments import ArgumentKey
 from ...core.keys import DEFAULT_PREFIX
@@ -94,7 +94,7 @@ def _argument_key(task: Task) -> ArgumentKey:
 
 
 def _backend(task: Task) -> RedisBackend:
-    if isinstance(task, BackedTask):
+    if isinstance(task, RedisTask):
         return task.redis_backend()
     return backend_for(task.app)
 
@@ -218,19 +218,19 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
     def _is_unique(self) -> bool:
         return bool(self._options.get("unique"))
 
-    def unique_setting(self, name: str) -> Found | None:
+    def unique_setting(self, name: str) -> Setting | None:
         """celery-heimdall's settings first: ``unique_timeout`` (a hard TTL),
         ``unique_raises``, ``unique_wait_for_expiry``; then ``unique_lease`` and the rest."""
         conf, where = self.heimdall_config, f"the heimdall option of task {self.name!r}"
         if name == "ttl":
-            return Found(conf.unique_timeout, f"unique_timeout ({where}, or heimdall_*)")
+            return Setting(conf.unique_timeout, f"unique_timeout ({where}, or heimdall_*)")
         if name == "hard_ttl":
-            return Found(True, "celery-heimdall's behaviour")
+            return Setting(True, "celery-heimdall's behaviour")
         if name == "until":
             keep = bool(self._options.get("unique_wait_for_expiry"))
-            return Found("expired" if keep else "executed", where)
+            return Setting("expired" if keep else "executed", where)
         if name == "on_duplicate":
-            return Found("raise" if conf.unique_raises else "return", where)
+            return Setting("raise" if conf.unique_raises else "return", where)
         return super().unique_setting(name)
 
     def unique_key_function(self) -> KeyFunction:
@@ -238,14 +238,14 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
         prefix = self.heimdall_config.lock_prefix
         return lambda args, kwargs: unique_key_for_task(self, args, kwargs, prefix=prefix)
 
-    def rate_setting(self, name: str) -> Found | None:
+    def rate_setting(self, name: str) -> Setting | None:
         """``rate_limit`` (or ``times`` and ``per``), bucketed by ``key`` when given."""
         where = f"the heimdall option of task {self.name!r}"
         if name == "limit":
             limit = self._limit_spec()
-            return None if limit is None else Found(limit, where)
+            return None if limit is None else Setting(limit, where)
         if name == "key":  # a function of the task's arguments, as rate_limit_key takes
-            return Found(lambda *args, **kwargs: self._bucket(args, kwargs), where)
+            return Setting(lambda *args, **kwargs: self._bucket(args, kwargs), where)
         return super().rate_setting(name)
 
     def _limit_spec(self) -> Any:
@@ -307,7 +307,7 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
             expires_in=None if ttl is None else math.ceil(ttl), likely_culprit=holder
         )
 
-    def key_taken(self, holder: str) -> None:
+    def skipped_result(self, holder: str) -> None:
         """``None``: celery-heimdall's run-time check (for ``send_task`` and beat) returned
         it, so whoever waits on the result is not left hanging."""
         return None
