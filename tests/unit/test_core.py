@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from celery_unique import Acquisition, BackendUnavailable, ConfigurationError
-from celery_unique.core.holding import ATTEMPT_FLOOR, BACKOFF_MAX
+from celery_unique.core.holding import ATTEMPT_FLOOR, BACKOFF_MAX, loss_margin, stamped
 from celery_unique.core.keys import KeySpace
 from celery_unique.core.locks import (
     acquire,
@@ -37,6 +37,12 @@ class FakeClock:
 def finish(flow: Flow[Any], reply: object) -> Any:
     with pytest.raises(StopIteration) as done:
         flow.send(reply)
+    return done.value.value
+
+
+def finish_with_error(flow: Flow[Any]) -> Any:
+    with pytest.raises(StopIteration) as done:
+        flow.throw(BackendUnavailable("down"))
     return done.value.value
 
 
@@ -155,13 +161,61 @@ def test_attempts_of_a_timed_acquire_must_answer_by_its_deadline_but_get_a_floor
     assert isinstance(untimed, Eval) and untimed.timeout is None  # the executor's own deadline
 
 
-def test_a_renewal_waits_no_longer_than_the_lock_is_still_valid() -> None:
+def test_a_renewal_waits_no_longer_than_the_moment_the_loss_must_be_told() -> None:
     clock = FakeClock()
     flow = renew(KEYS, "tok", 3.0, clock=clock)
     next(flow)
     clock.now += 1.0
     step = flow.send(None)
-    assert isinstance(step, Eval) and step.timeout == pytest.approx(2.0)
+    # Valid for 2 s more; the holder must hear of a loss a margin before that.
+    assert isinstance(step, Eval) and step.timeout == pytest.approx(2.0 - loss_margin(3.0))
+
+
+def test_a_lease_is_counted_from_the_acquires_send() -> None:
+    clock = FakeClock()
+    sent = clock.now
+    clock.now += 0.4  # the acquire's reply came late
+    flow = renew(KEYS, "tok", 3.0, clock=clock, since=sent)
+    assert next(flow) == Sleep(pytest.approx(0.6))  # a third of the TTL after the send
+    clock.now += 0.6
+    step = flow.send(None)
+    assert isinstance(step, Eval) and step.timeout == pytest.approx(2.0 - loss_margin(3.0))
+    clock.now += step.timeout
+    # Redis never answered: lost by the send's TTL less the margin, however late the reply.
+    assert finish_with_error(flow) == "unreachable"
+    assert clock.now == pytest.approx(sent + 3.0 - loss_margin(3.0))
+
+
+def test_a_stopped_renewal_sends_no_extend_and_reports_no_loss() -> None:
+    stopped = False
+    clock = FakeClock()
+    flow = renew(KEYS, "tok", 3.0, clock=clock, stopped=lambda: stopped)
+    next(flow)
+    clock.now += 1.0
+    assert isinstance(flow.send(None), Eval)
+    stopped = True  # the release began while the extend was in flight...
+    assert finish(flow, 0) == "stopped"  # ...so its "no" is the release's doing, not a loss
+    flow = renew(KEYS, "tok", 3.0, clock=clock, stopped=lambda: stopped)
+    next(flow)
+    assert finish(flow, None) == "stopped"  # woken from its sleep: no extend at all
+
+
+def test_stamped_returns_a_flows_result_with_the_time_of_its_last_command() -> None:
+    clock = FakeClock()
+    flow = stamped(acquire(KEYS, "tok", 10, clock=clock), clock)
+    assert isinstance(next(flow), Eval)
+    clock.now += 0.05
+    assert isinstance(flow.send([0, "other", 50]), Sleep)
+    clock.now += 0.05
+    assert isinstance(flow.send(None), Eval)  # the second attempt, handed out at +0.1
+    clock.now += 0.4
+    result, sent = finish(flow, [1, "tok", 10_000, 7])
+    assert result.acquired and sent == pytest.approx(1000.1)
+    errors = stamped(renew(KEYS, "tok", 3.0, clock=clock), clock)
+    next(errors)
+    clock.now += 1.0
+    errors.send(None)
+    assert isinstance(errors.throw(BackendUnavailable("down")), Sleep)  # thrown through
 
 
 def test_renew_extends_every_third_of_the_ttl_until_the_lock_is_lost() -> None:
@@ -209,14 +263,15 @@ def test_renew_rides_out_errors_while_the_lock_can_still_be_valid() -> None:
         assert isinstance(step, Sleep)
         clock.now += step.seconds
         waited += step.seconds
-        assert isinstance(flow.send(None), Eval)
         try:
+            assert isinstance(flow.send(None), Eval)
             step = flow.throw(BackendUnavailable("down"))
-        except StopIteration as done:
+        except StopIteration as done:  # given up on the error, or before the next try
             result = done.value
-    # It gives up only once the lock's TTL (counted from the last good extend) has run out.
+    # It gives up only once the lock's TTL (counted from the last good extend) is about to
+    # run out: a margin before, so that the holder knows before a successor can take it.
     assert result == "unreachable"
-    assert clock.now >= 1000.0 + 3.0
+    assert 1000.0 + 3.0 - loss_margin(3.0) <= clock.now < 1000.0 + 3.0
 
 
 def test_renew_recovers_when_redis_comes_back() -> None:
