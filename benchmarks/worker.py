@@ -1,8 +1,8 @@
 """Worker side: tasks per second end to end through one real prefork worker, plain Celery
 against unique and rate-limited tasks and the peers, with the Redis commands each task costs.
 
-Run ``python -m benchmarks.worker`` (300 tasks per run, 7 repetitions: about 2 minutes) or
-``--quick`` (60 tasks, 3 repetitions: under a minute); ``--tasks N`` sets the run's size.
+Run ``python -m benchmarks.worker`` (300 tasks per run, 15 repetitions: about 90 s) or
+``--quick`` (60 tasks, 3 repetitions: about 15 s); ``--tasks N`` sets the run's size.
 One Redis (the harness's) is broker, result backend and every lock store. One worker,
 ``celery -A benchmarks.worker_tasks worker --pool=prefork -c 2``, runs in a process group of
 its own and is stopped by its id whatever happens (an error, Ctrl-C, SIGTERM).
@@ -26,7 +26,11 @@ Commands are counted on the server, so both sides (producer and worker) are in:
 * Then one more run per variant, untimed, under ``MONITOR``, which tells a script's commands
   (client "lua") from those clients sent, and this process's connections (the producer) from
   the worker's. ``in Lua/task`` comes from it; ``round trips/task`` counts what clients sent,
-  a ``MULTI``...``EXEC`` block once (redis-py writes a transaction in one go).
+  a ``MULTI``...``EXEC`` block once (redis-py writes a transaction in one go). The two counts
+  are compared command for command, and a note says whether they agree.
+* ``CPU ms/task``: user + system time per task of each side (this process, the worker's
+  process group, redis-server), the median over the timed runs. Time spent waiting for a CPU
+  is not in it, so it moves less than tasks/s with the machine's other load.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import contextlib
 import itertools
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +67,21 @@ SETTLE = 0.05  # seconds without a command (but BRPOP's idle polls) that mean qu
 RESULT_TIMEOUT = 120.0  # seconds a run may take before it counts as stuck
 
 
+@dataclass(frozen=True)
+class Cpu:
+    """CPU seconds (user + system) one run cost each side: this process, the worker's whole
+    process group (main process and pool), and redis-server. Less sensitive than tasks/s to
+    what else the machine runs, since time spent waiting for a CPU is not counted."""
+
+    producer: float
+    worker: float | None  # None where /proc cannot be read
+    redis: float
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        worker = None if self.worker is None or other.worker is None else self.worker - other.worker
+        return Cpu(self.producer - other.producer, worker, self.redis - other.redis)
+
+
 @dataclass
 class Case:
     """One variant: its task, and what was counted while it ran."""
@@ -69,6 +89,7 @@ class Case:
     label: str
     task: Any
     runs: list[tuple[int, Counter[str]]] = field(default_factory=list)  # tasks, commandstats
+    cpu: list[Cpu] = field(default_factory=list)  # one per run, as runs
     sent_by_producer: Counter[str] = field(default_factory=Counter)  # MONITOR run, per task
     sent_by_worker: Counter[str] = field(default_factory=Counter)
     in_scripts: Counter[str] = field(default_factory=Counter)
@@ -76,6 +97,7 @@ class Case:
     trips_worker: float = 0.0
     monitored: int = 0  # commands INFO commandstats counted during the MONITOR run
     monitor_saw: int = 0  # and MONITOR saw (sent + in scripts)
+    monitor_differs: str = ""  # the commands the two counted differently
 
     @property
     def per_task(self) -> Counter[str]:
@@ -86,6 +108,20 @@ class Case:
             total.update(counted)
         tasks = sum(n for n, _ in timed) or 1
         return Counter({name: calls / tasks for name, calls in total.items()})
+
+    @property
+    def cpu_per_task(self) -> Cpu | None:
+        """CPU seconds per task by side, the median over the timed runs (one slow run on a
+        busy machine moves it little); ``None`` without /proc."""
+        pairs = list(zip((n for n, _ in self.runs), self.cpu, strict=True))
+        timed = pairs[1:] or pairs
+        if not timed or any(used.worker is None for _, used in timed):
+            return None
+        return Cpu(
+            statistics.median(used.producer / n for n, used in timed),
+            statistics.median((used.worker or 0.0) / n for n, used in timed),
+            statistics.median(used.redis / n for n, used in timed),
+        )
 
     @property
     def commands(self) -> float:
@@ -176,6 +212,34 @@ def settle(client: redis.Redis, timeout: float = 5.0) -> None:
         last = now
 
 
+def group_cpu(pgid: int) -> float | None:
+    """CPU seconds used so far by the live processes of group ``pgid`` (Linux's /proc)."""
+    total = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                # After "(comm)": state, ppid, pgrp, ..., utime and stime (fields 14 and 15).
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_now(client: redis.Redis, worker: int) -> Cpu:
+    """CPU used so far by this process, the worker group ``worker`` and redis-server."""
+    server: dict[str, Any] = client.info("cpu")
+    used = float(server["used_cpu_user"]) + float(server["used_cpu_sys"])
+    return Cpu(time.process_time(), group_cpu(worker), used)
+
+
 def _own_ports() -> set[str] | None:
     """Local TCP ports of this process's sockets (from Linux's /proc): MONITOR names each
     command's client by its address, and these are the producer's. ``None`` elsewhere."""
@@ -204,9 +268,16 @@ def _own_ports() -> set[str] | None:
 class Bench:
     """The worker's tasks, a client for the counts, and distinct arguments for every call."""
 
-    def __init__(self, url: str, log: IO[bytes]) -> None:
+    def __init__(self, url: str, log: IO[bytes], worker: int) -> None:
         self.client = redis.Redis.from_url(url)
+        # MONITOR and the marker that ends it on connections of their own, opened now: one
+        # opened while MONITOR runs would have its handshake counted with the tasks.
+        self.watcher = redis.Redis.from_url(url)
+        self.marker = redis.Redis.from_url(url, single_connection_client=True)
+        self.client.ping()
+        self.marker.ping()
         self.log = log
+        self.worker = worker  # the worker's process group
         self.arguments = itertools.count()
         self.cases = [Case(label, wt.task(label)) for label in wt.TASKS]
         self.split = False  # whether MONITOR's commands could be told producer from worker
@@ -232,9 +303,10 @@ class Bench:
 
         async def timed(size: float) -> float:
             tasks = max(1, int(size))
-            before = commandstats(self.client)
+            before, cpu = commandstats(self.client), cpu_now(self.client, self.worker)
             elapsed = self.batch(case, tasks)
             settle(self.client)
+            case.cpu.append(cpu_now(self.client, self.worker) - cpu)
             case.runs.append((tasks, _others(commandstats(self.client) - before)))
             return tasks / elapsed
 
@@ -244,13 +316,13 @@ class Bench:
         """One untimed run under MONITOR: commands by side, in scripts, round trips."""
         marker = f"bench-marker-{os.getpid()}-{next(self.arguments)}"
         settle(self.client)
-        with self.client.monitor() as monitor:  # type: ignore[no-untyped-call]
+        with self.watcher.monitor() as monitor:  # type: ignore[no-untyped-call]
             before = commandstats(self.client)
             self.batch(case, tasks)
             settle(self.client)
             counted = _others(commandstats(self.client) - before)
             ours = _own_ports()
-            self.client.echo(marker)
+            self.marker.echo(marker)
             producer: Counter[str] = Counter()
             worker: Counter[str] = Counter()
             lua: Counter[str] = Counter()
@@ -283,7 +355,13 @@ class Bench:
         case.trips_producer = trips["producer"] / tasks
         case.trips_worker = trips["worker"] / tasks
         case.monitored = counted.total()
-        case.monitor_saw = producer.total() + worker.total() + lua.total()
+        seen = producer + worker + lua
+        case.monitor_saw = seen.total()
+        case.monitor_differs = ", ".join(
+            f"{name.upper()} {counted[name]} / {seen[name]}"
+            for name in sorted(set(counted) | set(seen))
+            if counted[name] != seen[name]
+        )
         self.split = ours is not None
 
 
@@ -295,8 +373,8 @@ async def run(url: str, chosen: h.Settings) -> h.Section:
     wt.configure(url)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        with tempfile.TemporaryFile() as log, running_worker(url, log):
-            bench = Bench(url, log)
+        with tempfile.TemporaryFile() as log, running_worker(url, log) as process:
+            bench = Bench(url, log, process.pid)
             try:
                 bench.batch(bench.cases[0], 1)  # waits for the worker to be up
                 variants = [h.Variant(c.label, GROUP, bench.measure(c)) for c in bench.cases]
@@ -304,7 +382,8 @@ async def run(url: str, chosen: h.Settings) -> h.Section:
                 for case in bench.cases:
                     bench.monitor(case, int(chosen.seconds))
             finally:
-                bench.client.close()
+                for client in (bench.client, bench.watcher, bench.marker):
+                    client.close()
     finally:
         signal.signal(signal.SIGTERM, previous)
         from celery_unique.celery.settings import backends
@@ -315,6 +394,19 @@ async def run(url: str, chosen: h.Settings) -> h.Section:
 
 
 # --- reporting ------------------------------------------------------------------------------
+
+
+def _spell_cpu(cpu: Cpu | None) -> str:
+    if cpu is None or cpu.worker is None:
+        return "n/a"
+    return f"{cpu.producer * 1e3:.2f} / {cpu.worker * 1e3:.2f} / {cpu.redis * 1e3:.3f}"
+
+
+def _cpu_json(cpu: Cpu | None) -> dict[str, float | None] | None:
+    if cpu is None:
+        return None
+    spent = {"producer": cpu.producer, "worker": cpu.worker, "redis": cpu.redis}
+    return {side: None if v is None else round(v * 1e3, 4) for side, v in spent.items()}
 
 
 def _spell(commands: Counter[str]) -> str:
@@ -338,7 +430,7 @@ def report(bench: Bench, variants: list[h.Variant]) -> h.Section:
             v.name, h.rate(v.median), h.times(to_plain), f"{case.commands:.2f}",
             f"{case.commands - plain_case.commands:+.2f}", f"{case.lua:.2f}",
             f"{case.commands - case.lua:.2f}", f"{trips:.2f}",
-            f"{case.trips_producer:.2f} / {case.trips_worker:.2f}",
+            f"{case.trips_producer:.2f} / {case.trips_worker:.2f}", _spell_cpu(case.cpu_per_task),
         ])  # fmt: skip
         by_name.append([
             v.name, _spell(case.sent_by_producer), _spell(case.sent_by_worker),
@@ -353,10 +445,11 @@ def report(bench: Bench, variants: list[h.Variant]) -> h.Section:
             "worker_sent_per_task": dict(sorted(case.sent_by_worker.items())),
             "round_trips_per_task": {"producer": round(case.trips_producer, 3),
                                      "worker": round(case.trips_worker, 3)},
+            "cpu_ms_per_task": _cpu_json(case.cpu_per_task),
         })  # fmt: skip
     header = ["variant", "median tasks/s", "ratio to plain", "Redis cmds/task",
               "extra over plain", "in Lua/task", "client cmds/task", "round trips/task",
-              "producer / worker trips"]  # fmt: skip
+              "producer / worker trips", "CPU ms/task: producer / worker / Redis"]  # fmt: skip
     section.blocks.append(h.table(header, rows))
     section.blocks.append(
         "Commands per task by name (the MONITOR run): sent by the producer, sent by the "
@@ -378,14 +471,22 @@ def report(bench: Bench, variants: list[h.Variant]) -> h.Section:
         "Redis cmds/task: INFO commandstats over the timed runs (warm-up left out), Lua's "
         "commands included; in Lua/task: from the MONITOR run; client cmds/task = the two "
         "subtracted; round trips/task: what clients sent in the MONITOR run, a MULTI...EXEC "
-        "block counted once (other pipelining, if any, still counts per command)"
-        + ("" if bench.split else "; the producer/worker split needs Linux's /proc")
+        "block counted once (other pipelining, if any, still counts per command); CPU "
+        "ms/task: user + system time, the median over the timed runs, of this process, the "
+        "worker's process group (main process and pool, from /proc) and redis-server (INFO "
+        "cpu)" + ("" if bench.split else "; the producer/worker split needs Linux's /proc")
     )
+    if all(not case.monitor_differs for case in bench.cases):
+        section.notes.append(
+            "INFO commandstats and MONITOR (sent + in Lua) agreed command for command in "
+            "every MONITOR run: Redis counts a script's commands under their own names"
+        )
     for case in bench.cases:
-        if case.monitored != case.monitor_saw:
+        if case.monitor_differs:
             section.notes.append(
                 f"{case.label}: during the MONITOR run INFO commandstats counted "
-                f"{case.monitored} commands, MONITOR saw {case.monitor_saw}"
+                f"{case.monitored} commands, MONITOR saw {case.monitor_saw} (by name: "
+                f"{case.monitor_differs})"
             )
         if case.sent_by_worker.get("lpush"):
             section.notes.append(
