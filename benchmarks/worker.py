@@ -53,6 +53,7 @@ from types import FrameType
 from typing import IO, Any
 
 import redis
+from celery.exceptions import TimeoutError as CeleryTimeout
 
 from benchmarks import _harness as h
 from benchmarks import worker_tasks as wt
@@ -268,7 +269,7 @@ def _own_ports() -> set[str] | None:
 class Bench:
     """The worker's tasks, a client for the counts, and distinct arguments for every call."""
 
-    def __init__(self, url: str, log: IO[bytes], worker: int) -> None:
+    def __init__(self, url: str, log: IO[bytes], process: subprocess.Popen[bytes]) -> None:
         self.client = redis.Redis.from_url(url)
         # MONITOR and the marker that ends it on connections of their own, opened now: one
         # opened while MONITOR runs would have its handshake counted with the tasks.
@@ -277,7 +278,8 @@ class Bench:
         self.client.ping()
         self.marker.ping()
         self.log = log
-        self.worker = worker  # the worker's process group
+        self.process = process
+        self.worker = process.pid  # also the id of its process group
         self.arguments = itertools.count()
         self.cases = [Case(label, wt.task(label)) for label in wt.TASKS]
         self.split = False  # whether MONITOR's commands could be told producer from worker
@@ -290,7 +292,16 @@ class Bench:
         deadline = start + RESULT_TIMEOUT
         try:
             for result in results:
-                result.get(timeout=max(0.1, deadline - time.perf_counter()))
+                # A second at a time, to notice a worker that died instead of waiting it out.
+                while True:
+                    try:
+                        result.get(timeout=1.0)
+                        break
+                    except CeleryTimeout:
+                        if self.process.poll() is not None:
+                            raise RuntimeError("the worker has exited") from None
+                        if time.perf_counter() > deadline:
+                            raise
         except Exception as exc:
             raise RuntimeError(
                 f"{case.label}: a task did not complete ({exc!r}); the worker's log ends:\n"
@@ -374,7 +385,7 @@ async def run(url: str, chosen: h.Settings) -> h.Section:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         with tempfile.TemporaryFile() as log, running_worker(url, log) as process:
-            bench = Bench(url, log, process.pid)
+            bench = Bench(url, log, process)
             try:
                 bench.batch(bench.cases[0], 1)  # waits for the worker to be up
                 variants = [h.Variant(c.label, GROUP, bench.measure(c)) for c in bench.cases]
