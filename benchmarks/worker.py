@@ -57,6 +57,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 from benchmarks import _harness as h
 from benchmarks import worker_tasks as wt
+from celery_unique.celery.settings import backends
 
 FULL, QUICK = (300, 15), (60, 3)  # (tasks per run, repetitions)
 UNIT = "tasks"  # what the first number of FULL and QUICK counts
@@ -397,9 +398,7 @@ async def run(url: str, chosen: h.Settings) -> h.Section:
                     client.close()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        from celery_unique.celery.settings import backends
-
-        backends.close(wt.app)
+        backends.close(wt.app)  # the lock stores' connections, which app.close() leaves
         wt.app.close()
     return report(bench, variants)
 
