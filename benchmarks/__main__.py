@@ -17,7 +17,7 @@ import sys
 from types import ModuleType
 
 from benchmarks import _harness as h
-from benchmarks import adelay, apply_async, locks, rate_limit, semaphores
+from benchmarks import adelay, apply_async, locks, rate_limit, semaphores, worker
 
 BENCHMARKS: dict[str, ModuleType] = {
     "locks": locks,
@@ -25,12 +25,14 @@ BENCHMARKS: dict[str, ModuleType] = {
     "apply_async": apply_async,
     "rate_limit": rate_limit,
     "adelay": adelay,
+    "worker": worker,
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", help=f"comma-separated, of: {', '.join(BENCHMARKS)}")
     rate_limit.add_arguments(parser)
+    worker.add_arguments(parser)
 
 
 def main() -> None:
@@ -45,8 +47,9 @@ def main() -> None:
         environment.limit_before(url)
         for name in chosen:
             module = BENCHMARKS[name]
-            settings = h.settings(args, module.FULL, module.QUICK)
-            print(f"{name}: {settings.reps} reps of {settings.seconds:g} s", file=sys.stderr)
+            unit = getattr(module, "UNIT", "s")  # what a run's size counts, if not seconds
+            settings = h.settings(args, module.FULL, module.QUICK, unit)
+            print(f"{name}: {settings.reps} reps of {settings.run}", file=sys.stderr)
             section: h.Section = asyncio.run(module.run(url, settings))
             section.settings = settings
             sections.append(section)

@@ -306,7 +306,10 @@ class Section:
             "notes": self.notes,
             "peers": self.versions,
             "reps": None if self.settings is None else self.settings.reps,
-            "seconds_per_run": None if self.settings is None else self.settings.seconds,
+            "seconds_per_run": None
+            if self.settings is None or self.settings.unit != "s"
+            else self.settings.seconds,
+            "run": None if self.settings is None else self.settings.run,
             **self.data,
         }
 
@@ -361,12 +364,21 @@ def version(dist: str) -> str | None:
 @dataclass(frozen=True)
 class Settings:
     """How long to measure: ``seconds`` per run, ``reps`` repetitions; ``quick`` for a smoke
-    run (each benchmark scales its own extras by it); ``args``: the whole command line."""
+    run (each benchmark scales its own extras by it); ``args``: the whole command line.
+
+    A benchmark whose runs are a fixed amount of work rather than a time (the worker's: N
+    tasks) has that amount in ``seconds`` and names it in ``unit`` (``"tasks"``)."""
 
     seconds: float
     reps: int
     quick: bool
     args: argparse.Namespace = field(default_factory=argparse.Namespace, compare=False)
+    unit: str = "s"
+
+    @property
+    def run(self) -> str:
+        """One run's size, spelled: ``0.5 s``, ``300 tasks``."""
+        return f"{self.seconds:g} {self.unit}"
 
 
 Extend = Callable[[argparse.ArgumentParser], None]
@@ -386,11 +398,16 @@ def parser(doc: str | None, extend: Extend | None = None) -> argparse.ArgumentPa
 
 
 def settings(
-    args: argparse.Namespace, full: tuple[float, int], quick: tuple[float, int]
+    args: argparse.Namespace,
+    full: tuple[float, int],
+    quick: tuple[float, int],
+    unit: str = "s",
 ) -> Settings:
-    """``full`` or ``quick`` (seconds, reps), unless the command line says otherwise."""
-    seconds, reps = quick if args.quick else full
-    return Settings(args.seconds or seconds, args.reps or reps, bool(args.quick), args)
+    """``full`` or ``quick`` (seconds, reps), unless the command line says otherwise; for
+    another ``unit``, (amount, reps), overridden by the ``--<unit>`` option."""
+    size, reps = quick if args.quick else full
+    given = args.seconds if unit == "s" else getattr(args, unit, None)
+    return Settings(given or size, args.reps or reps, bool(args.quick), args, unit)
 
 
 @contextlib.contextmanager
@@ -414,10 +431,11 @@ def main(
     full: tuple[float, int],
     quick: tuple[float, int],
     extend: Extend | None = None,
+    unit: str = "s",
 ) -> None:
     """One benchmark on its own: its tables, then the footer."""
     args = parser(doc, extend).parse_args()
-    chosen = settings(args, full, quick)
+    chosen = settings(args, full, quick, unit)
     environment = Environment()
     with serve(args.url) as url:
         environment.limit_before(url)
@@ -554,7 +572,7 @@ class Environment:
 
 def _runs(sections: Sequence[Section]) -> str:
     spelled = [
-        f"{s.short} {s.settings.reps} x {s.settings.seconds:g} s"
+        f"{s.short} {s.settings.reps} x {s.settings.run}"
         for s in sections
         if s.settings is not None
     ]
