@@ -18,7 +18,7 @@ from celery import signals
 from celery.utils.dispatch import Signal
 
 from celery_unique import signals as unique_signals
-from celery_unique.celery.base import BOOKED_HEADER
+from celery_unique.core.messages import BOOKED_HEADER
 from tests.celery import app as t
 from tests.helpers import wait_until
 

@@ -14,7 +14,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from celery_unique import ConfigurationError, RateLimit, RateLimitedTask
-from celery_unique.celery.base import BOOKED_HEADER
+from celery_unique.core.messages import BOOKED_HEADER
 from celery_unique.celery.ratelimited import RateConfig
 from celery_unique.celery.settings import backend_for
 from tests.celery import app as t

@@ -4,12 +4,13 @@ one each event carries."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from celery_unique import Acquisition
+from celery_unique import Acquisition, BackendUnavailable
 from celery_unique.core import lifecycle as lc
 from celery_unique.core.lifecycle import KeyState as S
 
@@ -22,10 +23,41 @@ def got(owner: str, *, acquired: bool = False, ttl: float | None = 12.0) -> Acqu
     return Acquisition(acquired, owner, ttl, 7 if acquired else None)
 
 
+@dataclass(frozen=True)
+class Transition:
+    """Where the instance stands after an event, and what its caller gets."""
+
+    state: S
+    outcome: lc.Outcome
+
+
 def step(state: S, event: lc.Event, answer: Any = None, policy: lc.Policy = POLICY) -> Any:
-    """The plan's action, then the transition its answer leads to."""
-    plan = lc.plan(state, event, policy, ID)
-    return plan.action, plan.settle(answer)
+    """The one lock action the event asks for (``None``: none), then the transition its
+    answer leads to."""
+    actions, transition = steps(state, event, [answer], policy)
+    assert len(actions) <= 1, actions
+    return (actions[0] if actions else None), transition
+
+
+def steps(
+    state: S, event: lc.Event, answers: list[Any], policy: lc.Policy = POLICY
+) -> tuple[list[lc.LockAction], Transition]:
+    """Every lock action the event asks for, each given the next of ``answers`` (an
+    exception is thrown in), then the transition."""
+    instance = lc.Instance(ID, policy, state)
+    flow = instance.handle(event)
+    actions: list[lc.LockAction] = []
+    try:
+        action = next(flow)
+        for answer in answers:
+            actions.append(action)
+            if isinstance(answer, BaseException):
+                action = flow.throw(answer)
+            else:
+                action = flow.send(answer)
+        raise AssertionError(f"more actions than answers: {[*actions, action]}")
+    except StopIteration as done:
+        return actions, Transition(instance.state, done.value)
 
 
 # -- apply ---------------------------------------------------------------------------------------
@@ -34,12 +66,12 @@ def step(state: S, event: lc.Event, answer: Any = None, policy: lc.Policy = POLI
 def test_apply_takes_the_key_for_the_task_id_and_publishes() -> None:
     action, transition = step(S.NEW, lc.Apply(3605.0), got(ID, acquired=True))
     assert action == lc.Take(ID, 3605.0)
-    assert transition == lc.Transition(S.QUEUED, lc.Publish())
+    assert transition == Transition(S.QUEUED, lc.Publish())
 
 
 def test_a_duplicate_publishes_nothing_and_names_the_holder() -> None:
     _, transition = step(S.NEW, lc.Apply(3600.0), got(lc.run_token("other", "r"), ttl=9.5))
-    assert transition == lc.Transition(S.NEW, lc.Duplicate("other", 9.5))
+    assert transition == Transition(S.NEW, lc.Duplicate("other", 9.5))
 
 
 def test_a_duplicate_says_whether_its_holder_is_still_queued() -> None:
@@ -47,16 +79,47 @@ def test_a_duplicate_says_whether_its_holder_is_still_queued() -> None:
     assert transition.outcome == lc.Duplicate("other", 9.5, queued=True)
 
 
+REPLACE = lc.Policy(ttl=3600.0, lease=30.0, on_duplicate="replace")
+
+
 def test_replace_takes_the_place_of_a_queued_holder_in_one_step() -> None:
-    action, transition = step(S.NEW, lc.Displace("other", 3600.0), got(ID, acquired=True))
-    assert action == lc.Take(ID, 3600.0, "other")  # only from that very (queued) token
-    assert transition == lc.Transition(S.QUEUED, lc.Publish(replaces="other"))
+    answers = [got("other"), got(ID, acquired=True)]
+    actions, transition = steps(S.NEW, lc.Apply(3600.0), answers, REPLACE)
+    # The second take succeeds only from that very (queued) token.
+    assert actions == [lc.Take(ID, 3600.0), lc.Take(ID, 3600.0, "other")]
+    assert transition == Transition(S.QUEUED, lc.Publish(replaces="other"))
 
 
 def test_replace_of_a_holder_that_started_meanwhile_is_a_duplicate() -> None:
     running = lc.run_token("other", "r")
-    _, transition = step(S.NEW, lc.Displace("other", 3600.0), got(running, ttl=20.0))
-    assert transition == lc.Transition(S.NEW, lc.Duplicate("other", 20.0, queued=False))
+    answers = [got("other"), got(running, ttl=20.0)]
+    _, transition = steps(S.NEW, lc.Apply(3600.0), answers, REPLACE)
+    assert transition == Transition(S.NEW, lc.Duplicate("other", 20.0, queued=False))
+    actions, transition = steps(S.NEW, lc.Apply(3600.0), [got(running, ttl=9.0)], REPLACE)
+    assert len(actions) == 1  # a running holder is never displaced: a plain duplicate
+    assert transition.outcome == lc.Duplicate("other", 9.0, queued=False)
+
+
+# -- Redis unreachable -------------------------------------------------------------------------
+
+
+def test_an_unreachable_redis_fails_the_call_and_frees_an_unanswered_take_later() -> None:
+    lost = BackendUnavailable("down", outcome_unknown=True)
+    _, transition = step(S.NEW, lc.Apply(60.0), lost)
+    assert transition == Transition(S.NEW, lc.Fail(lost, free_later=True))
+    refused = BackendUnavailable("refused")  # nothing was sent: nothing to free
+    _, transition = step(S.NEW, lc.Apply(60.0), refused)
+    assert transition == Transition(S.NEW, lc.Fail(refused, free_later=False))
+
+
+def test_fail_open_publishes_or_runs_without_the_key() -> None:
+    open_ = lc.Policy(ttl=60.0, lease=30.0, fail_open=True)
+    lost = BackendUnavailable("down", outcome_unknown=True)
+    _, transition = step(S.NEW, lc.Apply(60.0), lost, open_)
+    assert transition == Transition(S.NEW, lc.Publish(locked=False, free_later=True))
+    _, transition = step(S.QUEUED, lc.Start("r1"), lost, open_)
+    assert transition.state is S.QUEUED
+    assert isinstance(transition.outcome, lc.Run) and not transition.outcome.locked
 
 
 def test_a_failed_publish_frees_the_key_whichever_token_holds_it() -> None:
@@ -80,7 +143,7 @@ def test_an_eager_run_frees_its_key_when_apply_async_returns_unless_it_is_kept()
 def test_start_hands_the_key_to_a_run_token_with_a_lease() -> None:
     action, transition = step(S.QUEUED, lc.Start("r1"), got(RUN, acquired=True))
     assert action == lc.TakeOver(RUN, 30.0, ID, None)
-    assert transition == lc.Transition(S.RUNNING, lc.Run())
+    assert transition == Transition(S.RUNNING, lc.Run())
 
 
 def test_a_retry_or_deferral_copy_starts_the_same_way() -> None:
@@ -93,18 +156,18 @@ def test_a_second_delivery_of_a_running_id_is_deferred_past_the_lease() -> None:
     _, transition = step(S.QUEUED, lc.Start("r1"), got(other_run, ttl=20.0))
     assert transition.state is S.QUEUED
     outcome = transition.outcome
-    assert isinstance(outcome, lc.Deferral) and outcome.reason == "running_elsewhere"
+    assert isinstance(outcome, lc.Deferral) and outcome.kind is lc.DeferralKind.RUNNING_ELSEWHERE
     assert 20.5 <= outcome.countdown <= 22.0  # past the other run's lease, with jitter
 
 
 def test_a_key_held_by_another_instance_skips_the_run() -> None:
     _, transition = step(S.QUEUED, lc.Start("r1"), got("task-2"))
-    assert transition == lc.Transition(S.RELEASED, lc.Skip("task-2"))
+    assert transition == Transition(S.RELEASED, lc.Skip("task-2"))
 
 
 def test_a_deferred_copy_first_makes_sure_its_other_delivery_did_not_run_it() -> None:
     _, transition = step(S.HANDED_BACK, lc.Start("r1", deferred=True), got(RUN, acquired=True))
-    assert transition == lc.Transition(S.RUNNING, lc.Run(unless_done=True))
+    assert transition == Transition(S.RUNNING, lc.Run(unless_done=True))
     action, transition = step(S.RUNNING, lc.RanElsewhere(), True)
     assert action == lc.Release()  # it does not run the instance a second time
     assert transition.state is S.RELEASED
@@ -140,19 +203,19 @@ def test_a_run_starting_after_its_hard_ttl_ended_runs_without_the_key() -> None:
 def test_retry_and_deferral_hand_the_key_back_to_the_task_id() -> None:
     action, transition = step(S.RUNNING, lc.Retry(3610.0), got(ID, acquired=True))
     assert action == lc.HandOver(ID, 3610.0)
-    assert transition == lc.Transition(S.HANDED_BACK, lc.Publish())
+    assert transition == Transition(S.HANDED_BACK, lc.Publish())
 
 
 def test_a_retry_after_the_run_lost_its_key_to_another_instance_is_a_duplicate() -> None:
     _, transition = step(S.RUNNING, lc.Retry(3600.0), got("task-2", ttl=5.0))
-    assert transition == lc.Transition(S.RELEASED, lc.Duplicate("task-2", 5.0, queued=True))
+    assert transition == Transition(S.RELEASED, lc.Duplicate("task-2", 5.0, queued=True))
 
 
 @pytest.mark.parametrize("state", [S.QUEUED, S.HANDED_BACK, S.RELEASED])
 def test_a_delivery_without_the_key_republishes_by_taking_it(state: S) -> None:
     action, transition = step(state, lc.Republish(60.0), got(lc.run_token(ID, "r0")))
     assert action == lc.Take(ID, 60.0)
-    assert transition == lc.Transition(S.HANDED_BACK, lc.Publish())  # waits for its twin
+    assert transition == Transition(S.HANDED_BACK, lc.Publish())  # waits for its twin
     _, transition = step(state, lc.Republish(60.0), got("task-2"))
     assert isinstance(transition.outcome, lc.Duplicate)
 
@@ -214,9 +277,9 @@ def test_a_lost_lease_frees_nothing_and_leaves_the_run_unprotected() -> None:
 
 def test_an_event_that_cannot_happen_in_a_state_is_refused() -> None:
     with pytest.raises(lc.IllegalTransition, match="Start cannot happen to a running key"):
-        lc.plan(S.RUNNING, lc.Start("r2"), POLICY, ID)
+        lc.Instance(ID, POLICY, S.RUNNING).handle(lc.Start("r2"))
     with pytest.raises(lc.IllegalTransition):
-        lc.plan(S.KEPT, lc.Success(), POLICY, ID)
+        lc.Instance(ID, POLICY, S.KEPT).handle(lc.Success())
 
 
 def test_every_event_has_a_rule() -> None:
@@ -245,7 +308,7 @@ WHILE_RUNNING = lc.Policy(ttl=3600.0, lease=30.0, until="started", while_running
 def test_with_while_running_a_start_moves_to_the_running_twin() -> None:
     action, transition = step(S.QUEUED, lc.Start("r1"), got(RUN, acquired=True), WHILE_RUNNING)
     assert action == lc.TakeOver(RUN, 30.0, ID, None, running=True)  # and frees the queued key
-    assert transition == lc.Transition(S.RUNNING, lc.Run())
+    assert transition == Transition(S.RUNNING, lc.Run())
 
 
 def test_with_while_running_a_queued_instance_waits_for_the_running_one() -> None:
@@ -256,7 +319,7 @@ def test_with_while_running_a_queued_instance_waits_for_the_running_one() -> Non
         _, transition = step(S.QUEUED, event, got(other, ttl=20.0), WHILE_RUNNING)
         assert transition.state is S.QUEUED  # it keeps its queued key while it waits
         assert isinstance(transition.outcome, lc.Deferral)
-        assert transition.outcome.reason == "while_running"
+        assert transition.outcome.kind is lc.DeferralKind.WHILE_RUNNING
         countdowns.append(transition.outcome.countdown)
     assert 0.5 <= countdowns[0] <= 0.5 * 1.25  # soon at first: runs are often short
     assert countdowns[1] > countdowns[0]  # then less often
@@ -266,7 +329,7 @@ def test_with_while_running_a_queued_instance_waits_for_the_running_one() -> Non
 def test_with_while_running_a_redelivery_of_the_running_id_still_waits_as_a_twin() -> None:
     _, transition = step(S.QUEUED, lc.Start("r2"), got(RUN, ttl=20.0), WHILE_RUNNING)
     assert isinstance(transition.outcome, lc.Deferral)
-    assert transition.outcome.reason == "running_elsewhere"
+    assert transition.outcome.kind is lc.DeferralKind.RUNNING_ELSEWHERE
 
 
 @pytest.mark.parametrize(

@@ -13,36 +13,12 @@ from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 
 from .. import signals
 from ..backends import RedisBackend
-from ..core.lifecycle import Event, Expired, LostChild, Revoked, TimeLimit
+from ..core.lifecycle import Deferral, Event, Expired, LostChild, Revoked, TimeLimit
 from .settings import backend_for
 
-__all__ = [
-    "BOOKED_HEADER",
-    "DEFERRED_HEADER",
-    "HOLD_HEADER",
-    "KEY_HEADER",
-    "WAITED_HEADER",
-    "RedisTask",
-    "defer",
-    "delay_of",
-]
+__all__ = ["RedisTask", "defer", "delay_of"]
 
 logger = logging.getLogger("celery_unique")
-
-#: Message header carrying the unique key, so the worker never has to re-derive it from
-#: arguments that serialisation may have changed (tuples to lists, datetimes to strings).
-KEY_HEADER = "celery_unique_key"
-#: Message header (epoch seconds) when the instance's ``unique_ttl`` ends: until then
-#: ``unique_until="expired"`` keeps the key, and a hard TTL never renews past it.
-HOLD_HEADER = "celery_unique_hold_until"
-#: Message header marking a copy deferred because another delivery of it was running.
-DEFERRED_HEADER = "celery_unique_deferred"
-#: Message header counting how often a queued instance waited for a running one
-#: (``unique_while_running``): each wait is longer.
-WAITED_HEADER = "celery_unique_waited"
-#: Message header of a copy whose rate-limit slot is booked: the retry count it was booked
-#: for (a retry of the run is a new request, which books its own slot).
-BOOKED_HEADER = "celery_unique_rate_booked"
 
 
 class RedisTask(Task):  # type: ignore[misc]
@@ -77,27 +53,21 @@ def delay_of(app: Celery, options: Mapping[str, Any]) -> float:
     return max(0.0, seconds)
 
 
-def defer(
-    task: Task,
-    countdown: float,
-    reason: str,
-    why: str,
-    headers: Mapping[str, Any] | None = None,
-    *,
-    stores_state: bool = True,
-) -> NoReturn:
-    """Put the running instance back in the queue for ``countdown`` seconds and stop this run.
+def defer(task: Task, deferral: Deferral) -> NoReturn:
+    """Put the running instance back in the queue for ``deferral.countdown`` seconds and stop
+    this run, as the core decided (:mod:`~celery_unique.core.lifecycle`,
+    :mod:`~celery_unique.core.admission`).
 
     Same task id, same retry count (a deferral is not a retry: it uses none of
-    ``max_retries`` up), options untouched. Published through ``apply_async``, so a unique
-    task hands its key back to the queued copy. ``reason`` is one of
-    :data:`~celery_unique.signals.DEFERRAL_REASONS` (sent with ``task_deferred``), ``why``
-    the words for the log. The run ends as a retry (the result reads ``RETRY``), or with
-    ``stores_state=False`` as ignored, storing nothing: a second delivery of an instance that
-    runs elsewhere must not write over that run's state, its success included.
+    ``max_retries`` up), options untouched, the deferral's headers added. Published through
+    ``apply_async``, so a unique task hands its key back to the queued copy. The run ends as
+    a retry (the result reads ``RETRY``), or, where the deferral stores no state, as
+    ignored: a second delivery of an instance that runs elsewhere must not write over that
+    run's state, its success included.
     """
     request = task.request
-    logger.info("%s[%s] deferred by %.2f s: %s", task.name, request.id, countdown, why)
+    countdown, reason = deferral.countdown, deferral.kind.value
+    logger.info("%s[%s] deferred by %.2f s: %s", task.name, request.id, countdown, deferral.why)
     signals.task_deferred.send(sender=task, task_id=request.id, reason=reason, countdown=countdown)
     task.signature_from_request(
         request,
@@ -105,11 +75,11 @@ def defer(
         request.kwargs,
         countdown=countdown,
         retries=request.retries,
-        headers={**(request.headers or {}), **(headers or {})},
+        headers={**(request.headers or {}), **deferral.headers},
     ).apply_async()
-    if not stores_state:
-        raise Ignore(why)
-    raise Retry(why, when=countdown)
+    if not deferral.stores_state:
+        raise Ignore(deferral.why)
+    raise Retry(deferral.why, when=countdown)
 
 
 # -- what the worker's main process sees: a run killed there never sees its own end ------------

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..backends import RedisBackend
+from ..core import admission
 from ..core.arguments import ArgumentKey
 from ..core.lifecycle import Event
+from ..core.messages import BOOKED_HEADER
 from ..core.rates import RateLimit, as_limits
 from ..errors import BackendError, LockNotOwnedError
 from ..limiters import RateLimiter
 from ..locks import Semaphore
-from .base import BOOKED_HEADER, RedisTask, defer
+from .base import RedisTask, defer
 from .settings import (
     DEFAULT_LEASE,
     DEFAULT_MAX_WAIT,
@@ -110,7 +111,7 @@ class RateLimitedTask(RedisTask):
         try:
             # A copy carrying its booking runs: its slot was taken when it was deferred, and a
             # broker's redelivery of that copy must not book (or be refused) a second time.
-            if getattr(request, BOOKED_HEADER, None) != request.retries:
+            if not admission.booked(getattr(request, BOOKED_HEADER, None), request.retries):
                 self._take_slot(args, kwargs)
             return super().__call__(*args, **kwargs)
         finally:
@@ -119,13 +120,13 @@ class RateLimitedTask(RedisTask):
 
     def _take_run_slot(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Semaphore | None:
         """A slot of the concurrency limit for this run, or defer the instance (raises Retry)."""
-        rated = self.rate_config
-        slot = rated.run_slot(args, kwargs, self.request.id)
-        if slot is None or slot.acquire(blocking=False):
-            return slot
-        # Its turn in the queue of runs turned away, a little jittered against lockstep.
-        countdown = (slot.retry_after or 1.0) * random.uniform(1.0, 1.1)
-        defer(self, countdown, "concurrency", "its concurrency limit is reached")
+        slot = self.rate_config.run_slot(args, kwargs, self.request.id)
+        if slot is None:
+            return None
+        deferral = admission.concurrency(slot.acquire(blocking=False), slot.retry_after)
+        if deferral is not None:
+            defer(self, deferral)
+        return slot
 
     def free_ended_instance(
         self, task_id: str, request: Any, args: Any, kwargs: Any, event: Event
@@ -165,21 +166,9 @@ class RateLimitedTask(RedisTask):
             return
         horizon = rated.max_wait
         slot = rated.limiter(limits).reserve(rated.key(args, kwargs), max_wait=horizon)
-        if not slot.reserved:
-            # Every instance refused now sees about the same wait: spread them over half the
-            # horizon, in which about that many slots come within reach.
-            countdown = min(slot.retry_after, horizon / 2) + random.uniform(0, horizon / 2)
-            defer(
-                self,
-                countdown,
-                "rate_limit",
-                "no rate-limit slot within reach",
-                {BOOKED_HEADER: None},
-            )
-        if slot.delay > 0:
-            # No jitter: the bucket spaces the booked slots itself.
-            booked = {BOOKED_HEADER: self.request.retries}
-            defer(self, slot.delay, "rate_limit", "its rate-limit slot is booked", booked)
+        deferral = admission.rate(slot, horizon, self.request.retries)
+        if deferral is not None:
+            defer(self, deferral)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,22 +11,29 @@ One instance of a unique task (one task id) owns its key through these states:
 ``RELEASED``    freed, or expired in Redis; nothing of the instance's holds the key
 ==============  =====================================================================
 
-:func:`plan` takes the instance's state and an event (:class:`Apply`, :class:`Start`,
-:class:`Retry`, :class:`Success`, :class:`Revoked`, ...) and returns a :class:`Plan`: the one
-lock operation to perform (or none) and how its answer decides the next state and what the
-caller gets (publish, a duplicate, run, skip, defer, ...). :data:`TRANSITIONS` lists every
-legal (state, event) pair; any other raises :class:`IllegalTransition`. The Celery layer only
-maps Celery's hooks and signals onto these events and carries the operations out.
+h11's way: an :class:`Instance` owns its state, and :data:`TRANSITIONS`, one literal table,
+says which rule each (state, event) pair follows; any other pair raises
+:class:`IllegalTransition`. ``instance.handle(event)`` is a flow: it yields the lock actions
+to carry out (:class:`Take`, :class:`TakeOver`, :class:`HandOver`, :class:`Release`,
+:class:`ReleaseAny`), is sent each answer (or thrown the :class:`BackendUnavailable` it met),
+moves the instance to its next state, and returns what the caller gets (:class:`Publish`, a
+:class:`Duplicate`, :class:`Run`, :class:`Skip`, a :class:`Deferral`, :class:`Done`, or
+:class:`Fail`). Everything that shapes a decision is the :class:`Policy`'s or the event's:
+``on_duplicate`` (a replace is the machine's second take), fail-open, what an unanswered take
+leaves behind, the kind of a deferral and the headers its copy carries. The Celery layer
+translates hooks into events and carries the actions out; it decides nothing.
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import BackendUnavailable
+from .messages import DEFERRED_HEADER, WAITED_HEADER
 from .results import Acquisition
 
 __all__ = [
@@ -34,22 +41,23 @@ __all__ = [
     "TRANSITIONS",
     "Apply",
     "Deferral",
-    "Displace",
+    "DeferralKind",
     "Done",
     "Duplicate",
     "EagerDone",
     "Event",
     "Expired",
+    "Fail",
     "Failure",
     "HandOver",
     "Ignored",
     "IllegalTransition",
+    "Instance",
     "KeyState",
     "LeaseLost",
     "LockAction",
     "LostChild",
     "Outcome",
-    "Plan",
     "Policy",
     "Publish",
     "PublishFailed",
@@ -68,9 +76,7 @@ __all__ = [
     "Take",
     "TakeOver",
     "TimeLimit",
-    "Transition",
     "holder_id",
-    "plan",
     "run_token",
 ]
 
@@ -103,6 +109,15 @@ class KeyState(enum.Enum):
     RELEASED = "released"
 
 
+class DeferralKind(enum.Enum):
+    """Why a run is put back for later (``task_deferred``'s ``reason`` is the value)."""
+
+    RATE_LIMIT = "rate_limit"
+    CONCURRENCY = "concurrency"
+    RUNNING_ELSEWHERE = "running_elsewhere"  # another delivery of this very instance runs
+    WHILE_RUNNING = "while_running"  # another instance runs (``Policy.while_running``)
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A task's settings that shape its lifecycle.
@@ -112,6 +127,9 @@ class Policy:
     bounds the key's whole life, the run included (the compat layers' promise).
     ``while_running`` (with ``until="started"``): a run holds the key's running twin, so at
     most one instance is queued and one runs; a queued one starts once the running one ended.
+    ``on_duplicate``: ``"return"``, ``"raise"`` or ``"replace"`` (a call finding a queued
+    holder takes its place). ``fail_open``: with Redis unreachable, publish (or run) without
+    the key instead of failing.
     """
 
     ttl: float
@@ -119,6 +137,8 @@ class Policy:
     until: str = "executed"
     hard_ttl: bool = False
     while_running: bool = False
+    on_duplicate: str = "return"
+    fail_open: bool = False
 
     @property
     def tracks_ttl_end(self) -> bool:
@@ -134,15 +154,6 @@ class Apply:
     """``apply_async`` from outside a run: take the key for ``ttl`` seconds (queue time
     included) or learn its holder."""
 
-    ttl: float
-
-
-@dataclass(frozen=True, slots=True)
-class Displace:
-    """A duplicate call with ``on_duplicate="replace"`` takes the place of ``holder``, still
-    queued, for ``ttl`` seconds: the newest call wins, the holder never runs."""
-
-    holder: str
     ttl: float
 
 
@@ -254,7 +265,6 @@ class LeaseLost:
 
 Event = (
     Apply
-    | Displace
     | PublishFailed
     | EagerDone
     | Start
@@ -273,13 +283,14 @@ Event = (
     | LeaseLost
 )
 
-# -- lock operations the plans ask for ---------------------------------------------------------
+# -- lock actions the rules ask for ---------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Take:
     """Acquire the key for ``token`` (or learn its holder): one ``acquire`` call; with
-    ``predecessor``, also when that token holds it (it passes to ``token``)."""
+    ``predecessor``, also when that token holds it (it passes to ``token``). Answer: an
+    :class:`Acquisition`."""
 
     token: str
     ttl: float
@@ -291,7 +302,7 @@ class TakeOver:
     """Acquire the key for ``token``, taking it from ``predecessor`` if that holds it, and
     renew it every ``ttl / 3`` (never past ``lifetime`` seconds from now, if given).
     ``running``: take the key's running twin instead, and free the queued key (if
-    ``predecessor`` holds it) in the same step."""
+    ``predecessor`` holds it) in the same step. Answer: an :class:`Acquisition`."""
 
     token: str
     ttl: float
@@ -302,7 +313,8 @@ class TakeOver:
 
 @dataclass(frozen=True, slots=True)
 class HandOver:
-    """Pass the run's lock to ``token`` for ``ttl`` seconds (it stops being renewed)."""
+    """Pass the run's lock to ``token`` for ``ttl`` seconds (it stops being renewed).
+    Answer: an :class:`Acquisition`."""
 
     token: str
     ttl: float
@@ -310,14 +322,16 @@ class HandOver:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """Release the run's lock (owner-checked)."""
+    """Release the run's lock (owner-checked). Answer: whether it was still held."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseAny:
-    """Release whichever token of the instance holds the key: the task id or any run."""
+    """Release whichever token of the instance holds the key: the task id or any run;
+    ``running_too``: the key's running twin as well. Answer: whether one was freed."""
 
     task_id: str
+    running_too: bool = False
 
 
 LockAction = Take | TakeOver | HandOver | Release | ReleaseAny
@@ -327,11 +341,13 @@ LockAction = Take | TakeOver | HandOver | Release | ReleaseAny
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    """Publish the message: the key is the instance's (or, ``locked=False``, it runs
-    without it); ``replaces``: the queued instance it took the place of."""
+    """Publish the message: the key is the instance's (or, ``locked=False``, it goes without
+    it); ``replaces``: the queued instance it took the place of; ``free_later``: a take that
+    Redis never answered may hold the key, so free it off the caller's path."""
 
     locked: bool = True
     replaces: str | None = None
+    free_later: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,11 +381,15 @@ class Skip:
 
 @dataclass(frozen=True, slots=True)
 class Deferral:
-    """Do not run now: another delivery of this very instance holds the key. Come back in
-    ``countdown`` seconds (same id, no retry used up)."""
+    """Do not run now: come back in ``countdown`` seconds, same id, no retry used up, the
+    copy carrying ``headers``. ``stores_state``: the run ends as a retry (``RETRY``); false
+    for a second delivery of a run under way, which must not write over that run's state."""
 
     countdown: float
-    reason: str
+    kind: DeferralKind
+    why: str
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    stores_state: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,59 +399,49 @@ class Done:
     why: str = ""
 
 
-Outcome = Publish | Duplicate | Run | Skip | Deferral | Done
-
-
 @dataclass(frozen=True, slots=True)
-class Transition:
-    """Where the instance stands now, and what its caller gets."""
+class Fail:
+    """Redis did not answer and the policy does not fail open: raise ``error``;
+    ``free_later`` as for :class:`Publish`."""
 
-    state: KeyState
-    outcome: Outcome
+    error: BackendUnavailable
+    free_later: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """The lock operation to perform (``None``: none) and how its answer decides."""
-
-    action: LockAction | None
-    decide: Callable[[Any], Transition] = field(repr=False)
-
-    def settle(self, answer: Any = None) -> Transition:
-        """The transition once the action's answer is in (an ``Acquisition`` for the taking
-        actions, the released flag for the releasing ones, ``None`` without an action)."""
-        return self.decide(answer)
+Outcome = Publish | Duplicate | Run | Skip | Deferral | Done | Fail
+#: What ``Instance.handle`` returns: yields lock actions, is sent their answers.
+Flow = Generator[LockAction, Any, Outcome]
 
 
 class IllegalTransition(Exception):
     """An event that cannot happen in this state (a bug in the caller, never in Redis)."""
 
 
-# -- the table -----------------------------------------------------------------------------------
+class Instance:
+    """One instance of a unique task (one task id), as one process follows it: its state,
+    and the rules of :data:`TRANSITIONS`."""
 
-_Rule = Callable[[Policy, str, Any], Plan]
-TRANSITIONS: dict[tuple[KeyState, type[Any]], _Rule] = {}
+    __slots__ = ("policy", "state", "task_id")
+
+    def __init__(self, task_id: str, policy: Policy, state: KeyState = KeyState.NEW) -> None:
+        self.task_id = task_id
+        self.policy = policy
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<Instance {self.task_id} {self.state.value}>"
+
+    def handle(self, event: Event) -> Flow:
+        """The flow of what ``event`` does to this instance; see the module docstring."""
+        rule = TRANSITIONS.get((self.state, type(event)))
+        if rule is None:
+            raise IllegalTransition(
+                f"{type(event).__name__} cannot happen to a {self.state.value} key"
+            )
+        return rule(self, event)
 
 
-def _rule(*pairs: tuple[KeyState, type[Any]]) -> Callable[[_Rule], _Rule]:
-    def register(function: _Rule) -> _Rule:
-        for pair in pairs:
-            TRANSITIONS[pair] = function
-        return function
-
-    return register
-
-
-def plan(state: KeyState, event: Event, policy: Policy, task_id: str) -> Plan:
-    """What ``event`` does to instance ``task_id`` in ``state``; see :data:`TRANSITIONS`."""
-    rule = TRANSITIONS.get((state, type(event)))
-    if rule is None:
-        raise IllegalTransition(f"{type(event).__name__} cannot happen to a {state.value} key")
-    return rule(policy, task_id, event)
-
-
-def _fixed(state: KeyState, outcome: Outcome) -> Callable[[Any], Transition]:
-    return lambda _answer: Transition(state, outcome)
+# -- the rules -----------------------------------------------------------------------------------
 
 
 def _duplicate(got: Acquisition) -> Duplicate:
@@ -439,152 +449,187 @@ def _duplicate(got: Acquisition) -> Duplicate:
     return Duplicate(holder, got.ttl, queued=got.owner == holder)
 
 
-@_rule((KeyState.NEW, Apply))
-def _apply(policy: Policy, task_id: str, event: Apply) -> Plan:
-    def decide(got: Acquisition) -> Transition:
-        if got.acquired:
-            return Transition(KeyState.QUEUED, Publish())
-        return Transition(KeyState.NEW, _duplicate(got))
-
-    return Plan(Take(task_id, event.ttl), decide)
+def _unreachable(it: Instance, error: BackendUnavailable, fallback: Publish | Run) -> Outcome:
+    """Redis did not answer a take: fail, or (``fail_open``) go on without the key."""
+    if it.policy.fail_open:
+        return fallback
+    return Fail(error, free_later=isinstance(fallback, Publish) and error.outcome_unknown)
 
 
-@_rule((KeyState.NEW, Displace))
-def _displace(policy: Policy, task_id: str, event: Displace) -> Plan:
-    def decide(got: Acquisition) -> Transition:
-        if got.acquired:
-            return Transition(KeyState.QUEUED, Publish(replaces=event.holder))
-        # It started meanwhile (its token is a run's now), or another took its place first.
-        return Transition(KeyState.NEW, _duplicate(got))
-
-    return Plan(Take(task_id, event.ttl, event.holder), decide)
-
-
-@_rule((KeyState.QUEUED, PublishFailed), (KeyState.HANDED_BACK, PublishFailed))
-def _publish_failed(policy: Policy, task_id: str, event: PublishFailed) -> Plan:
-    return Plan(ReleaseAny(task_id), _fixed(KeyState.RELEASED, Done("nothing was published")))
-
-
-@_rule((KeyState.QUEUED, EagerDone))
-def _eager_done(policy: Policy, task_id: str, event: EagerDone) -> Plan:
-    if policy.until == "expired":
-        return Plan(None, _fixed(KeyState.KEPT, Done("kept until its TTL")))
-    # Ran inline already (no worker, no hand-over): the instance is done.
-    return Plan(ReleaseAny(task_id), _fixed(KeyState.RELEASED, Done()))
+def _apply(it: Instance, event: Apply) -> Flow:
+    holder: str | None = None
+    try:
+        got = yield Take(it.task_id, event.ttl)
+        if not got.acquired:
+            found = _duplicate(got)
+            if it.policy.on_duplicate != "replace" or not found.queued:
+                return found
+            # Take a queued holder's place: only from that very token, so a holder that
+            # started meanwhile (its token is a run's now) is not displaced.
+            holder = found.holder
+            got = yield Take(it.task_id, event.ttl, holder)
+            if not got.acquired:
+                return _duplicate(got)
+    except BackendUnavailable as error:
+        free = Publish(locked=False, free_later=error.outcome_unknown)
+        return _unreachable(it, error, free)
+    it.state = KeyState.QUEUED
+    return Publish(replaces=holder)
 
 
-@_rule((KeyState.QUEUED, Start), (KeyState.HANDED_BACK, Start))
-def _start(policy: Policy, task_id: str, event: Start) -> Plan:
+def _republished(it: Instance, got: Acquisition) -> Outcome:
+    # The key is the copy's now, or held by another delivery of this very instance (which
+    # the copy will wait for); else another instance holds it: the run had lost it.
+    if got.acquired or holder_id(got.owner) == it.task_id:
+        it.state = KeyState.HANDED_BACK
+        return Publish()
+    it.state = KeyState.RELEASED
+    return _duplicate(got)
+
+
+def _republish(it: Instance, event: Republish) -> Flow:
+    try:
+        got = yield Take(it.task_id, event.ttl)
+    except BackendUnavailable as error:
+        return _unreachable(it, error, Publish(locked=False, free_later=error.outcome_unknown))
+    return _republished(it, got)
+
+
+def _hand_back(it: Instance, event: Retry) -> Flow:
+    try:
+        got = yield HandOver(it.task_id, event.ttl)
+    except BackendUnavailable as error:
+        return _unreachable(it, error, Publish(locked=False))
+    return _republished(it, got)
+
+
+def _start(it: Instance, event: Start) -> Flow:
+    policy = it.policy
+    unreachable = "Redis unreachable (unique_fail_open)"
     if policy.until == "started" and not policy.while_running:
-        # Free for the next instance from the moment the body starts.
-        why = "unique_until='started' frees the key when the run starts"
-        return Plan(ReleaseAny(task_id), _fixed(KeyState.RELEASED, Run(locked=False, why=why)))
+        try:
+            yield ReleaseAny(it.task_id)
+        except BackendUnavailable as error:
+            return _unreachable(it, error, Run(locked=False, why=unreachable))
+        it.state = KeyState.RELEASED
+        return Run(locked=False, why="unique_until='started' frees the key when the run starts")
     lease, lifetime = policy.lease, None
     if policy.hard_ttl and event.ttl_left is not None:
         if event.ttl_left <= 0:
-            # The TTL promised the key to newer instances from this moment on.
-            why = "its unique_ttl ended before it started"
-            return Plan(None, _fixed(KeyState.RELEASED, Run(locked=False, why=why)))
+            it.state = KeyState.RELEASED  # the TTL promised the key to newer instances
+            return Run(locked=False, why="its unique_ttl ended before it started")
         lease, lifetime = min(lease, event.ttl_left), event.ttl_left
-
-    def decide(got: Acquisition) -> Transition:
-        if not got.acquired:
-            holder = holder_id(got.owner)
-            if holder != task_id and policy.while_running:
-                # Another instance runs: this one stays queued and comes back once that one
-                # has ended, checking sooner at first (runs are often short), then less often,
-                # never later than the other run's lease.
-                backoff = min(WAIT_FIRST * 2**event.waited, got.ttl or policy.lease)
-                countdown = backoff * random.uniform(1.0, 1.25)
-                return Transition(KeyState.QUEUED, Deferral(countdown, "while_running"))
-            if holder != task_id:
-                return Transition(KeyState.RELEASED, Skip(holder))
-            # Another delivery of this very instance runs (a broker redelivery), or died
-            # less than a lease ago: never run beside it, come back when its lease is over.
-            countdown = (got.ttl or policy.lease) + random.uniform(0.5, 2.0)
-            return Transition(KeyState.QUEUED, Deferral(countdown, "running_elsewhere"))
-        return Transition(KeyState.RUNNING, Run(unless_done=event.deferred))
-
-    token = run_token(task_id, event.run_id)
-    return Plan(TakeOver(token, lease, task_id, lifetime, policy.while_running), decide)
-
-
-def _republished(task_id: str) -> Callable[[Acquisition], Transition]:
-    """How a copy's take (or hand-over) decides: the key is the copy's now, or held by
-    another delivery of this very instance (which the copy will wait for); else another
-    instance holds it, and the copy would be a duplicate of that one (the run lost it)."""
-
-    def decide(got: Acquisition) -> Transition:
-        if got.acquired or holder_id(got.owner) == task_id:
-            return Transition(KeyState.HANDED_BACK, Publish())
-        return Transition(KeyState.RELEASED, _duplicate(got))
-
-    return decide
-
-
-@_rule((KeyState.RUNNING, Retry))
-def _hand_back(policy: Policy, task_id: str, event: Retry) -> Plan:
-    return Plan(HandOver(task_id, event.ttl), _republished(task_id))
+    token = run_token(it.task_id, event.run_id)
+    try:
+        got = yield TakeOver(token, lease, it.task_id, lifetime, policy.while_running)
+    except BackendUnavailable as error:
+        return _unreachable(it, error, Run(locked=False, why=unreachable))
+    if got.acquired:
+        it.state = KeyState.RUNNING
+        return Run(unless_done=event.deferred)
+    holder = holder_id(got.owner)
+    if holder != it.task_id and policy.while_running:
+        # Another instance runs: this one stays queued and comes back once that one has
+        # ended, checking sooner at first (runs are often short), then less often, never
+        # later than the other run's lease.
+        backoff = min(WAIT_FIRST * 2**event.waited, got.ttl or policy.lease)
+        return Deferral(
+            backoff * random.uniform(1.0, 1.25),
+            DeferralKind.WHILE_RUNNING,
+            "another instance is running",
+            {WAITED_HEADER: event.waited + 1},
+        )
+    if holder != it.task_id:
+        it.state = KeyState.RELEASED
+        return Skip(holder)
+    # Another delivery of this very instance runs (a broker redelivery), or died less than a
+    # lease ago: never run beside it, come back when its lease is over. Ignored, not a retry:
+    # its RETRY could land over that run's SUCCESS, and a later copy would run it again.
+    return Deferral(
+        (got.ttl or policy.lease) + random.uniform(0.5, 2.0),
+        DeferralKind.RUNNING_ELSEWHERE,
+        "already running elsewhere",
+        {DEFERRED_HEADER: True},
+        stores_state=False,
+    )
 
 
-@_rule(
-    (KeyState.QUEUED, Republish), (KeyState.HANDED_BACK, Republish), (KeyState.RELEASED, Republish)
-)
-def _republish(policy: Policy, task_id: str, event: Republish) -> Plan:
-    return Plan(Take(task_id, event.ttl), _republished(task_id))
-
-
-@_rule((KeyState.RUNNING, Requeue))
-def _requeue(policy: Policy, task_id: str, event: Requeue) -> Plan:
-    return Plan(HandOver(task_id, policy.ttl), _fixed(KeyState.HANDED_BACK, Done("requeued")))
-
-
-@_rule((KeyState.RUNNING, Success), (KeyState.RUNNING, Failure), (KeyState.RUNNING, Ignored))
-def _end(policy: Policy, task_id: str, event: _Ended) -> Plan:
+def _end(it: Instance, event: Success | Failure | Ignored) -> Flow:
     left = event.ttl_left
-    if policy.until == "expired" and left is not None and left > 0:
-        return Plan(HandOver(task_id, left), _fixed(KeyState.KEPT, Done("kept until its TTL")))
-    return Plan(Release(), _fixed(KeyState.RELEASED, Done()))
+    if it.policy.until == "expired" and left is not None and left > 0:
+        yield HandOver(it.task_id, left)
+        it.state = KeyState.KEPT
+        return Done("kept until its TTL")
+    yield Release()
+    it.state = KeyState.RELEASED
+    return Done()
 
 
-@_rule((KeyState.RUNNING, RanElsewhere))
-def _ran_elsewhere(policy: Policy, task_id: str, event: RanElsewhere) -> Plan:
-    return Plan(Release(), _fixed(KeyState.RELEASED, Done("its other delivery ran it")))
+def _release_run(it: Instance, event: Rejected | RanElsewhere) -> Flow:
+    yield Release()
+    it.state = KeyState.RELEASED
+    return Done("its other delivery ran it" if isinstance(event, RanElsewhere) else "")
 
 
-@_rule((KeyState.RUNNING, Rejected))
-def _rejected(policy: Policy, task_id: str, event: Rejected) -> Plan:
-    return Plan(Release(), _fixed(KeyState.RELEASED, Done()))
+def _requeue(it: Instance, event: Requeue) -> Flow:
+    yield HandOver(it.task_id, it.policy.ttl)
+    it.state = KeyState.HANDED_BACK
+    return Done("requeued")
 
 
-@_rule(
-    (KeyState.QUEUED, Revoked),
-    (KeyState.RUNNING, Revoked),
-    (KeyState.HANDED_BACK, Revoked),
-    (KeyState.QUEUED, Expired),
-    (KeyState.HANDED_BACK, Expired),
-    (KeyState.RUNNING, TimeLimit),
-    (KeyState.RUNNING, LostChild),
-)
-def _killed(policy: Policy, task_id: str, event: Revoked | Expired | TimeLimit | LostChild) -> Plan:
-    # Seen from the worker's main process, which cannot tell a queued instance from a
-    # running one: free whichever token of the instance holds the key, never another's.
-    return Plan(ReleaseAny(task_id), _fixed(KeyState.RELEASED, Done()))
+def _free_any(it: Instance, event: Event) -> Flow:
+    # Killed, revoked or expired, seen from the worker's main process (which cannot tell a
+    # queued instance from a running one), or nothing was published, or an eager run ended:
+    # free whichever token of the instance holds the key, never another instance's.
+    if isinstance(event, EagerDone) and it.policy.until == "expired":
+        it.state = KeyState.KEPT
+        return Done("kept until its TTL")
+    yield ReleaseAny(it.task_id, running_too=it.policy.while_running)
+    it.state = KeyState.RELEASED
+    return Done("nothing was published" if isinstance(event, PublishFailed) else "")
 
 
-@_rule(
-    (KeyState.RELEASED, Success),
-    (KeyState.RELEASED, Failure),
-    (KeyState.RELEASED, Ignored),
-    (KeyState.RELEASED, Rejected),
-    (KeyState.RELEASED, Requeue),
-)
-def _ended_unprotected(policy: Policy, task_id: str, event: Any) -> Plan:
-    # The run lost its lease while it ran: nothing of it holds the key to free or pass on.
-    return Plan(None, _fixed(KeyState.RELEASED, Done("the key was lost during the run")))
+def _nothing_held(it: Instance, event: Event) -> Flow:
+    # The lease was lost (now, or during the run): nothing of the run holds the key to free
+    # or pass on, and the run goes on, unprotected.
+    it.state = KeyState.RELEASED
+    return Done("lease lost" if isinstance(event, LeaseLost) else "the key was lost earlier")
+    yield  # a flow with no action  # pragma: no cover
 
 
-@_rule((KeyState.RUNNING, LeaseLost))
-def _lease_lost(policy: Policy, task_id: str, event: LeaseLost) -> Plan:
-    # Nothing to free: the key is gone or another's. The run goes on, unprotected.
-    return Plan(None, _fixed(KeyState.RELEASED, Done("lease lost")))
+_Rule = Callable[[Instance, Any], Flow]
+NEW, QUEUED, RUNNING = KeyState.NEW, KeyState.QUEUED, KeyState.RUNNING
+HANDED_BACK, RELEASED = KeyState.HANDED_BACK, KeyState.RELEASED
+
+#: Every legal (state, event) pair and the rule it follows (docs/lifecycle.md, row by row).
+TRANSITIONS: dict[tuple[KeyState, type[Any]], _Rule] = {
+    (NEW, Apply): _apply,
+    (QUEUED, PublishFailed): _free_any,
+    (HANDED_BACK, PublishFailed): _free_any,
+    (QUEUED, EagerDone): _free_any,
+    (QUEUED, Start): _start,
+    (HANDED_BACK, Start): _start,
+    (QUEUED, Republish): _republish,
+    (HANDED_BACK, Republish): _republish,
+    (RELEASED, Republish): _republish,
+    (RUNNING, Retry): _hand_back,
+    (RUNNING, Requeue): _requeue,
+    (RUNNING, Success): _end,
+    (RUNNING, Failure): _end,
+    (RUNNING, Ignored): _end,
+    (RUNNING, Rejected): _release_run,
+    (RUNNING, RanElsewhere): _release_run,
+    (QUEUED, Revoked): _free_any,
+    (RUNNING, Revoked): _free_any,
+    (HANDED_BACK, Revoked): _free_any,
+    (QUEUED, Expired): _free_any,
+    (HANDED_BACK, Expired): _free_any,
+    (RUNNING, TimeLimit): _free_any,
+    (RUNNING, LostChild): _free_any,
+    (RUNNING, LeaseLost): _nothing_held,
+    (RELEASED, Success): _nothing_held,
+    (RELEASED, Failure): _nothing_held,
+    (RELEASED, Ignored): _nothing_held,
+    (RELEASED, Rejected): _nothing_held,
+    (RELEASED, Requeue): _nothing_held,
+}

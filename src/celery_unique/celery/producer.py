@@ -1,0 +1,198 @@
+"""A unique task's ``apply_async``, sync and async: take the key, then publish.
+
+:func:`prepare` turns a call into its lifecycle event (``Apply`` from outside a run; from
+inside its own delivery, ``Retry`` or ``Republish``: a retry or a deferral hands the key
+back); the core decides what the answer means (publish, a duplicate, a replace, fail or fail
+open); :func:`answer` and :func:`publish` carry that out. The sync path drives the lifecycle
+with :func:`~.plans.perform`, the async one with :func:`~celery_unique.core.plans.through`
+on the running loop's backend, so a duplicate touches neither the broker nor a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from celery.result import AsyncResult, EagerResult
+from celery.utils import uuid
+
+from .. import signals
+from ..backends import AsyncRedisBackend
+from ..core import lifecycle as lc
+from ..core.messages import HOLD_HEADER, KEY_HEADER, STATE_HEADER
+from ..core.plans import plain, through
+from ..errors import BackendError
+from . import publishers, runs
+from .base import delay_of
+from .plans import Held, perform, quietly
+
+if TYPE_CHECKING:
+    from .unique import UniqueTask
+
+__all__ = ["Call", "aapply", "answer", "apply", "prepare", "publish"]
+
+logger = logging.getLogger("celery_unique")
+
+#: Celery's own ``Task.apply_async`` (the next class's in the MRO), which publishes.
+Publisher = Callable[..., AsyncResult]
+
+
+@dataclass(slots=True)
+class Call:
+    """One ``apply_async`` call, prepared: its instance and event, and what publishing
+    needs (``ttl``: the key's, queue time included)."""
+
+    held: Held
+    event: lc.Event
+    ttl: float
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    options: dict[str, Any]
+
+    @property
+    def task_id(self) -> str:
+        return self.held.instance.task_id
+
+
+def prepare(
+    task: UniqueTask,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    task_id: str | None,
+    options: dict[str, Any],
+) -> Call:
+    """Everything about a call that needs no I/O: its key, TTL, instance and event."""
+    config = task.unique_config
+    args, kwargs = tuple(args or ()), dict(kwargs or {})
+    headers = dict(options.pop("headers", None) or {})
+    task_id = task_id or uuid()
+    request = task.request
+    # A retry or a deferral re-publishes the instance from inside its own delivery.
+    inside = not request.called_directly and not request.is_eager and request.id == task_id
+    held = runs.current(request) if inside else None
+    key = (
+        headers.get(KEY_HEADER)
+        or (getattr(request, KEY_HEADER, None) if inside else None)
+        or config.key(args, kwargs)
+    )
+    ttl = config.policy.ttl + delay_of(task.app, options)
+    event: lc.Event
+    if held is not None and held.instance.state is lc.KeyState.RUNNING:
+        event = lc.Retry(ttl)
+    elif inside:
+        if held is None:  # its delivery runs in another thread or process: a plain copy
+            held = Held(lc.Instance(task_id, config.policy, lc.KeyState.QUEUED), key)
+        event = lc.Republish(ttl)
+    else:
+        held, event = Held(lc.Instance(task_id, config.policy), key), lc.Apply(ttl)
+    return Call(held, event, ttl, args, kwargs, headers, options)
+
+
+def apply(task: UniqueTask, call: Call, publisher: Publisher) -> AsyncResult:
+    """Take the key in one Redis call, then publish (or answer the duplicate)."""
+    outcome = perform(task.unique_config.backend, call.held, call.event)
+    answered = answer(task, call, outcome)
+    if answered is not None:
+        return answered
+    assert isinstance(outcome, lc.Publish)
+    return publish(task, call, outcome, publisher)
+
+
+async def aapply(
+    task: UniqueTask, call: Call, backend: AsyncRedisBackend, publisher: Publisher
+) -> AsyncResult:
+    """:func:`apply` from async code: the key is taken on ``backend`` (a call cancelled
+    meanwhile frees what it took), the message published from a publisher thread."""
+    outcome = await _adecide(backend, call)
+    answered = answer(task, call, outcome)
+    if answered is not None:
+        return answered
+    assert isinstance(outcome, lc.Publish)
+    # Not cancelled once under way: the message goes out or not, and the key follows it
+    # (freed if publishing fails); a cancellation lands once it has.
+    return await publishers.run_in_publisher(lambda: publish(task, call, outcome, publisher))
+
+
+async def _adecide(backend: AsyncRedisBackend, call: Call) -> lc.Outcome:
+    key, keys = call.held.key, backend.keys
+    flow = through(call.held.instance.handle(call.event), plain(keys, key))
+    decided = asyncio.get_running_loop().create_task(backend.executor.run(flow))
+    try:
+        return await asyncio.shield(decided)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([decided])
+            taken = not decided.cancelled() and decided.exception() is None
+            outcome = decided.result() if taken else None
+            if isinstance(outcome, lc.Publish) and outcome.locked:
+                # Taken, and never to be published: the core frees it.
+                failed = call.held.instance.handle(lc.PublishFailed())
+                freeing = through(failed, plain(keys, key))
+                try:
+                    await backend.executor.run(freeing)
+                except BackendError:
+                    logger.warning("could not free the key of a cancelled call", exc_info=True)
+        raise
+
+
+def answer(task: UniqueTask, call: Call, outcome: lc.Outcome) -> AsyncResult | None:
+    """What a call that is not to be published gets: the duplicate's holder's result (or
+    ``DuplicateTaskError``), or Redis' error; ``None`` when it is to be published."""
+    if isinstance(outcome, lc.Publish | lc.Fail) and outcome.free_later:
+        # A take Redis never answered may hold the key for its whole TTL.
+        config = task.unique_config
+        lock = config.backend.lock(call.held.key, ttl=config.policy.ttl, token=call.task_id)
+        lock.release_in_background()
+    if isinstance(outcome, lc.Fail):
+        raise outcome.error
+    if isinstance(outcome, lc.Publish) and not outcome.locked:
+        logger.warning(
+            "Redis unreachable: publishing %s[%s] without its unique lock (unique_fail_open)",
+            task.name,
+            call.task_id,
+        )
+    if not isinstance(outcome, lc.Duplicate):
+        return None
+    logger.info("%s[%s] is a duplicate of %s", task.name, call.task_id, outcome.holder)
+    signals.task_duplicate.send(sender=task, task_id=outcome.holder, ttl=outcome.ttl)
+    if call.held.instance.policy.on_duplicate == "raise":
+        raise task.duplicate_error(outcome.holder, outcome.ttl)
+    return task.AsyncResult(outcome.holder)
+
+
+def publish(task: UniqueTask, call: Call, outcome: lc.Publish, publisher: Publisher) -> AsyncResult:
+    """Publish the call's message (the key is taken); free the key if that fails."""
+    instance = call.held.instance
+    state = instance.state if instance.state is lc.KeyState.HANDED_BACK else lc.KeyState.QUEUED
+    headers = {**call.headers, KEY_HEADER: call.held.key, STATE_HEADER: state.value}
+    if instance.policy.tracks_ttl_end:
+        headers[HOLD_HEADER] = task.app.now().timestamp() + call.ttl
+    backend, what = task.unique_config.backend, f"{task.name}[{call.task_id}]"
+    try:
+        result = publisher(
+            call.args, call.kwargs, task_id=call.task_id, headers=headers, **call.options
+        )
+    except BaseException:
+        if outcome.locked:
+            quietly(backend, call.held, lc.PublishFailed(), what)
+        raise
+    if outcome.replaces is not None:
+        _replaced(task, outcome.replaces, call.task_id)
+    if isinstance(result, EagerResult) and instance.state is lc.KeyState.QUEUED:
+        quietly(backend, call.held, lc.EagerDone(), what)
+    return result
+
+
+def _replaced(task: UniqueTask, holder: str, by: str) -> None:
+    # The replaced instance never runs (its key is not its own any more: a worker skips it);
+    # its result says so.
+    logger.info("%s[%s] replaced by %s", task.name, holder, by)
+    try:
+        task.backend.mark_as_revoked(holder, reason=f"replaced by {by}")
+    except Exception:
+        logger.warning("could not mark %s[%s] revoked", task.name, holder, exc_info=True)
