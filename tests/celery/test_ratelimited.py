@@ -14,9 +14,9 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from celery_unique import ConfigurationError, RateLimit, RateLimitedTask
-from celery_unique.core.messages import BOOKED_HEADER
 from celery_unique.celery.ratelimited import RateConfig
 from celery_unique.celery.settings import backend_for
+from celery_unique.core.messages import BOOKED_HEADER
 from tests.celery import app as t
 from tests.celery.observe import admissions, assert_within_the_limit, deferrals, span
 from tests.helpers import wait_until
