@@ -3,6 +3,7 @@ its API (through the two-line shim), run through a real worker; plus each option
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import time
 import uuid
@@ -250,6 +251,11 @@ def test_without_unique_nothing_is_locked(make_app: MakeApp, redis_url: str) -> 
 
     nowhere = f"nowhere-{uuid.uuid4().hex}"
     assert plain.apply_async(queue=nowhere) != plain.apply_async(queue=nowhere)
+
+    async def twice() -> set[str]:
+        return {(await plain.aapply_async(queue=nowhere)).id for _ in range(2)}
+
+    assert len(asyncio.run(twice())) == 2
 
 
 def test_app_settings_and_a_custom_redis(make_app: MakeApp, redis_url: str) -> None:

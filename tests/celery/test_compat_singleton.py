@@ -3,6 +3,7 @@ the edge cases of each option and setting."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pickle
 import time
@@ -298,6 +299,25 @@ def test_backend_class_and_kwargs_settings(make_app: MakeApp, redis_url: str) ->
     bad = make_app(singleton_backend_url=redis_url, singleton_backend_kwargs=["socket_timeout"])
     with pytest.raises(ConfigurationError, match="singleton_backend_kwargs"):
         compat.singleton_backend(bad)
+
+
+def test_singleton_and_unique_tasks_keep_their_own_asyncio_backends(
+    make_app: MakeApp, redis_url: str
+) -> None:
+    from celery_unique.celery import async_backend_for
+    from celery_unique.celery.settings import backends
+
+    app = make_app(broker_url=redis_url, singleton_backend_url=redis_url)
+
+    async def both() -> tuple[str, str]:
+        try:
+            singleton = compat.singleton_async_backend(app)
+            assert singleton is not None
+            return async_backend_for(app).key_prefix, singleton.key_prefix
+        finally:
+            await backends.aclose(app)
+
+    assert asyncio.run(both()) == ("cu:", compat.DEFAULT_KEY_PREFIX)
 
 
 def test_no_redis_anywhere_is_a_clear_error(make_app: MakeApp) -> None:

@@ -3,11 +3,13 @@ option means the same thing, and a bad value is refused, whichever class reads i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,8 +17,11 @@ import redis
 from celery import Celery
 
 from celery_unique import ConfigurationError, RateLimitedTask, UniqueTask
+from celery_unique.celery import Setting
 from celery_unique.compat.heimdall import HeimdallTask
 from celery_unique.compat.singleton import Singleton
+from celery_unique.core.lifecycle import Revoked
+from celery_unique.core.messages import KEY_HEADER
 from tests.celery import app as t
 from tests.celery import compat_tasks as c
 from tests.celery.conftest import MakeApp
@@ -135,3 +140,37 @@ def test_a_rate_limited_task_without_a_limit_needs_no_redis(make_app: MakeApp) -
         return x
 
     assert free.rate_config.limits((1,), {}) is None  # resolved without any lock store
+
+
+class Off(UniqueTask):
+    """Uniqueness switched off through the override point, as celery-heimdall's layer does."""
+
+    def unique_setting(self, name: str) -> Setting | None:
+        if name == "enabled":
+            return Setting(False, "a test")
+        return super().unique_setting(name)
+
+
+def test_a_false_enabled_setting_makes_a_plain_celery_task(make_app: MakeApp) -> None:
+    # No Redis anywhere: any use of a lock here is a ConfigurationError.
+    app = make_app(broker_url="memory://")
+
+    def job(x: int) -> int:
+        return x
+
+    on = app.task(base=UniqueTask, shared=False, name="on")(job)
+    off = app.task(base=Off, shared=False, name="off")(job)
+    request = SimpleNamespace(**{KEY_HEADER: "key"})
+    with pytest.raises(ConfigurationError, match="need Redis"):
+        on.apply_async((1,))
+    with pytest.raises(ConfigurationError, match="need Redis"):
+        on.free_ended_instance("t", request, (1,), {}, Revoked())
+
+    assert off.apply_async((1,)) != off.apply_async((1,))  # two instances, no lock taken
+    assert asyncio.run(off.aapply_async((1,))).id
+    off.free_ended_instance("t", request, (1,), {}, Revoked())  # nothing to free
+    off.push_request(id="t", called_directly=False)  # a worker's delivery
+    try:
+        assert off(2) == 2
+    finally:
+        off.pop_request()

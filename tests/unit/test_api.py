@@ -54,9 +54,12 @@ def test_the_version_is_the_installed_distributions() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["celery_unique.compat.singleton", "celery_unique.compat.heimdall"]
+    "module",
+    ["celery_unique.compat.singleton", "celery_unique.compat.heimdall", "celery_unique.celery"],
 )
-def test_each_migration_layer_documents_what_it_exports(module: str) -> None:
+def test_each_migration_layer_and_the_hooks_it_uses_document_what_they_export(
+    module: str,
+) -> None:
     import importlib
 
     layer = importlib.import_module(module)

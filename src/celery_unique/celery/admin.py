@@ -13,12 +13,10 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from ..backends import RedisBackend
-from ..core import buckets, semaphores
-from ..core.keys import ParsedKey, task_lock_start
+from ..core import buckets, locks, semaphores
+from ..core.keys import ParsedKey, task_lock_start, task_of_lock
 from ..core.lifecycle import RUN_SEPARATOR, holder_id
-from ..core.locks import parse_owner
 from ..core.rates import RateLimit
-from ..core.steps import Call, Op
 from .settings import backend_for
 
 if TYPE_CHECKING:
@@ -30,11 +28,10 @@ __all__ = [
     "clear_locks",
     "force_release",
     "held_locks",
+    "holder_id",
     "limits_in_use",
     "unlink_locks",
 ]
-
-_TASK = task_lock_start()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,48 +76,35 @@ def _keys(backend: RedisBackend, kind: str) -> Iterator[tuple[str, ParsedKey]]:
             yield key, parsed
 
 
-def _task_of(name: str) -> str | None:
-    # "task:<task name>:<digest>"; a task name may hold colons, a digest never does.
-    if not name.startswith(_TASK):
-        return None
-    return name[len(_TASK) :].rpartition(":")[0] or None
-
-
 def held_locks(backend: RedisBackend, task: str | None = None) -> list[HeldLock]:
     """Every lock held under ``backend``'s prefix (only ``task``'s, if given)."""
     execute = backend.executor.execute
     found = []
     for key, parsed in _keys(backend, "lock"):
-        name = _task_of(parsed.name)
+        name = task_of_lock(parsed.name)
         if task is not None and name != task:
             continue
-        owner = execute(Op(Call(("GET", key)), parse_owner))
+        owner = execute(locks.owner(key))
         if owner is None:
             continue  # expired since the scan saw it
-        pttl = execute(Op(Call(("PTTL", key)), int))
+        ttl = execute(locks.ttl(key))
         if name is None:
             state = "held"
         else:
             running = parsed.part == "running" or RUN_SEPARATOR in owner
             state = "running" if running else "queued"
         holder = holder_id(owner) if name is not None else owner
-        ttl = pttl / 1000 if pttl >= 0 else None
         found.append(HeldLock(name, holder, state, ttl, parsed.name))
     return sorted(found, key=lambda held: (held.task or "", held.lock, held.state))
-
-
-def _redis_us(backend: RedisBackend) -> int:
-    seconds, micros = backend.executor.execute(Op(Call(("TIME",)), list))
-    return int(seconds) * 1_000_000 + int(micros)
 
 
 def limits_in_use(backend: RedisBackend) -> list[LimitInUse]:
     """The rate-limit buckets and concurrency semaphores in use under ``backend``'s prefix."""
     execute = backend.executor.execute
     found = []
-    now = _redis_us(backend)
+    now = execute(buckets.time_us())
     for key, parsed in _keys(backend, "rate"):
-        state = execute(Op(Call(("GET", key)), lambda reply: reply))
+        state = execute(buckets.stored(key))
         if state is not None:
             left = buckets.remaining(state, parsed.part, now)
             limit = str(RateLimit.from_spec(parsed.part))
@@ -140,8 +124,8 @@ def clear_locks(app: Celery, task: UniqueTask | None = None) -> int:
     Uses SCAN, so it never blocks Redis the way KEYS would.
     """
     if task is not None:
-        return unlink_locks(task.unique_config.backend, task_lock_start(task.name))
-    return unlink_locks(backend_for(app), task_lock_start())
+        return unlink_locks(task.unique_config.backend, task.name)
+    return unlink_locks(backend_for(app))
 
 
 def force_release(backend: RedisBackend, name: str) -> None:
@@ -149,12 +133,12 @@ def force_release(backend: RedisBackend, name: str) -> None:
     backend.executor.unlink([backend.keys.lock(name)])
 
 
-def unlink_locks(backend: RedisBackend, start: str) -> int:
-    """UNLINK every lock of ``backend`` whose name starts with ``start`` (running twins
+def unlink_locks(backend: RedisBackend, task: str | None = None) -> int:
+    """UNLINK every unique-task lock of ``backend`` (only ``task``'s, if given; running twins
     included); returns how many."""
     deleted = 0
     batch: list[str] = []
-    for key in backend.executor.scan(backend.keys.lock_pattern(start)):
+    for key in backend.executor.scan(backend.keys.lock_pattern(task_lock_start(task))):
         batch.append(key)
         if len(batch) >= 500:
             deleted += backend.executor.unlink(batch)

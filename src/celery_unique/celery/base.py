@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from celery import Celery, Task
@@ -13,10 +13,11 @@ from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 
 from .. import signals
 from ..backends import RedisBackend
+from ..core.arguments import ArgumentKey, UniqueOn
 from ..core.lifecycle import Deferral, Event, Expired, LostChild, Revoked, TimeLimit
 from .settings import backend_for
 
-__all__ = ["RedisTask", "defer", "delay_of"]
+__all__ = ["RedisTask", "arguments_key", "defer", "delay_of"]
 
 logger = logging.getLogger("celery_unique")
 
@@ -35,6 +36,15 @@ class RedisTask(Task):  # type: ignore[misc]
         """The worker's main process saw ``event`` (Revoked, Expired, TimeLimit, LostChild)
         happen to instance ``task_id``, which its run may never see: free what it holds.
         Each class frees its own (its key, its slot) and calls ``super()``."""
+
+
+def arguments_key(
+    task: Task, on: UniqueOn = None
+) -> Callable[[Sequence[Any], Mapping[str, Any]], str]:
+    """The name of a call of ``task``: the task name and a digest of its arguments (those
+    ``on`` names, as ``unique_on`` takes them), bound to its signature so that ``f(1)`` and
+    ``f(x=1)`` give one name; no argument value appears in it."""
+    return ArgumentKey(task.name, task.run, on)
 
 
 def delay_of(app: Celery, options: Mapping[str, Any]) -> float:

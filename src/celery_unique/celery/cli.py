@@ -19,7 +19,6 @@ from typing import Any
 import click
 
 from ..backends import RedisBackend
-from ..core.keys import task_lock_start
 from ..errors import CeleryUniqueError
 from .admin import held_locks, limits_in_use, unlink_locks
 from .settings import backend_for
@@ -104,7 +103,7 @@ def clear(ctx: click.Context, task_name: str | None, yes: bool) -> None:
     if not yes:
         raise click.UsageError(f"this would delete {what}; add --yes to do it")
     try:
-        deleted = unlink_locks(_backend(ctx), task_lock_start(task_name))
+        deleted = unlink_locks(_backend(ctx), task_name)
     except CeleryUniqueError as exc:
         raise _fail(exc) from exc
     click.echo(f"deleted {deleted} lock{'' if deleted == 1 else 's'}")

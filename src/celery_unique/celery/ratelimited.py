@@ -10,14 +10,13 @@ from typing import Any, ClassVar
 
 from ..backends import RedisBackend
 from ..core import admission
-from ..core.arguments import ArgumentKey
 from ..core.lifecycle import Event
 from ..core.messages import BOOKED_HEADER
 from ..core.rates import RateLimit, as_limits
 from ..errors import BackendError, LockNotOwnedError
 from ..limiters import RateLimiter
 from ..locks import Semaphore
-from .base import RedisTask, defer
+from .base import RedisTask, arguments_key, defer
 from .settings import (
     DEFAULT_LEASE,
     DEFAULT_MAX_WAIT,
@@ -247,4 +246,4 @@ def _rate_key(task: RedisTask, option: Any) -> Callable[[Sequence[Any], Mapping[
     if callable(option):
         return lambda args, kwargs: str(option(*args, **kwargs))
     # A list of argument names: hashed like unique keys, so no value appears in Redis.
-    return ArgumentKey(task.name, task.run, option)
+    return arguments_key(task, option)

@@ -4,7 +4,9 @@ A setting is looked up, in order, in what the task class answers for it (its opt
 ``@app.task(...)`` keywords, or a compat layer's own spellings), in ``app.conf`` (Django's
 ``CELERY_`` namespace included, as Celery maps it), then its default; then it is checked once,
 here, with an error that names where the bad value came from. The lock store is the app's
-(:func:`backend_for`), unless the task overrides ``redis_backend()``.
+(:func:`backend_for`), unless the task overrides ``redis_backend()``; where it is comes from
+one resolver (:func:`lock_store`), which a compat layer hands the names of its own settings
+(:class:`StoreSettings`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ __all__ = [
     "DEFAULT_LEASE",
     "DEFAULT_MAX_WAIT",
     "DEFAULT_TTL",
+    "UNIQUE_STORE",
+    "LockStore",
     "Setting",
+    "StoreSettings",
     "async_backend_for",
     "backend_for",
     "backends",
@@ -38,8 +43,12 @@ __all__ = [
     "check_choice",
     "check_count",
     "check_encoder",
+    "check_flag",
     "check_seconds",
+    "conf_setting",
     "from_task",
+    "key_prefix",
+    "lock_store",
     "redis_url",
     "task_option",
 ]
@@ -73,11 +82,7 @@ def from_task(task: Task, option: str | None, conf_key: str | None) -> Setting |
         value = task_option(task, option)
         if value is not None:
             return Setting(value, f"the {option} option of task {task.name!r}")
-    if conf_key is not None:
-        value = task.app.conf.get(conf_key)
-        if value is not None:
-            return Setting(value, f"app.conf.{conf_key}")
-    return None
+    return None if conf_key is None else conf_setting(task.app, (conf_key,))
 
 
 def check_seconds(found: Setting, *, allow_zero: bool = False) -> float:
@@ -187,15 +192,16 @@ def _first_url(value: object) -> object:
 
 
 class _Backends:
-    """One backend per app and configuration (and per event loop for the asyncio ones),
-    built on first use."""
+    """One backend per app and lock store (and per event loop for the asyncio ones), built on
+    first use."""
 
     def __init__(self) -> None:
         self._made: weakref.WeakKeyDictionary[Celery, dict[str, RedisBackend]] = (
             weakref.WeakKeyDictionary()
         )
         self._async: weakref.WeakKeyDictionary[
-            Celery, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisBackend]
+            Celery,
+            weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncRedisBackend]],
         ] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
@@ -212,14 +218,16 @@ class _Backends:
         self,
         app: Celery,
         loop: asyncio.AbstractEventLoop,
+        name: str,
         build: Callable[[], AsyncRedisBackend],
     ) -> AsyncRedisBackend:
-        """The asyncio backend of ``app`` on ``loop``, built by ``build`` the first time."""
+        """The asyncio backend ``name`` of ``app`` on ``loop``, built by ``build`` the first
+        time."""
         with self._lock:
-            made = self._async.setdefault(app, weakref.WeakKeyDictionary())
-            backend = made.get(loop)
+            made = self._async.setdefault(app, weakref.WeakKeyDictionary()).setdefault(loop, {})
+            backend = made.get(name)
             if backend is None:
-                backend = made[loop] = build()
+                backend = made[name] = build()
             return backend
 
     def close(self, app: Celery) -> None:
@@ -230,12 +238,12 @@ class _Backends:
             backend.close()
 
     async def aclose(self, app: Celery) -> None:
-        """Close and forget ``app``'s asyncio backend on the running loop (an app serving
+        """Close and forget ``app``'s asyncio backends on the running loop (an app serving
         an event loop that ends may call this; others are closed with their process)."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            backend = self._async.get(app, weakref.WeakKeyDictionary()).pop(loop, None)
-        if backend is not None:
+            made = self._async.get(app, weakref.WeakKeyDictionary()).pop(loop, {})
+        for backend in made.values():
             await backend.aclose()
 
 
@@ -243,50 +251,118 @@ class _Backends:
 backends = _Backends()
 
 
-def _source(app: Celery) -> tuple[str, dict[str, Any], str]:
-    """Where ``app``'s lock store is: its URL, ``from_url`` keywords and key prefix."""
-    conf = app.conf
-    url = conf.get("unique_backend_url")
+def conf_setting(app: Celery, keys: Sequence[str]) -> Setting | None:
+    """The first of ``keys`` set in ``app.conf``, ``None`` if none is.
+
+    ``app.conf.get`` maps a namespaced configuration (Django's ``CELERY_`` prefix) as Celery
+    does; a layer that also read other spellings (``SINGLETON_KEY_PREFIX``) lists them too.
+    """
+    for key in keys:
+        value = app.conf.get(key)
+        if value is not None:
+            return Setting(value, f"app.conf.{key}")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """The names a layer gives the settings of its lock store, each in every spelling it
+    reads (the first one is what error messages name), and what it falls back on.
+
+    :data:`UNIQUE_STORE` is UniqueTask's and RateLimitedTask's; a compat layer with settings
+    of its own (``singleton_backend_url``, ...) describes them in one of these and gets the
+    same resolution (:func:`lock_store`) and the same one-per-app backends
+    (:func:`backend_for`, :func:`async_backend_for`).
+    """
+
+    #: Which of an app's stores this is (one backend is built per app and name).
+    name: str
+    #: Who needs it, for the error when nothing names a Redis: ``"unique tasks"``.
+    users: str
+    url: tuple[str, ...]
+    options: tuple[str, ...]
+    prefix: tuple[str, ...]
+    default_prefix: str = DEFAULT_PREFIX
+
+
+#: The lock store of UniqueTask and RateLimitedTask: ``unique_backend_url``,
+#: ``unique_backend_options`` and ``unique_key_prefix``.
+UNIQUE_STORE = StoreSettings(
+    name="unique",
+    users="unique tasks",
+    url=("unique_backend_url",),
+    options=("unique_backend_options",),
+    prefix=("unique_key_prefix",),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LockStore:
+    """Where a lock store is: its ``url``, the keywords for ``from_url`` and its key
+    ``prefix``; see :func:`lock_store`."""
+
+    url: str
+    options: dict[str, Any]
+    prefix: str
+
+    def connect(self, backend_class: type[RedisBackend] = RedisBackend) -> RedisBackend:
+        """A new (sync) backend on it."""
+        return backend_class.from_url(self.url, key_prefix=self.prefix, **self.options)
+
+    def aconnect(self) -> AsyncRedisBackend:
+        """A new asyncio backend on it (for the running loop: an asyncio client has one)."""
+        return AsyncRedisBackend.from_url(self.url, key_prefix=self.prefix, **self.options)
+
+
+def key_prefix(app: Celery, names: StoreSettings = UNIQUE_STORE) -> str:
+    """The key prefix of ``app``'s lock store ``names`` (its default when unset or empty)."""
+    found = conf_setting(app, names.prefix)
+    return str(found.value) if found is not None and found.value else names.default_prefix
+
+
+def lock_store(app: Celery, names: StoreSettings = UNIQUE_STORE) -> LockStore:
+    """Where ``app``'s lock store ``names`` is, read from ``app.conf``: its URL setting, else
+    the result backend, else the broker, if Redis, with their own Sentinel and TLS settings
+    (:func:`carried_over`); its options setting (keywords for ``from_url``, which win over
+    what was carried over); its key prefix (:func:`key_prefix`)."""
+    url = conf_setting(app, names.url)
     carried: dict[str, Any] = {}
-    if not url:
+    if url is None or not url.value:
         found = carried_over(app)
         if found is None:
             raise ConfigurationError(
-                "unique tasks need Redis: set app.conf.unique_backend_url "
+                f"{names.users} need Redis: set app.conf.{names.url[0]} "
                 "(e.g. 'redis://localhost:6379/0'); neither the result backend nor the "
                 "broker is a Redis URL"
             )
-        url, carried = found
-    options = conf.get("unique_backend_options") or {}
-    if not isinstance(options, dict):
+        address, carried = found
+    else:
+        address = url.value
+    options = conf_setting(app, names.options)
+    given = {} if options is None else options.value or {}
+    if not isinstance(given, dict):
+        assert options is not None
         raise ConfigurationError(
-            "app.conf.unique_backend_options must be a dict of keywords for "
-            f"RedisBackend.from_url (socket_timeout=..., ...), got {options!r}"
+            f"{options.where} must be a dict of keywords for RedisBackend.from_url "
+            f"(socket_timeout=..., ...), got {given!r}"
         )
     # What is set for the lock store itself wins over what came with Celery's own Redis.
-    return url, carried | options, conf.get("unique_key_prefix") or DEFAULT_PREFIX
+    return LockStore(address, carried | given, key_prefix(app, names))
 
 
-def backend_for(app: Celery) -> RedisBackend:
-    """The backend ``app``'s unique and rate-limited tasks use, built once from ``app.conf``:
-    ``unique_backend_url`` (else the result backend, else the broker, if Redis, with their
-    own Sentinel and TLS settings: :func:`carried_over`), ``unique_backend_options``
-    (keywords for ``from_url``, which win) and ``unique_key_prefix``."""
-
-    def build() -> RedisBackend:
-        url, options, prefix = _source(app)
-        return RedisBackend.from_url(url, key_prefix=prefix, **options)
-
-    return backends.get(app, "unique", build)
+def backend_for(
+    app: Celery,
+    names: StoreSettings = UNIQUE_STORE,
+    backend_class: type[RedisBackend] = RedisBackend,
+) -> RedisBackend:
+    """The backend ``app``'s unique and rate-limited tasks use (or, with ``names``, the lock
+    store a compat layer names), built once per app from ``app.conf``: see
+    :func:`lock_store`. ``backend_class`` is what builds it (a subclass of RedisBackend)."""
+    return backends.get(app, names.name, lambda: lock_store(app, names).connect(backend_class))
 
 
-def async_backend_for(app: Celery) -> AsyncRedisBackend:
+def async_backend_for(app: Celery, names: StoreSettings = UNIQUE_STORE) -> AsyncRedisBackend:
     """The asyncio twin of :func:`backend_for` for the running event loop (an asyncio client
-    belongs to one loop): one per app and loop, built on first use."""
+    belongs to one loop): one per app, lock store and loop, built on first use."""
     loop = asyncio.get_running_loop()
-
-    def build() -> AsyncRedisBackend:
-        url, options, prefix = _source(app)
-        return AsyncRedisBackend.from_url(url, key_prefix=prefix, **options)
-
-    return backends.get_async(app, loop, build)
+    return backends.get_async(app, loop, names.name, lambda: lock_store(app, names).aconnect())

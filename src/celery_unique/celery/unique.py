@@ -59,6 +59,7 @@ _SOURCES: dict[str, tuple[str | None, str | None]] = {
     "json_encoder": (None, "unique_json_encoder"),
     "hard_ttl": (None, None),
     "while_running": ("unique_while_running", "unique_while_running"),
+    "enabled": (None, None),  # for subclasses: unset is on
 }
 
 
@@ -160,8 +161,10 @@ class UniqueTask(RedisTask):
     def unique_setting(self, name: str) -> Setting | None:
         """The configured value of setting ``name`` and where it was set, ``None`` if unset:
         ``on``, ``ttl``, ``lease``, ``until``, ``on_duplicate``, ``fail_open``,
-        ``json_encoder`` or ``hard_ttl`` (``ttl`` bounds the key's whole life, the run
-        included). Read from the task's options, then ``app.conf.unique_*``."""
+        ``json_encoder``, ``hard_ttl`` (``ttl`` bounds the key's whole life, the run
+        included), ``while_running`` or ``enabled`` (a false value makes the task a plain
+        Celery task: no key is taken, checked or freed; unset is on). Read from the task's
+        options, then ``app.conf.unique_*``."""
         option, conf_key = _SOURCES[name]
         return from_task(self, option, conf_key)
 
@@ -192,6 +195,10 @@ class UniqueTask(RedisTask):
         )
         raise Ignore()
 
+    def _unique_enabled(self) -> bool:
+        found = self.unique_setting("enabled")
+        return found is None or bool(found.value)
+
     # -- the public surface -------------------------------------------------------------------
 
     @functools.cached_property
@@ -221,6 +228,10 @@ class UniqueTask(RedisTask):
         **options: Any,
     ) -> AsyncResult:
         """Take the key in one Redis call, then publish; a duplicate publishes nothing."""
+        if not self._unique_enabled():  # enabled: see unique_setting("enabled")
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
         call = _producer.prepare(self, args, kwargs, task_id, options)
         call.options.update(producer=producer, link=link, link_error=link_error, shadow=shadow)
         return _producer.apply(self, call, super().apply_async)
@@ -238,7 +249,8 @@ class UniqueTask(RedisTask):
         for the process: :mod:`.publishers`), so the event loop never blocks. Cancelled
         before the publish, it frees the key it took.
         """
-        backend = self.async_redis_backend()
+        # enabled: see unique_setting("enabled")
+        backend = self.async_redis_backend() if self._unique_enabled() else None
         if backend is None:  # no asyncio twin of this task's Redis: all of it off the loop
             return await publishers.run_in_publisher(
                 functools.partial(self.apply_async, args, kwargs, task_id, **options)
@@ -260,6 +272,8 @@ class UniqueTask(RedisTask):
         request = self.request
         if request.called_directly or request.is_eager:
             return super().__call__(*args, **kwargs)
+        if not self._unique_enabled():  # enabled: see unique_setting("enabled")
+            return super().__call__(*args, **kwargs)
         body = functools.partial(super().__call__, *args, **kwargs)
         return runs.run(self, args, kwargs, body)
 
@@ -268,7 +282,8 @@ class UniqueTask(RedisTask):
     ) -> None:
         """Free the key of an instance the main process saw revoked, expired or killed."""
         super().free_ended_instance(task_id, request, args, kwargs, event)
-        runs.free_ended(self, task_id, request, args, kwargs, event)
+        if self._unique_enabled():  # enabled: see unique_setting("enabled")
+            runs.free_ended(self, task_id, request, args, kwargs, event)
 
 
 def duplicate_message(task: RedisTask, holder: str, ttl: float | None) -> str:

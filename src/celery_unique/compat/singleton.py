@@ -24,20 +24,25 @@ the import path (``celery_singleton.py``)::
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, ClassVar
 
 from celery import Celery
 from kombu.utils.imports import symbol_by_name
 
-from ..backends import AsyncRedisBackend, RedisBackend
-from ..celery.admin import force_release, unlink_locks
-from ..celery.settings import Setting, backends, carried_over, from_task
-from ..celery.unique import UniqueTask, duplicate_message
-from ..core.keys import task_lock_start
-from ..core.lifecycle import holder_id
-from ..errors import ConfigurationError
-from ..errors import DuplicateTaskError as BaseDuplicateTaskError
+from .. import AsyncRedisBackend, ConfigurationError, RedisBackend
+from .. import DuplicateTaskError as BaseDuplicateTaskError
+from ..celery import (
+    Setting,
+    StoreSettings,
+    UniqueTask,
+    async_backend_for,
+    backend_for,
+    conf_setting,
+    force_release,
+    from_task,
+    holder_id,
+    unlink_locks,
+)
 from . import install_modules
 
 __all__ = ["DuplicateTaskError", "Singleton", "clear_locks", "install_as"]
@@ -55,6 +60,25 @@ _DEFAULT_BACKENDS = frozenset(
 )
 
 
+def _spellings(name: str) -> tuple[str, ...]:
+    """The keys celery-singleton read setting ``name`` from: ``app.conf.get`` already maps
+    namespaced configs (``config_from_object(..., namespace="CELERY")``); uppercase keys set
+    without a namespace are looked up as well."""
+    return (f"singleton_{name}", f"CELERY_SINGLETON_{name.upper()}", f"SINGLETON_{name.upper()}")
+
+
+#: Where ``Singleton`` tasks keep their locks: the ``singleton_*`` settings, else (as for
+#: every unique task) the result backend's Redis, else the broker's.
+STORE = StoreSettings(
+    name="singleton",
+    users="Singleton tasks",
+    url=_spellings("backend_url"),
+    options=_spellings("backend_kwargs"),
+    prefix=_spellings("key_prefix"),
+    default_prefix=DEFAULT_KEY_PREFIX,
+)
+
+
 class DuplicateTaskError(BaseDuplicateTaskError):
     """Raised by a duplicate ``delay()``/``apply_async()`` with ``raise_on_duplicate``.
 
@@ -68,58 +92,17 @@ class DuplicateTaskError(BaseDuplicateTaskError):
 
 
 def config(app: Celery, name: str) -> Setting | None:
-    """The setting ``singleton_<name>``, in any of the spellings celery-singleton read.
-
-    ``app.conf.get`` already maps namespaced configs (``config_from_object(...,
-    namespace="CELERY")``); uppercase keys set without a namespace are looked up as well.
-    """
-    conf = app.conf
-    for key in (
-        f"singleton_{name}",
-        f"CELERY_SINGLETON_{name.upper()}",
-        f"SINGLETON_{name.upper()}",
-    ):
-        value = conf.get(key)
-        if value is not None:
-            return Setting(value, f"app.conf.{key}")
-    return None
+    """The setting ``singleton_<name>``, in any of the spellings celery-singleton read."""
+    return conf_setting(app, _spellings(name))
 
 
-def _value(found: Setting | None, default: Any = None) -> Any:
-    return default if found is None else found.value
-
-
-def _source(app: Celery) -> tuple[str, dict[str, Any], str]:
-    """Where ``Singleton`` tasks keep their locks: URL, redis-py keywords, key prefix."""
-    url = _value(config(app, "backend_url"))
-    carried: dict[str, Any] = {}
-    if not url:
-        found = carried_over(app)
-        if found is None:
-            raise ConfigurationError(
-                "Singleton tasks need Redis: set app.conf.singleton_backend_url (e.g. "
-                "'redis://localhost:6379/0'); neither the result backend nor the broker is "
-                "a Redis URL"
-            )
-        url, carried = found  # with the result backend's (broker's) Sentinel and TLS settings
-    kwargs = _value(config(app, "backend_kwargs"), {})
-    if not isinstance(kwargs, dict):
-        raise ConfigurationError(
-            "singleton_backend_kwargs must be a dict of redis-py connection options, "
-            f"got {kwargs!r}"
-        )
-    return url, carried | kwargs, _value(config(app, "key_prefix"), DEFAULT_KEY_PREFIX)
+def _value(found: Setting | None) -> Any:
+    return None if found is None else found.value
 
 
 def singleton_backend(app: Celery) -> RedisBackend:
     """The backend ``Singleton`` tasks of ``app`` use, built once from the singleton settings."""
-
-    def build() -> RedisBackend:
-        url, kwargs, prefix = _source(app)
-        backend_class_ = backend_class(_value(config(app, "backend_class")))
-        return backend_class_.from_url(url, key_prefix=prefix, **kwargs)
-
-    return backends.get(app, "singleton", build)
+    return backend_for(app, STORE, backend_class(_value(config(app, "backend_class"))))
 
 
 def singleton_async_backend(app: Celery) -> AsyncRedisBackend | None:
@@ -127,12 +110,7 @@ def singleton_async_backend(app: Celery) -> AsyncRedisBackend | None:
     ``singleton_backend_class`` of one's own (it has no asyncio twin)."""
     if backend_class(_value(config(app, "backend_class"))) is not RedisBackend:
         return None
-
-    def build() -> AsyncRedisBackend:
-        url, kwargs, prefix = _source(app)
-        return AsyncRedisBackend.from_url(url, key_prefix=prefix, **kwargs)
-
-    return backends.get_async(app, asyncio.get_running_loop(), build)
+    return async_backend_for(app, STORE)
 
 
 def backend_class(value: object) -> type[RedisBackend]:
@@ -156,7 +134,7 @@ def clear_locks(app: Celery) -> int:
     With celery-unique, locks of dead workers expire on their own within a lease, so this is
     no longer needed at worker start; it stays for scripts and tests.
     """
-    return unlink_locks(singleton_backend(app), task_lock_start())
+    return unlink_locks(singleton_backend(app))
 
 
 class Singleton(UniqueTask):
@@ -216,7 +194,7 @@ class Singleton(UniqueTask):
 
     def duplicate_error(self, holder: str, ttl: float | None) -> DuplicateTaskError:
         """celery-singleton's own :class:`DuplicateTaskError`."""
-        return DuplicateTaskError(duplicate_message(self, holder, ttl), holder, ttl)
+        return DuplicateTaskError(str(super().duplicate_error(holder, ttl)), holder, ttl)
 
     def generate_lock(
         self,

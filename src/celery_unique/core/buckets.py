@@ -11,7 +11,7 @@ from ..errors import ConfigurationError, RateLimitExceeded
 from .rates import RateLimit
 from .results import Decision, Reservation
 from .scripts import TOKEN_BUCKET
-from .steps import Eval, Flow, Op, Sleep, check_timeout
+from .steps import Call, Eval, Flow, Op, Sleep, check_timeout
 
 __all__ = [
     "check_cost",
@@ -20,6 +20,8 @@ __all__ = [
     "parse_reservation",
     "remaining",
     "reserve",
+    "stored",
+    "time_us",
     "wait",
 ]
 
@@ -136,3 +138,14 @@ def remaining(state: bytes | str, spec: str, now_us: int) -> int:
     n, period_us, burst = (int(part) for part in spec.split("/"))
     debt = max(0, int(debt_text) - max(0, now_us - int(last_text)) * n)
     return (burst * period_us - debt) // period_us
+
+
+def stored(key: str) -> Op[bytes | str | None]:
+    """The state bucket ``key`` stores, for :func:`remaining`; ``None`` once it has expired
+    (a full bucket keeps nothing)."""
+    return Op(Call(("GET", key)), lambda reply: reply)
+
+
+def time_us() -> Op[int]:
+    """Redis's clock now, in µs: the clock the buckets count by."""
+    return Op(Call(("TIME",)), lambda reply: int(reply[0]) * 1_000_000 + int(reply[1]))

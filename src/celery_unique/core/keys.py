@@ -28,6 +28,7 @@ __all__ = [
     "hash_tag",
     "task_lock_name",
     "task_lock_start",
+    "task_of_lock",
 ]
 
 DEFAULT_PREFIX = "cu:"
@@ -54,6 +55,14 @@ def task_lock_name(task_name: str, digest: str) -> str:
 def task_lock_start(task_name: str | None = None) -> str:
     """What the lock names of one task (or, with ``None``, of every task) start with."""
     return _TASK if task_name is None else f"{_TASK}{task_name}:"
+
+
+def task_of_lock(name: str) -> str | None:
+    """The task whose lock :func:`task_lock_name` named ``name``; ``None`` for another lock."""
+    if not name.startswith(_TASK):
+        return None
+    # A task name may hold colons, a digest never does.
+    return name[len(_TASK) :].rpartition(":")[0] or None
 
 
 def glob_escape(text: str) -> str:

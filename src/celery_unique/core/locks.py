@@ -25,6 +25,7 @@ __all__ = [
     "release",
     "release_eventually",
     "renew",
+    "ttl",
 ]
 
 
@@ -103,6 +104,11 @@ def extend(key: str, token: str, ttl: float) -> Op[bool]:
 def owner(key: str) -> Op[str | None]:
     """The token holding the lock, or ``None`` when it is free."""
     return Op(Call(("GET", key)), parse_owner)
+
+
+def ttl(key: str) -> Op[float | None]:
+    """Seconds the lock has left, or ``None`` when it is free."""
+    return Op(Call(("PTTL", key)), lambda reply: _seconds(int(reply)))
 
 
 def renew(

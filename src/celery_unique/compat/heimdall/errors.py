@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...errors import DuplicateTaskError
+from ... import DuplicateTaskError
 
 __all__ = ["AlreadyQueuedError"]
 

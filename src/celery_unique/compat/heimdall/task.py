@@ -12,21 +12,25 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery import Task
-from celery.result import AsyncResult
 
-from ...backends import AsyncRedisBackend, RedisBackend
-from ...celery.admin import force_release
-from ...celery.base import RedisTask
-from ...celery.ratelimited import RateLimitedTask
-from ...celery.settings import Setting, backend_for
-from ...celery.unique import KeyFunction, UniqueTask
-from ...core.arguments import ArgumentKey
-from ...core.keys import DEFAULT_PREFIX
-from ...core.lifecycle import holder_id
-from ...core.rates import RateLimit as _Limit
-from ...errors import ConfigurationError
+from ... import AsyncRedisBackend, ConfigurationError, RedisBackend
+from ... import RateLimit as _Limit
+from ...celery import (
+    RateLimitedTask,
+    RedisTask,
+    Setting,
+    UniqueTask,
+    arguments_key,
+    backend_for,
+    force_release,
+    holder_id,
+    key_prefix,
+)
 from .config import Config
 from .errors import AlreadyQueuedError
+
+#: How a call's arguments become a lock (or bucket) name.
+_Naming = Callable[[Sequence[Any], Mapping[str, Any]], str]
 
 __all__ = [
     "HeimdallTask",
@@ -78,7 +82,7 @@ def unique_key_for_task(
     option = (getattr(task, "heimdall", None) or {}).get("key")
     args, kwargs = list(args or ()), dict(kwargs or {})
     if option is None:
-        digest = task.argument_key if isinstance(task, HeimdallTask) else _argument_key(task)
+        digest = task.argument_key if isinstance(task, HeimdallTask) else arguments_key(task)
         return prefix + digest(tuple(args), kwargs)
     key = option(args, kwargs) if callable(option) else option
     if not isinstance(key, str):
@@ -87,10 +91,6 @@ def unique_key_for_task(
             f"(args, kwargs) returning one, got {key!r}"
         )
     return prefix + key
-
-
-def _argument_key(task: Task) -> ArgumentKey:
-    return ArgumentKey(task.name, task.run)
 
 
 def _backend(task: Task) -> RedisBackend:
@@ -185,13 +185,12 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
 
     @functools.cached_property
     def _own_backend(self) -> RedisBackend:
-        prefix = self.app.conf.get("unique_key_prefix") or DEFAULT_PREFIX
-        return RedisBackend(self.setup_redis(), key_prefix=prefix)
+        return RedisBackend(self.setup_redis(), key_prefix=key_prefix(self.app))
 
     @functools.cached_property
-    def argument_key(self) -> ArgumentKey:
+    def argument_key(self) -> _Naming:
         """The digest of a call's arguments, bound to the signature (without a ``key``)."""
-        return _argument_key(self)
+        return arguments_key(self)
 
     @functools.cached_property
     def _options(self) -> dict[str, Any]:
@@ -214,14 +213,13 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
             )
         return dict(options)
 
-    @property
-    def _is_unique(self) -> bool:
-        return bool(self._options.get("unique"))
-
     def unique_setting(self, name: str) -> Setting | None:
-        """celery-heimdall's settings first: ``unique_timeout`` (a hard TTL),
-        ``unique_raises``, ``unique_wait_for_expiry``; then ``unique_lease`` and the rest."""
+        """celery-heimdall's settings first: ``unique`` (without it the task takes no lock
+        at all), ``unique_timeout`` (a hard TTL), ``unique_raises``,
+        ``unique_wait_for_expiry``; then ``unique_lease`` and the rest."""
         conf, where = self.heimdall_config, f"the heimdall option of task {self.name!r}"
+        if name == "enabled":
+            return Setting(bool(self._options.get("unique")), where)
         if name == "ttl":
             return Setting(conf.unique_timeout, f"unique_timeout ({where}, or heimdall_*)")
         if name == "hard_ttl":
@@ -233,7 +231,7 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
             return Setting("raise" if conf.unique_raises else "return", where)
         return super().unique_setting(name)
 
-    def unique_key_function(self) -> KeyFunction:
+    def unique_key_function(self) -> _Naming:
         """The ``key`` option, or the arguments' digest, after ``lock_prefix``."""
         prefix = self.heimdall_config.lock_prefix
         return lambda args, kwargs: unique_key_for_task(self, args, kwargs, prefix=prefix)
@@ -279,27 +277,6 @@ class HeimdallTask(UniqueTask, RateLimitedTask):
             return (_limit(function(**{k: v for k, v in offered.items() if k in wanted}), self),)
 
         return limits
-
-    def apply_async(
-        self,
-        args: Sequence[Any] | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        task_id: str | None = None,
-        producer: Any = None,
-        link: Any = None,
-        link_error: Any = None,
-        shadow: str | None = None,
-        **options: Any,
-    ) -> AsyncResult:
-        """Publish; with ``unique``, only if no instance with the same key is queued or running."""
-        base: Any = super() if self._is_unique else super(UniqueTask, self)
-        return base.apply_async(
-            args, kwargs, task_id, producer, link, link_error, shadow, **options
-        )
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        base: Any = super() if self._is_unique else super(UniqueTask, self)
-        return base.__call__(*args, **kwargs)
 
     def duplicate_error(self, holder: str, ttl: float | None) -> AlreadyQueuedError:
         """celery-heimdall's :class:`AlreadyQueuedError`."""
