@@ -17,7 +17,7 @@ import sys
 from types import ModuleType
 
 from benchmarks import _harness as h
-from benchmarks import adelay, apply_async, locks, rate_limit, semaphores
+from benchmarks import adelay, apply_async, locks, native, rate_limit, semaphores
 
 BENCHMARKS: dict[str, ModuleType] = {
     "locks": locks,
@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "apply_async": apply_async,
     "rate_limit": rate_limit,
     "adelay": adelay,
+    "native": native,
 }
 
 

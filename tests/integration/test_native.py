@@ -88,6 +88,7 @@ async def test_release_and_extend_send_the_native_commands_where_the_server_has_
     backend = make_backend(server.url)
     lock = backend.lock("job", ttl=10)
     assert await lock.acquire()  # its write carried the probes
+    assert server.command("EXISTS", f"{backend.key_prefix}probe") == 0  # nothing written
     server.command("CONFIG", "RESETSTAT")
     await lock.extend(20)
     pttl = server.command("PTTL", lock_key(backend.key_prefix, "job"))
@@ -229,21 +230,31 @@ async def test_out_of_memory_the_lock_still_extends_and_releases(
         server.command("CONFIG", "SET", "maxmemory", 0)
 
 
-async def test_a_command_the_user_may_not_run_is_dropped_for_the_script(
-    make_backend: MakeBackend, valkey: RedisServer
-) -> None:
-    # The server has DELIFEQ, the user may not run it: the first release hands over to the
-    # script, and the next ones send the script at once.
-    server = valkey
-    server.command("ACL", "SETUSER", "nodelifeq", "on", ">pw", "~*", "+@all", "-delifeq")
-    url = server.url.replace("redis://", "redis://nodelifeq:pw@")
-    backend = make_backend(url)
-    for i in range(3):
-        lock = backend.lock(f"job{i}", ttl=10)
+async def cycles(backend: AsyncRedisBackend, names: list[str]) -> None:
+    for name in names:
+        lock = backend.lock(name, ttl=10)
         assert await lock.acquire()
-        if i == 0:
-            server.command("CONFIG", "RESETSTAT")
         await lock.release()
         assert await lock.owner() is None
-    assert calls(server)["evalsha"] == 5  # two acquires, and three releases by script
+
+
+async def test_a_command_the_user_may_not_run_is_left_to_the_script(
+    make_backend: MakeBackend, valkey: RedisServer
+) -> None:
+    # Refused from the start: the probe finds out, and DELIFEQ is never sent.
+    server = valkey
+    server.command("ACL", "SETUSER", "nodelifeq", "on", ">pw", "~*", "+@all", "-delifeq")
+    server.command("CONFIG", "RESETSTAT")
+    await cycles(make_backend(server.url.replace("//", "//nodelifeq:pw@")), ["a", "b"])
+    assert commandstats(server)["delifeq"]["rejected_calls"] == "1"  # the probe's
+    assert calls(server)["evalsha"] == 4  # acquires and releases
+    # Taken away after the probes (as a failover to an older server would): the first
+    # release hands over to the script, and the next ones send the script at once.
+    server.command("ACL", "SETUSER", "native", "on", ">pw", "~*", "+@all")
+    backend = make_backend(server.url.replace("//", "//native:pw@"))
+    await cycles(backend, ["c"])  # probed, and released natively
+    server.command("ACL", "SETUSER", "native", "-delifeq")
+    server.command("CONFIG", "RESETSTAT")
+    await cycles(backend, ["d", "e", "f"])
     assert commandstats(server)["delifeq"]["rejected_calls"] == "1"  # tried once
+    assert calls(server)["evalsha"] == 6

@@ -14,8 +14,11 @@ from celery_unique.executors.errors import backend_error, native_refusal
 from celery_unique.executors.policy import NativeCommands
 
 KEY = "p:lock:{job}"
-VALKEY_9_1 = ([["delifeq", 3, ["write", "fast"]], None], None)  # COMMAND INFO; SET IFEQ: nil
-REDIS_7 = ([None, None], rex.ResponseError("syntax error"))
+UNKNOWN = rex.ResponseError("unknown command 'DELEX', with args beginning with: 'p:probe'")
+# The replies to the probes DELIFEQ, DELEX IFEQ, SET IFEQ PX.
+VALKEY_9_1 = (0, UNKNOWN, None)
+REDIS_7 = (UNKNOWN, UNKNOWN, rex.ResponseError("syntax error"))
+REDIS_8_4 = (UNKNOWN, 0, None)
 
 
 def test_release_and_extend_carry_the_native_commands_when_the_fence_is_known() -> None:
@@ -68,23 +71,28 @@ def test_renewal_extends_natively_within_each_steps_deadline() -> None:
     [
         (VALKEY_9_1, {native.DELIFEQ, native.SET_IFEQ}),
         (REDIS_7, set()),
-        (([["delifeq"], ["delex"]], b"OK"), {native.DELIFEQ, native.DELEX, native.SET_IFEQ}),
-        ((rex.NoPermissionError("COMMAND"), None), {native.SET_IFEQ}),  # an ACL without COMMAND
-        ((rex.ResponseError("unknown command"), rex.ResponseError("syntax error")), set()),
+        (REDIS_8_4, {native.DELEX, native.SET_IFEQ}),
+        ((0, 0, b"OK"), {native.DELIFEQ, native.DELEX, native.SET_IFEQ}),
+        # An ACL that allows SET on the key but not the others.
+        ((rex.NoPermissionError("delifeq"), rex.NoPermissionError("delex"), None), {"SET IFEQ"}),
     ],
-    ids=["valkey-9.1", "redis-7", "both", "command-refused", "nothing"],
+    ids=["valkey-9.1", "redis-7", "redis-8.4", "all", "acl"],
 )
 def test_the_probes_show_which_commands_the_server_has(
-    replies: tuple[object, object], found: set[str]
+    replies: tuple[object, ...], found: set[str]
 ) -> None:
     assert native.capabilities(replies) == found
 
 
-def test_the_probes_never_leave_a_key_behind() -> None:
-    info, probe = native.PROBES
-    assert info.args == ("COMMAND", "INFO", "DELIFEQ", "DELEX")
+def test_the_probes_send_the_very_commands_on_a_key_never_written() -> None:
+    delifeq, delex, set_ifeq = native.probes("p:probe")
+    never = delifeq.args[2]
+    assert delifeq.args == ("DELIFEQ", "p:probe", never)
+    assert delex.args == ("DELEX", "p:probe", "IFEQ", never)
     # IFEQ on a key that is not there writes nothing; PX 1 bounds it if it ever were there.
-    assert probe.args == ("SET", native.PROBE_KEY, "probe", "IFEQ", "never", "PX", 1)
+    assert set_ifeq.args == ("SET", "p:probe", "probe", "IFEQ", never, "PX", 1)
+    assert all(is_idempotent(probe) for probe in (delifeq, delex, set_ifeq))
+    assert native.probes()[0].args[1] == native.PROBE_KEY
 
 
 def test_the_policy_picks_only_what_the_probes_found_in_order_of_preference() -> None:
@@ -97,7 +105,7 @@ def test_the_policy_picks_only_what_the_probes_found_in_order_of_preference() ->
     commands.answered(VALKEY_9_1)
     picked = commands.pick(step)
     assert picked is not None and picked.needs == native.DELIFEQ
-    commands.answered(([["delifeq"], ["delex"]], None))
+    commands.answered((0, 0, None))
     picked = commands.pick(step)
     assert picked is not None and picked.needs == native.DELEX
     assert commands.pick(Call(("GET", KEY))) is None

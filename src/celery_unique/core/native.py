@@ -12,10 +12,13 @@ and a "no" is never final. A fence it knows may be stale (the same token acquire
 another object, which got a new fence), so on "no" the script is sent and decides: the answer
 is always the script's, and only the common "yes" is cheaper.
 
-Which commands the server has is found by :data:`PROBES`, once per executor, along with its
-first command: ``COMMAND INFO`` names the commands, and a ``SET ... IFEQ`` on a key that is
-never there (nothing is written; were it there, ``PX 1`` would end it within a millisecond)
-answers nil where the option exists and a syntax error where it does not.
+Which commands the server has is found by :func:`probes`, once per executor, along with its
+first command: each command, exactly as it would be sent, on a key that is never there
+(nothing is deleted or written; were it there, ``PX 1`` would end it within a millisecond).
+A server that has it answers 0 or nil; one that lacks it an error (unknown command, syntax
+error), as does an ACL that does not allow it: then the scripts are used. Probing the very
+syntax, rather than reading the version or ``COMMAND INFO``, also holds for forks and for a
+command that exists without the option.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ from .steps import Call, Native
 __all__ = [
     "DELEX",
     "DELIFEQ",
-    "PROBES",
     "PROBE_KEY",
     "SET_IFEQ",
     "capabilities",
     "extend",
     "held_value",
     "missing",
+    "probes",
     "release",
 ]
 
@@ -42,27 +45,28 @@ DELIFEQ = "DELIFEQ"
 DELEX = "DELEX"
 SET_IFEQ = "SET IFEQ"
 
-#: The key the ``SET ... IFEQ`` probe names; it is never written (see the module docstring).
-PROBE_KEY = "celery-unique:probe:set-ifeq"
+#: The key the probes name when none is given (a backend gives one under its key prefix,
+#: which an ACL user may write); it is never written (see the module docstring).
+PROBE_KEY = "celery-unique:probe"
+_NEVER = "celery-unique: a value never stored"
+_PROBED = (DELIFEQ, DELEX, SET_IFEQ)
 
-#: What an executor sends along with its first command; :func:`capabilities` reads the replies.
-PROBES: tuple[Call, ...] = (
-    Call(("COMMAND", "INFO", DELIFEQ, DELEX)),
-    Call(("SET", PROBE_KEY, "probe", "IFEQ", "never", "PX", 1)),
-)
+
+def probes(key: str = PROBE_KEY) -> tuple[Call, ...]:
+    """What an executor sends along with its first command, one probe per capability, in the
+    order of :func:`capabilities`' replies."""
+    return (
+        Call(("DELIFEQ", key, _NEVER), idempotent=True),
+        Call(("DELEX", key, "IFEQ", _NEVER), idempotent=True),
+        Call(("SET", key, "probe", "IFEQ", _NEVER, "PX", 1)),
+    )
 
 
 def capabilities(replies: Sequence[Any]) -> frozenset[str]:
-    """The capabilities the replies to :data:`PROBES` show; an error reply (an exception)
-    shows none."""
-    info, probe = replies
-    found: set[str] = set()
-    if isinstance(info, list | tuple) and len(info) == 2:
-        # One entry per name asked, nil for a command the server does not know.
-        found.update(name for name, entry in zip((DELIFEQ, DELEX), info, strict=True) if entry)
-    if not isinstance(probe, BaseException):  # nil (not set) or OK; a syntax error otherwise
-        found.add(SET_IFEQ)
-    return frozenset(found)
+    """The capabilities the replies to :func:`probes` show: an answer (0, nil) shows the
+    command there, an error reply (an exception) shows it missing or not allowed."""
+    answered = zip(_PROBED, replies, strict=True)
+    return frozenset(name for name, reply in answered if not isinstance(reply, BaseException))
 
 
 def missing(message: str) -> bool:

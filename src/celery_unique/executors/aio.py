@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import anyio
 import redis.exceptions as rex
 
+from ..core.native import PROBE_KEY
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
 from ..errors import BackendError, BackendUnavailable
 from .batching import Batcher, Request
@@ -36,12 +37,18 @@ class AsyncRedisExecutor:
 
     ``timeout``: seconds one operation may take, connecting and waiting for a pooled connection
     included (default: the client's ``socket_timeout``, else 2 s). ``read_streams=False``
-    reads every reply through redis-py's ``read_response`` (see :mod:`.sender`). Implements
+    reads every reply through redis-py's ``read_response`` (see :mod:`.sender`).
+    ``probe_key``: as for :class:`~.sync.RedisExecutor`. Implements
     :class:`~.protocol.AsyncExecutor`.
     """
 
     def __init__(
-        self, client: Any, *, timeout: float | None = None, read_streams: bool = True
+        self,
+        client: Any,
+        *,
+        timeout: float | None = None,
+        read_streams: bool = True,
+        probe_key: str = PROBE_KEY,
     ) -> None:
         self.client = client
         self.timeout = deadline_of(client, timeout)
@@ -50,7 +57,7 @@ class AsyncRedisExecutor:
         self._eviction = EvictionCheck()
         # Probes for owner-checked commands go along with the first command too, where the
         # sender writes its own batches (a cluster client routes each command itself).
-        self._native = NativeCommands(enabled=direct_pool(client) is not None)
+        self._native = NativeCommands(enabled=direct_pool(client) is not None, key=probe_key)
         _live.add(self)
 
     def after_fork(self) -> None:
@@ -100,7 +107,7 @@ class AsyncRedisExecutor:
             return self._batcher.request(step)
         along = (
             *(EvictionCheck.steps if checking else ()),
-            *(NativeCommands.steps if probing else ()),
+            *(self._native.steps if probing else ()),
         )
         *checks, request = self._batcher.request_all((*along, step))
         futures = [check.future for check in checks if check.future is not None]
@@ -109,7 +116,7 @@ class AsyncRedisExecutor:
         if probing:
             # A batch's replies are handed out in order, so the probes' are all in once the
             # last one is; read then, before the caller (whose reply comes after) goes on.
-            probes = futures[-len(NativeCommands.steps) :]
+            probes = futures[-len(self._native.steps) :]
             probes[-1].add_done_callback(lambda _: self._probes_read(probes))
         return request
 

@@ -131,19 +131,18 @@ class EvictionCheck(FirstUse):
 
 class NativeCommands(FirstUse):
     """Which owner-checked commands the server has (:mod:`celery_unique.core.native`), found
-    once per executor by probes the first command takes along; until they are answered, and
-    where they cannot be sent along (a cluster client routes each command itself:
-    ``enabled=False``), the scripts are used.
+    once per executor by probes on ``key`` that the first command takes along; until they are
+    answered, and where they cannot be sent along (a cluster client routes each command
+    itself: ``enabled=False``), the scripts are used.
 
     An executor sends a step as :meth:`pick` says; a native command answered with an error is
     reported to :meth:`refused`, and the script is sent. An error that says the command is
     missing or not permitted (a failover to an older server, an ACL) stops its use.
     """
 
-    steps = native.PROBES
-
-    def __init__(self, *, enabled: bool = True) -> None:
+    def __init__(self, *, enabled: bool = True, key: str = native.PROBE_KEY) -> None:
         super().__init__(enabled=enabled)
+        self.steps = native.probes(key)
         #: The capabilities found (names from :mod:`celery_unique.core.native`).
         self.found: frozenset[str] = frozenset()
 

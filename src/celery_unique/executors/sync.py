@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import redis.exceptions as rex
 
+from ..core.native import PROBE_KEY
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step, is_idempotent
 from ..errors import BackendError
 from .connections import checkout, close_client, deadline_of, direct_pool, packer
@@ -54,10 +55,14 @@ class RedisExecutor:
     """Carries out the core's operations and flows on a sync redis-py client.
 
     ``timeout``: seconds one operation may take, connecting included (default: the client's
-    ``socket_timeout``, else 2 s). Implements :class:`~.protocol.Executor`.
+    ``socket_timeout``, else 2 s). ``probe_key``: the key the probes for owner-checked
+    commands name (never written; a backend gives one under its prefix). Implements
+    :class:`~.protocol.Executor`.
     """
 
-    def __init__(self, client: Any, *, timeout: float | None = None) -> None:
+    def __init__(
+        self, client: Any, *, timeout: float | None = None, probe_key: str = PROBE_KEY
+    ) -> None:
         self.client = client
         self.timeout = deadline_of(client, timeout)
         # The first command takes the eviction check along in its own write (a cluster's
@@ -66,14 +71,14 @@ class RedisExecutor:
         self._pool = direct_pool(client)
         # So do the probes for owner-checked commands, where this executor writes its own
         # commands (a cluster client's routing would split them from it).
-        self._native = NativeCommands(enabled=self._pool is not None)
+        self._native = NativeCommands(enabled=self._pool is not None, key=probe_key)
         # Threads that take connections from the pool for callers (see _checkout).
         self._connect_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._connect_pid = 0
         if self._pool is not None:
             self._packer = packer(self._pool)
             self._policy_query = self._packer.command(EvictionCheck.step.args)
-            self._probe_queries = [self._pack(c) for c in NativeCommands.steps]
+            self._probe_queries = [self._pack(c) for c in self._native.steps]
             kwargs = self._pool.connection_kwargs
             socket_timeout = kwargs.get("socket_timeout")
             # Connections whose own socket timeout is at most the deadline need no extra
