@@ -110,10 +110,10 @@ def test_both_sentinel_pools_work(
         assert sentinel_pool_classes()[0] is redis.sentinel.SentinelConnectionPool
         blocking = False
     pool_class = sentinel_pool_classes(blocking=blocking)[0]
-    manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         sentinel_setup.sentinel_addresses, sentinel_kwargs={"password": SENTINEL_PW}
     )
-    client = manager.master_for(  # type: ignore[no-untyped-call]
+    client = manager.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         "mymaster", connection_pool_class=pool_class, password="data-pw"
     )
     with RedisBackend(client, key_prefix=prefix) as backend:
@@ -128,7 +128,7 @@ async def test_both_async_sentinel_pools_work(
     import redis.asyncio.sentinel
 
     pool_class = sentinel_pool_classes(blocking=blocking)[1]
-    manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         sentinel_setup.sentinel_addresses, sentinel_kwargs={"password": SENTINEL_PW}
     )
     client = manager.master_for("mymaster", connection_pool_class=pool_class, password="data-pw")

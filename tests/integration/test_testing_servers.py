@@ -205,9 +205,9 @@ def _discover(
 ) -> tuple[str, int]:
     sentinel_kwargs = {"password": password, "socket_timeout": 1.0, "retry": NO_RETRY}
     # redis.sentinel has no annotations.
-    sentinel = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    sentinel = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call, unused-ignore]
     try:
-        host, port = sentinel.discover_master(name)  # type: ignore[no-untyped-call]
+        host, port = sentinel.discover_master(name)  # type: ignore[no-untyped-call, unused-ignore]
         return str(host), int(port)
     finally:
         for client in sentinel.sentinels:
