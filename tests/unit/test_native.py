@@ -112,15 +112,30 @@ def test_the_policy_picks_only_what_the_probes_found_in_order_of_preference() ->
     assert commands.pick(locks.release(KEY, "tok").step) is None  # no fence: the script
 
 
+def _error(cause: Exception) -> BackendError:
+    error = backend_error(cause)
+    error.__cause__ = cause
+    return error
+
+
 def test_a_command_the_server_turns_out_to_lack_is_not_offered_again() -> None:
-    commands = NativeCommands()
+    commands = NativeCommands(refusal=native_refusal)
     commands.answered(VALKEY_9_1)
     step = locks.release(KEY, "tok", fence=17).step
     picked = commands.pick(step)
     assert picked is not None
-    commands.refused(picked, missing=False)  # e.g. WRONGTYPE: the script answers this time
+    assert commands.settle(picked, 1) == 1  # deleted: the script's yes
+    assert commands.settle(picked, 0) is None  # no: the script decides
+    wrongtype = _error(rex.ResponseError("WRONGTYPE Operation against a key"))
+    assert commands.settle(picked, wrongtype) is None  # the script answers, with its error
     assert commands.pick(step) == picked
-    commands.refused(picked, missing=True)  # e.g. a failover to an older server
+    unreachable = _error(rex.ConnectionError("Connection reset by peer"))
+    with pytest.raises(BackendError) as raised:
+        commands.settle(picked, unreachable)  # no answer: as the script's would be
+    assert raised.value is unreachable
+    assert commands.pick(step) == picked
+    unknown = _error(rex.ResponseError("unknown command 'DELIFEQ'"))
+    assert commands.settle(picked, unknown) is None  # e.g. a failover to an older server
     assert commands.pick(step) is None
     assert commands.found == {native.SET_IFEQ}
 
@@ -129,12 +144,6 @@ def test_a_cluster_executor_never_probes() -> None:
     commands = NativeCommands(enabled=False)
     assert not commands.pending and not commands.claim()
     assert commands.pick(locks.release(KEY, "tok", fence=17).step) is None
-
-
-def _error(cause: Exception) -> BackendError:
-    error = backend_error(cause)
-    error.__cause__ = cause
-    return error
 
 
 @pytest.mark.parametrize(

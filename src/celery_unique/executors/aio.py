@@ -57,7 +57,9 @@ class AsyncRedisExecutor:
         self._eviction = EvictionCheck()
         # Probes for owner-checked commands go along with the first command too, where the
         # sender writes its own batches (a cluster client routes each command itself).
-        self._native = NativeCommands(enabled=direct_pool(client) is not None, key=probe_key)
+        self._native = NativeCommands(
+            enabled=direct_pool(client) is not None, key=probe_key, refusal=native_refusal
+        )
         _live.add(self)
 
     def after_fork(self) -> None:
@@ -79,15 +81,12 @@ class AsyncRedisExecutor:
         alternative = self._native.pick(step)
         if alternative is not None:
             try:
-                reply = alternative.reply(await self._one(alternative.call))
+                got: Any = await self._one(alternative.call)
             except BackendError as exc:
-                missing = native_refusal(exc)
-                if missing is None:  # no answer: raised as the script's would be
-                    raise
-                self._native.refused(alternative, missing=missing)
-            else:
-                if reply is not None:
-                    return reply
+                got = exc
+            answer = self._native.settle(alternative, got)
+            if answer is not None:
+                return answer
         return await self._one(step)
 
     async def _one(self, step: Eval | Call) -> Any:

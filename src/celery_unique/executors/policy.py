@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..core import native
@@ -135,14 +135,22 @@ class NativeCommands(FirstUse):
     answered, and where they cannot be sent along (a cluster client routes each command
     itself: ``enabled=False``), the scripts are used.
 
-    An executor sends a step as :meth:`pick` says; a native command answered with an error is
-    reported to :meth:`refused`, and the script is sent. An error that says the command is
-    missing or not permitted (a failover to an older server, an ACL) stops its use.
+    An executor sends a step as :meth:`pick` says, and hands what the native command got to
+    :meth:`settle`. ``refusal`` reads an error the command got: ``None`` when the server did
+    not answer (raised, as the script's would be), else whether the error says the command is
+    missing or not permitted (a failover to an older server, an ACL): that stops its use.
     """
 
-    def __init__(self, *, enabled: bool = True, key: str = native.PROBE_KEY) -> None:
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        key: str = native.PROBE_KEY,
+        refusal: Callable[[BaseException], bool | None] = lambda error: None,
+    ) -> None:
         super().__init__(enabled=enabled)
         self.steps = native.probes(key)
+        self._refusal = refusal
         #: The capabilities found (names from :mod:`celery_unique.core.native`).
         self.found: frozenset[str] = frozenset()
 
@@ -159,8 +167,14 @@ class NativeCommands(FirstUse):
                 return alternative
         return None
 
-    def refused(self, alternative: Native, *, missing: bool) -> None:
-        """The server answered ``alternative`` with an error; ``missing``: one that says the
-        command is unknown or not permitted, so it is not offered again."""
+    def settle(self, alternative: Native, got: Any) -> Any:
+        """The script's reply from what ``alternative`` ``got`` (its reply, or the error it
+        raised), or ``None``: send the script, whose answer or error is the caller's."""
+        if not isinstance(got, BaseException):
+            return alternative.reply(got)
+        missing = self._refusal(got)
+        if missing is None:
+            raise got
         if missing:
             self.found = self.found - {alternative.needs}
+        return None

@@ -71,7 +71,9 @@ class RedisExecutor:
         self._pool = direct_pool(client)
         # So do the probes for owner-checked commands, where this executor writes its own
         # commands (a cluster client's routing would split them from it).
-        self._native = NativeCommands(enabled=self._pool is not None, key=probe_key)
+        self._native = NativeCommands(
+            enabled=self._pool is not None, key=probe_key, refusal=native_refusal
+        )
         # Threads that take connections from the pool for callers (see _checkout).
         self._connect_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._connect_pid = 0
@@ -231,15 +233,12 @@ class RedisExecutor:
         alternative = self._native.pick(step)
         if alternative is not None:
             try:
-                reply = alternative.reply(self._send(alternative.call))
+                got: Any = self._send(alternative.call)
             except BackendError as exc:
-                missing = native_refusal(exc)
-                if missing is None:  # no answer: raised as the script's would be
-                    raise
-                self._native.refused(alternative, missing=missing)
-            else:
-                if reply is not None:
-                    return reply
+                got = exc
+            answer = self._native.settle(alternative, got)
+            if answer is not None:
+                return answer
         return self._send(step)
 
     def _send(self, step: Eval | Call) -> Any:
