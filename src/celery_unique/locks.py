@@ -478,11 +478,13 @@ class _LockKind(_Lease[E]):
     def _parse_attempt(self, reply: Any) -> Acquisition:
         return locks.parse_acquire(reply)
 
+    # The fence this object's acquire answered lets release and extend use the server's
+    # owner-checked commands where it has them (same answers as the scripts).
     def _release_op(self, token: str) -> Op[bool]:
-        return locks.release(self._key, token)
+        return locks.release(self._key, token, fence=self.fence if token == self.token else None)
 
     def _extend_op(self, ttl: float) -> Op[bool]:
-        return locks.extend(self._key, self.token, ttl)
+        return locks.extend(self._key, self.token, ttl, fence=self.fence)
 
     def _renew_flow(self, since: float, stopped: Callable[[], bool]) -> Flow[str]:
         return locks.renew(
@@ -493,6 +495,7 @@ class _LockKind(_Lease[E]):
             until=self._renew_until,
             since=since,
             stopped=stopped,
+            fence=self.fence,
         )
 
     def _cleanup_flow(self, token: str) -> Flow[bool]:
