@@ -2,9 +2,10 @@
 holding it. :mod:`.locks` holds one :class:`Lease` in each public object, and its sync and async
 drivers only move bytes (through an executor) and time (threads, or tasks of the running loop).
 
-* A *kind* (:class:`LockKind`, :class:`SemaphoreKind`) names which of the core's ops and flows
-  acquire, extend, release, renew and clean up, and how to read their answers: the one place
-  per kind that says which command releases or extends it.
+* A *kind* (:class:`LockKind`, :class:`SemaphoreKind`) names which of the core's ops acquire,
+  release and extend it, and how to read their answers: the one place per kind that says
+  which command releases or extends it (renewal sends the kind's extend, a clean-up its
+  release).
 * A :class:`Lease` holds the state (token, held, lost, the last attempt, the renewal) and the
   decisions: record an attempt, rotate the token, what to free after a failed or interrupted
   acquire and how, the timeout and not-owned errors, a loss found on leaving a block, a
@@ -20,14 +21,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
-from .core import locks, semaphores
+from .core import holding, locks, semaphores
 from .core.holding import Attempt, stamped
 from .core.keys import KeySpace
 from .core.results import Acquisition, Slot
-from .core.steps import Clock, Flow, Op, check_timeout, to_ms
+from .core.steps import Call, Clock, Eval, Flow, Op, check_timeout, to_ms
 from .errors import BackendError, LockNotOwnedError, LockTimeout
 
 __all__ = ["Freeing", "Kind", "Lease", "LockKind", "Renewal", "SemaphoreKind"]
@@ -63,21 +64,6 @@ class Kind(Protocol):
     def extend(self, token: str, ttl: float) -> Op[bool]:
         """Set ``token``'s lease to ``ttl`` seconds from now, if it still holds it."""
 
-    def renew(
-        self,
-        token: str,
-        ttl: float,
-        *,
-        clock: Clock,
-        until: float | None,
-        since: float,
-        stopped: Callable[[], bool],
-    ) -> Flow[str]:
-        """Keep ``token``'s lease alive; see :func:`.core.holding.renew`."""
-
-    def clean_up(self, token: str, ttl: float, clock: Clock) -> Flow[bool]:
-        """Free what an unanswered acquire may have taken, off the caller's path."""
-
     def describe(self) -> str:
         """What a repr adds for this kind."""
 
@@ -85,8 +71,8 @@ class Kind(Protocol):
 class LockKind:
     """What makes a lease a lock: one owner at a time, and a fence per acquisition.
 
-    The ops that release and extend a lock (:meth:`release`, :meth:`extend`, :meth:`renew`,
-    :meth:`clean_up`) are named here and nowhere else.
+    The ops that release and extend a lock are named here (:meth:`release`, :meth:`extend`)
+    and nowhere else: renewal and clean-ups send these too.
     """
 
     what = "lock"
@@ -120,25 +106,6 @@ class LockKind:
         """Set the lock's TTL if ``token`` owns it."""
         return locks.extend(self.key, token, ttl)
 
-    def renew(
-        self,
-        token: str,
-        ttl: float,
-        *,
-        clock: Clock,
-        until: float | None,
-        since: float,
-        stopped: Callable[[], bool],
-    ) -> Flow[str]:
-        """Keep ``token``'s lock alive."""
-        return locks.renew(
-            self.key, token, ttl, clock=clock, until=until, since=since, stopped=stopped
-        )
-
-    def clean_up(self, token: str, ttl: float, clock: Clock) -> Flow[bool]:
-        """Release, retrying until answered or ``ttl`` is over."""
-        return locks.release_eventually(self.key, token, ttl, clock=clock)
-
     def describe(self) -> str:
         """Nothing: a lock's repr says it all."""
         return ""
@@ -167,7 +134,8 @@ class SemaphoreKind:
     """What makes a lease a semaphore slot: up to ``limit`` holders at once, and with
     ``queue``, callers turned away told when their turn comes.
 
-    The ops that release and extend a slot are named here and nowhere else.
+    The ops that release and extend a slot are named here and nowhere else: renewal and
+    clean-ups send these too.
     """
 
     what = "semaphore"
@@ -208,25 +176,6 @@ class SemaphoreKind:
     def extend(self, token: str, ttl: float) -> Op[bool]:
         """Renew ``token``'s lease if its slot is live."""
         return semaphores.extend(self.key, token, ttl)
-
-    def renew(
-        self,
-        token: str,
-        ttl: float,
-        *,
-        clock: Clock,
-        until: float | None,
-        since: float,
-        stopped: Callable[[], bool],
-    ) -> Flow[str]:
-        """Keep ``token``'s slot alive."""
-        return semaphores.renew(
-            self.key, token, ttl, clock=clock, until=until, since=since, stopped=stopped
-        )
-
-    def clean_up(self, token: str, ttl: float, clock: Clock) -> Flow[bool]:
-        """Release, retrying until answered or ``ttl`` is over."""
-        return semaphores.release_eventually(self.key, token, ttl, clock=clock)
 
     def describe(self) -> str:
         """The limit."""
@@ -350,14 +299,14 @@ class Lease(Generic[K]):
         if isinstance(error, BackendError):
             outcome: Any = error
         elif in_flight is None:  # interrupted, maybe while the script ran
-            return Freeing(later=self.kind.clean_up(self.rotate_token(), self.ttl, self.clock))
+            return Freeing(later=self.clean_up(self.rotate_token()))
         elif not in_flight:  # nothing on the wire: nothing taken
             return None
         else:
             outcome = in_flight[-1]
         if isinstance(outcome, BaseException):
             if getattr(outcome, "outcome_unknown", False):
-                return Freeing(later=self.kind.clean_up(self.rotate_token(), self.ttl, self.clock))
+                return Freeing(later=self.clean_up(self.rotate_token()))
             return None
         if self.kind.parse(outcome).acquired:  # Redis answered: one quick round trip
             return Freeing(now=self.release_op(self.token))
@@ -392,6 +341,13 @@ class Lease(Generic[K]):
         held_for = self.clock() - self.since if self.held and token == self.token else None
         return self.kind.release(token, held_for)
 
+    def clean_up(self, token: str) -> Flow[bool]:
+        """Free what an unanswered acquire (or a release in the background) may hold for
+        ``token``, off the caller's path: the kind's release, sent until answered or the TTL
+        is over (see :func:`.core.holding.release_eventually`)."""
+        release = self.kind.release(token, None).step
+        return holding.release_eventually(release, self.ttl, clock=self.clock)
+
     def releasing(self) -> Op[bool]:
         """Stop renewing and give it up: the op to send, its answer for :meth:`released`."""
         self.stop_renewal()
@@ -415,7 +371,7 @@ class Lease(Generic[K]):
     def let_go(self) -> Flow[bool]:
         """Stop holding it at once; the clean-up that releases it off the caller's path."""
         self.abandon()
-        return self.kind.clean_up(self.token, self.ttl, self.clock)
+        return self.clean_up(self.token)
 
     def abandon(self) -> None:
         """Stop renewing and forget it without releasing: it expires by its TTL."""
@@ -469,8 +425,14 @@ class Lease(Generic[K]):
         """A renewal to run, the lease counted from ``since`` (the acquire's send); the driver
         runs its flow and sets how to interrupt it."""
         stop = threading.Event()
-        flow = self.kind.renew(
-            self.token,
+        kind, token = self.kind, self.token
+
+        def extend(span: float, within: float) -> Eval | Call:
+            # The kind's own extend, answered within what is left of the lease.
+            return replace(kind.extend(token, span).step, timeout=within)
+
+        flow = holding.renew(
+            extend,
             self.ttl,
             clock=self.clock,
             until=self.renew_until,

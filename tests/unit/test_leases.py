@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 
 from celery_unique import BackendError, BackendUnavailable, LockNotOwnedError, LockTimeout
+from celery_unique.core.holding import loss_margin
 from celery_unique.core.keys import KeySpace
 from celery_unique.core.results import Acquisition, Slot
-from celery_unique.core.scripts import ACQUIRE, RELEASE, SEMAPHORE_RELEASE
-from celery_unique.core.steps import Eval
+from celery_unique.core.scripts import ACQUIRE, EXTEND, RELEASE, SEMAPHORE_RELEASE
+from celery_unique.core.steps import Eval, Sleep
 from celery_unique.leases import Lease, LockKind, SemaphoreKind
 
 KEYS = KeySpace("p:")
@@ -149,3 +150,17 @@ def test_a_lock_is_taken_over_and_handed_over_through_its_lease() -> None:
     hand = lease.hand_over_op("next", 5)
     assert hand.step == Eval(ACQUIRE, (lease.kind.key,), ("next", 5000, "run"))
     assert not lease.held
+
+
+def test_renewal_and_clean_ups_send_the_kinds_own_extend_and_release() -> None:
+    clock = FakeClock()
+    lease = a_lock(clock, auto_renew=True)
+    lease.record(Acquisition(True, lease.token, 30.0, 7))
+    renewal = lease.start_renewal(clock.now)
+    assert isinstance(next(renewal.flow), Sleep)
+    clock.now += 10
+    step = renewal.flow.send(None)
+    assert step == Eval(EXTEND, (lease.kind.key,), (lease.token, 30000))
+    assert isinstance(step, Eval) and step.timeout == pytest.approx(20 - loss_margin(30))
+    assert next(lease.let_go()) == Eval(RELEASE, (lease.kind.key,), (lease.token,))
+    assert renewal.stop.is_set() and not lease.held
