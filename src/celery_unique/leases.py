@@ -20,7 +20,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -197,15 +198,34 @@ K = TypeVar("K", bound=Kind)
 
 
 class Renewal:
-    """A running renewal: its flow, its stop flag (checked before each extend), and how the
-    driver cuts its wait short (wake a thread's sleep, cancel a task)."""
+    """A running renewal: its flow, its stop flag, and how the driver cuts its wait short
+    (wake a thread's sleep, cancel a task).
 
-    __slots__ = ("flow", "interrupt", "stop")
+    It is the gate of its extends (:class:`~celery_unique.core.steps.Gate`): an executor
+    writes one only while the flag is down, holding :attr:`writing` from that look to the end
+    of the write, and :meth:`end` raises the flag under the same lock. So once a release has
+    begun no extend is written, and the release waits at most for one write already under
+    way (never for a connection, a handshake or a reply)."""
 
-    def __init__(self, stop: threading.Event, flow: Flow[str]) -> None:
-        self.stop = stop
-        self.flow = flow
+    __slots__ = ("flow", "interrupt", "stop", "writing")
+
+    def __init__(self, flow: Callable[[Renewal], Flow[str]]) -> None:
+        self.stop = threading.Event()
+        self.writing = threading.Lock()
         self.interrupt: Callable[[], object] = lambda: None
+        self.flow = flow(self)  # made last: its extends are gated by this renewal
+
+    @contextmanager
+    def hold(self) -> Iterator[bool]:
+        """Whether an extend may be written now, kept so until the block ends."""
+        with self.writing:
+            yield not self.stop.is_set()
+
+    def end(self) -> None:
+        """No extend is written from here on; cut the renewal's wait short."""
+        with self.writing:
+            self.stop.set()
+        self.interrupt()
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,22 +451,24 @@ class Lease(Generic[K]):
     def start_renewal(self, since: float) -> Renewal:
         """A renewal to run, the lease counted from ``since`` (the acquire's send); the driver
         runs its flow and sets how to interrupt it."""
-        stop = threading.Event()
         kind, token = self.kind, self.token
 
-        def extend(span: float, within: float) -> Eval | Call:
-            # The kind's own extend, answered within what is left of the lease.
-            return replace(kind.extend(token, span).step, timeout=within)
+        def flow(renewal: Renewal) -> Flow[str]:
+            def extend(span: float, within: float) -> Eval | Call:
+                # The kind's own extend, answered within what is left of the lease, and
+                # written only while the renewal goes on.
+                return replace(kind.extend(token, span).step, timeout=within, gate=renewal)
 
-        flow = holding.renew(
-            extend,
-            self.ttl,
-            clock=self.clock,
-            until=self.renew_until,
-            since=since,
-            stopped=stop.is_set,
-        )
-        self.renewal = renewal = Renewal(stop, flow)
+            return holding.renew(
+                extend,
+                self.ttl,
+                clock=self.clock,
+                until=self.renew_until,
+                since=since,
+                stopped=renewal.stop.is_set,
+            )
+
+        self.renewal = renewal = Renewal(flow)
         return renewal
 
     def stop_renewal(self) -> None:
@@ -456,8 +478,7 @@ class Lease(Generic[K]):
         hold the release up. An extend already sent is owner-checked and harmless."""
         renewal, self.renewal = self.renewal, None
         if renewal is not None:
-            renewal.stop.set()
-            renewal.interrupt()
+            renewal.end()
 
     def renewal_ended(self, renewal: Renewal, reason: str) -> None:
         """A renewal's flow returned ``reason``; report a loss unless it was stopped."""

@@ -21,10 +21,18 @@ from typing import Any
 
 import anyio
 import pytest
+import redis
+import redis.asyncio
 
 from celery_unique import BackendUnavailable, LockNotOwnedError
 from celery_unique.core.holding import loss_margin
-from celery_unique.core.scripts import ACQUIRE
+from celery_unique.core.scripts import (
+    ACQUIRE,
+    EXTEND,
+    RELEASE,
+    SEMAPHORE_EXTEND,
+    SEMAPHORE_RELEASE,
+)
 from tests.conftest import MakeBackend
 from tests.helpers import async_wait_until
 from tests.proxy import Proxy
@@ -87,14 +95,47 @@ async def test_the_resend_after_a_broken_connection_stays_within_the_deadline(
     assert outcome["took"] <= 1.0 + SLACK, outcome["took"]
 
 
+Written = list[bytes]
+
+
+def _scripts(written: Written) -> list[bytes]:
+    """Every script call written, in order, whole (a batch writes several at once)."""
+    return b"".join(written).split(b"$7\r\nEVALSHA\r\n")[1:]
+
+
+def _recording(flavour: str, written: Written) -> type[Any]:
+    """A redis-py connection class that notes every write, in the order they happen."""
+
+    def joined(command: Any) -> bytes:
+        return command if isinstance(command, bytes) else b"".join(command)
+
+    if flavour == "sync":
+
+        class Recording(redis.Connection):
+            def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                written.append(joined(command))
+                super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call, unused-ignore]
+
+        return Recording
+
+    class AsyncRecording(redis.asyncio.Connection):
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            written.append(joined(command))
+            await super().send_packed_command(command, check_health)
+
+    return AsyncRecording
+
+
 @pytest.mark.parametrize("kind", ["lock", "semaphore"])
-async def test_no_extend_is_sent_once_release_has_returned(
-    make_backend: MakeBackend, proxy: Proxy, kind: str
+async def test_no_extend_is_written_once_release_has_begun(
+    make_backend: MakeBackend, proxy: Proxy, flavour: str, kind: str
 ) -> None:
-    """Hundreds of releases landing at every phase of renewal, through a slow link."""
-    backend = make_backend(proxy.url)
+    """Hundreds of releases landing at every phase of renewal, through a slow link; every
+    write the client makes is noted in order, so no scheduling of this test can blur it."""
+    written: Written = []
+    backend = make_backend(proxy.url, connection_class=_recording(flavour, written))
     proxy.delay = 0.02
-    released: list[tuple[bytes, int]] = []  # (token, bytes the proxy had seen by then)
+    tokens: list[bytes] = []
     lost = 0
     rng = random.Random(16)
     ttl = 0.6
@@ -113,17 +154,25 @@ async def test_no_extend_is_sent_once_release_has_returned(
                     await held.release()
                 except LockNotOwnedError:
                     lost += 1  # a saturated box stalled a renewal past its lease: told so
-            released.append((held.token.encode(), len(proxy.sent)))
+            tokens.append(held.token.encode())
 
     async with anyio.create_task_group() as group:
         for _ in range(20):
             group.start_soon(trials, 10)
-    assert len(released) == 200
+    assert len(tokens) == 200
     assert lost < 100, f"{lost} of 200 leases lost: renewal did not run"
-    # Long enough for any renewal still going to send its next extend (a cycle and a reply).
+    # Long enough for a renewal that would go on to write its next extend.
     await anyio.sleep(ttl / 3 + 0.1)
-    late = [token for token, seen in released if proxy.sent.find(token, seen) != -1]
-    assert late == [], f"{len(late)} of 200 renewals sent an extend after release returned"
+    extend = (SEMAPHORE_EXTEND if kind == "semaphore" else EXTEND).sha.encode()
+    release = (SEMAPHORE_RELEASE if kind == "semaphore" else RELEASE).sha.encode()
+    calls = _scripts(written)
+    late = []
+    for token in tokens:
+        mine = [call for call in calls if token in call]
+        released = max(i for i, call in enumerate(mine) if call.startswith(b"$40\r\n" + release))
+        if any(call.startswith(b"$40\r\n" + extend) for call in mine[released:]):
+            late.append(token)
+    assert late == [], f"{len(late)} of 200 renewals wrote an extend after their release"
 
 
 async def test_a_lease_is_counted_from_the_send_of_its_acquire(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from ..errors import BackendError
-from .steps import Call, Clock, Eval, Flow, Sleep, check_timeout, flag
+from .steps import WITHDRAWN, Call, Clock, Eval, Flow, Sleep, check_timeout, flag
 
 __all__ = [
     "ATTEMPT_FLOOR",
@@ -131,7 +131,7 @@ def renew(
         # An answer after the moment the loss must be reported is worthless: wait no longer.
         step = extend(span, give_up - sent)
         try:
-            renewed = flag((yield step))
+            reply = yield step
         except BackendError:
             if stopped():
                 return "stopped"
@@ -140,9 +140,11 @@ def renew(
                 return "unreachable"
             delay = min(interval / 4, left / 2)
             continue
-        if stopped():
-            return "stopped"  # a "no" may be the release's doing: not a loss
-        if not renewed:
+        # Withdrawn (the release began before it was written), or a "no" that may be the
+        # release's doing: not a loss.
+        if reply is WITHDRAWN or stopped():
+            return "stopped"
+        if not flag(reply):
             return "lost"
         # The new TTL runs from when Redis ran the script, which is after ``sent``.
         valid_until = sent + span

@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import ConfigurationError
 from .scripts import Script
 
 __all__ = [
+    "WITHDRAWN",
     "Call",
     "Clock",
     "Eval",
     "Flow",
+    "Gate",
     "Native",
     "Op",
     "Sleep",
@@ -46,6 +49,26 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 
+class Gate(Protocol):
+    """What a step that may be withdrawn carries: until the moment it is written, its sender
+    may still take it back (a renewal's extend, once the holder releases). An executor writes
+    a gated step inside ``with gate.hold() as open_`` and only when ``open_``; a withdrawn
+    step is never written and its reply is :data:`WITHDRAWN`."""
+
+    def hold(self) -> AbstractContextManager[bool]:
+        """Whether the step may still be written, kept so until the block ends."""
+        ...
+
+
+class _Withdrawn:
+    def __repr__(self) -> str:
+        return "WITHDRAWN"
+
+
+#: The reply to a gated step that was withdrawn before it was written (see :class:`Gate`).
+WITHDRAWN: Any = _Withdrawn()
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """Run one Redis command, e.g. ``("GET", key)``.
@@ -57,6 +80,7 @@ class Call:
     args: tuple[str | int, ...]
     timeout: float | None = field(default=None, compare=False)
     idempotent: bool = field(default=True, compare=False)
+    gate: Gate | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +105,7 @@ class Eval:
     when that is sooner than the executor's own deadline; ``None`` for the executor's.
     ``natives``: alternatives to the script, in order of preference; an executor may send the
     first whose capability the server has (and the script where that cannot tell).
+    ``gate``: see :class:`Gate` (also on :class:`Call`).
     """
 
     script: Script
@@ -88,6 +113,7 @@ class Eval:
     args: tuple[str | int, ...]
     timeout: float | None = field(default=None, compare=False)
     natives: tuple[Native, ...] = field(default=(), compare=False)
+    gate: Gate | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,13 +11,14 @@ import asyncio
 import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import anyio
 import redis.exceptions as rex
 
 from ..core.native import PROBE_KEY
-from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
+from ..core.steps import WITHDRAWN, Call, Eval, Flow, Op, Sleep, Step
 from ..errors import BackendError, BackendUnavailable
 from .batching import Batcher, Request
 from .connections import aclose_client, deadline_of, direct_pool
@@ -81,9 +82,11 @@ class AsyncRedisExecutor:
         alternative = self._native.pick(step)
         if alternative is not None:
             try:
-                got: Any = await self._one(alternative.call)
+                got: Any = await self._one(replace(alternative.call, gate=step.gate))
             except BackendError as exc:
                 got = exc
+            if got is WITHDRAWN:
+                return got
             answer = self._native.settle(alternative, got)
             if answer is not None:
                 return answer

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import redis.exceptions as rex
 
-from ..core.steps import Call, Eval, is_idempotent
+from ..core.steps import WITHDRAWN, Call, Eval, is_idempotent
 from . import fastread
 from .batching import Request
 from .connections import checkout_async, decoder, direct_pool, packer
@@ -81,11 +81,19 @@ class BatchSender:
             except CLOSED_UNDER_US as exc:
                 waited = budget.waited(loop.time())
                 raise backend_error(closed_under_us(exc), waited=waited) from exc
-            # Waiting for a free connection takes time: drop who gave up meanwhile.
-            live = [i for i, request in enumerate(batch) if not request.cancelled()]
+            # Waiting for a free connection takes time: drop who gave up meanwhile, and what
+            # was withdrawn (no await from here to the write: it stays so).
+            replies: list[Any] = [None] * len(batch)
+            live = []
+            for i, request in enumerate(batch):
+                if request.cancelled():
+                    continue
+                if _withdrawn(request.step):
+                    replies[i] = WITHDRAWN
+                    continue
+                live.append(i)
             for i in live:
                 batch[i].sent = True  # from here Redis may run it, read or not
-            replies: list[Any] = [None] * len(batch)
             sent = False
             try:
                 if live:
@@ -153,6 +161,10 @@ class BatchSender:
     ) -> None:
         """Load the scripts answered NOSCRIPT and send those steps again, in one round trip."""
         missing = [i for i, answer in enumerate(answers) if isinstance(answer, rex.NoScriptError)]
+        # Their first send did not run: the next is their real send, gated like it.
+        for i in [i for i in missing if _withdrawn(steps[i])]:
+            answers[i] = WITHDRAWN
+            missing.remove(i)
         if not missing:
             return
         scripts = {steps[i].script: None for i in missing}  # type: ignore[union-attr]
@@ -201,6 +213,8 @@ class BatchSender:
                 self.nodes_seen[id(node)] = node
 
     async def _one(self, step: Eval | Call) -> Any:
+        if _withdrawn(step):
+            return WITHDRAWN
         client = self.client
         try:
             if isinstance(step, Call):
@@ -221,6 +235,13 @@ class BatchSender:
             raise backend_error(exc) from exc
         except CLOSED_UNDER_US as exc:
             raise backend_error(closed_under_us(exc), outcome_unknown=True) from exc
+
+
+def _withdrawn(step: Eval | Call) -> bool:
+    if step.gate is None:
+        return False
+    with step.gate.hold() as open_:
+        return not open_
 
 
 async def _reply_or_error(connection: Any) -> Any:

@@ -15,6 +15,7 @@ them (found by probes the first command takes along), with the scripts as the fa
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 import redis.exceptions as rex
 
 from ..core.native import PROBE_KEY
-from ..core.steps import Call, Eval, Flow, Op, Sleep, Step, is_idempotent
+from ..core.steps import WITHDRAWN, Call, Eval, Flow, Gate, Op, Sleep, Step, is_idempotent
 from ..errors import BackendError
 from .connections import checkout, close_client, deadline_of, direct_pool, packer
 from .errors import (
@@ -233,16 +234,26 @@ class RedisExecutor:
         alternative = self._native.pick(step)
         if alternative is not None:
             try:
-                got: Any = self._send(alternative.call)
+                got: Any = self._send(alternative.call, step.gate)
             except BackendError as exc:
                 got = exc
+            if got is WITHDRAWN:
+                return got
             answer = self._native.settle(alternative, got)
             if answer is not None:
                 return answer
         return self._send(step)
 
-    def _send(self, step: Eval | Call) -> Any:
+    def _send(self, step: Eval | Call, gate: Gate | None = None) -> Any:
+        """``step``'s reply, under the send policy; ``gate`` (else ``step.gate``): written
+        only while it is open (see :class:`~celery_unique.core.steps.Gate`)."""
+        gate = gate or step.gate
         if self._pool is None:
+            # A cluster's client writes and reads in one call: the gate is looked at just
+            # before (holding it to the answer would make a release wait for the extend).
+            with _opened(gate) as open_:
+                if not open_:
+                    return WITHDRAWN
             return self._through_client(step)
         clock = time.monotonic
         budget = Budget(clock(), self.timeout, (step.timeout,))
@@ -265,12 +276,20 @@ class RedisExecutor:
             checking = self._eviction.claim()
             probing = self._native.claim()
             try:
-                if checking or probing:
-                    along = [self._policy_query] if checking else []
-                    along += self._probe_queries if probing else []
-                    connection.send_packed_command((*along, data))
-                else:
-                    connection.send_packed_command((data,))
+                with _opened(gate) as open_:
+                    if not open_:  # withdrawn before it was written: nothing was sent
+                        if checking:
+                            self._eviction.unanswered()
+                        if probing:
+                            self._native.unanswered()
+                        self._keep(self._pool, connection)
+                        return WITHDRAWN
+                    if checking or probing:
+                        along = [self._policy_query] if checking else []
+                        along += self._probe_queries if probing else []
+                        connection.send_packed_command((*along, data))
+                    else:
+                        connection.send_packed_command((data,))
                 sent = True
                 if checking:
                     self._policy_read(self._reply_or_error(connection, budget.deadline))
@@ -286,7 +305,7 @@ class RedisExecutor:
                 try:
                     reply = self._read(connection, budget.deadline)
                 except rex.NoScriptError:
-                    reply = self._load_and_resend(connection, step, data, budget.deadline)
+                    reply = self._load_and_resend(connection, step, data, budget.deadline, gate)
             except rex.ResponseError as exc:
                 if refused_by_replica(exc):
                     connection.disconnect()  # an old master: reconnect to the current one
@@ -338,13 +357,17 @@ class RedisExecutor:
             return exc
 
     def _load_and_resend(
-        self, connection: Any, step: Eval | Call, data: bytes, deadline: float
+        self, connection: Any, step: Eval | Call, data: bytes, deadline: float, gate: Gate | None
     ) -> Any:
         assert isinstance(step, Eval)  # only scripts answer NOSCRIPT
         load = self._packer.command(("SCRIPT", "LOAD", step.script.source))
         connection.send_packed_command((load,))
         self._read(connection, deadline)
-        connection.send_packed_command((data,))
+        # The first send did not run: this one is the step's real send, gated like it.
+        with _opened(gate) as open_:
+            if not open_:
+                return WITHDRAWN
+            connection.send_packed_command((data,))
         return self._read(connection, deadline)
 
     def _pack(self, step: Eval | Call) -> bytes:
@@ -376,6 +399,16 @@ class RedisExecutor:
             except rex.RedisError as exc:
                 self._policy_read(exc)
         return reply
+
+
+@contextlib.contextmanager
+def _opened(gate: Gate | None) -> Iterator[bool]:
+    """Whether a step may be written now (always, without a gate), kept so meanwhile."""
+    if gate is None:
+        yield True
+        return
+    with gate.hold() as open_:
+        yield open_
 
 
 def _quiet(connection: Any) -> bool:
