@@ -204,7 +204,8 @@ def test_a_broker_given_in_the_environment_is_the_lock_store(
 ) -> None:
     """Docker and twelve-factor apps: CELERY_BROKER_URL, nothing in the app's settings."""
     monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
-    app = make_app(result_backend=None)
+    # A queue of its own: the session's worker must not take (and drop) this app's message.
+    app = make_app(result_backend=None, task_default_queue=f"env-{uuid.uuid4().hex}")
     assert app.conf.get("broker_url") is None  # the raw settings do not have it
 
     @app.task(base=UniqueTask, shared=False, name=f"env-{uuid.uuid4().hex[:6]}")
