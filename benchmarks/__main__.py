@@ -17,7 +17,7 @@ import sys
 from types import ModuleType
 
 from benchmarks import _harness as h
-from benchmarks import adelay, apply_async, locks, rate_limit, semaphores, worker
+from benchmarks import adelay, apply_async, locks, native, rate_limit, semaphores, worker
 
 BENCHMARKS: dict[str, ModuleType] = {
     "locks": locks,
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "rate_limit": rate_limit,
     "adelay": adelay,
     "worker": worker,
+    "native": native,
 }
 
 

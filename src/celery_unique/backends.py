@@ -89,7 +89,7 @@ class _BackendBase(Generic[X, L, S, R]):
                 f"{type(client).__module__}.{type(client).__qualname__}; "
                 f"for that kind of client use {self._other}"
             )
-        self.executor = self._executor_class(client, timeout=timeout)
+        self.executor = self._executor_class(client, timeout=timeout, probe_key=self.keys.probe())
 
     @property
     def client(self) -> Any:

@@ -1,30 +1,28 @@
 """What is held for a lease: locks (:class:`Lock`, :class:`AsyncLock`) and semaphore slots
 (:class:`Semaphore`, :class:`AsyncSemaphore`), each sync and asyncio twin side by side.
 
-A lock and a slot are held alike (acquire with backoff, owner-checked release and extend,
-renewal, clean-up after an unanswered acquire): that is :class:`_Lease`, with a sync and an
-async flavour. What differs is only which of the core's operations they send.
+What a lock or a slot does, and every decision of holding one, is described once, in a
+:class:`~.leases.Lease` (with its kind, :class:`~.leases.LockKind` or
+:class:`~.leases.SemaphoreKind`). Each public object holds one, and is driven by one of two thin
+drivers: :class:`_SyncDriver` (an executor's calls, daemon threads) and :class:`_AsyncDriver`
+(awaited calls, tasks of the running loop). The drivers only move bytes and time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
-from .core import locks, semaphores
-from .core.holding import Attempt, stamped
 from .core.keys import KeySpace
-from .core.results import Acquisition, Slot
-from .core.steps import Flow, Op, check_timeout, to_ms
-from .errors import BackendError, LockNotOwnedError, LockTimeout
+from .core.results import Acquisition
+from .core.steps import Flow
+from .errors import LockNotOwnedError
 from .executors.protocol import AsyncExecutor, Executor
+from .leases import Freeing, Kind, Lease, LockKind, Renewal, SemaphoreKind
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -32,9 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncLock", "AsyncSemaphore", "Lock", "Semaphore"]
 
-logger = logging.getLogger("celery_unique")
-
-E = TypeVar("E")  # the executor: "Executor" for the sync flavour, "AsyncExecutor" for asyncio
+E = TypeVar("E", Executor, AsyncExecutor)
+K = TypeVar("K", bound=Kind)
 
 # Background tasks of the asyncio flavour (clean-ups, renewals), kept referenced until they
 # are done: the event loop itself keeps only weak references to tasks.
@@ -48,231 +45,124 @@ def _in_background(coro: Any) -> asyncio.Task[Any]:
     return task
 
 
-def _new_token() -> str:
-    # 128 random bits, like uuid4 but a fifth of its cost on this hot path.
-    return os.urandom(16).hex()
+class _Face(Generic[E, K]):
+    """The public attributes every held thing shows: its lease's."""
 
+    _executor: E
+    _lease: Lease[K]
 
-class _Lease(Generic[E]):
-    """State and decisions shared by every flavour of every held thing."""
+    @property
+    def name(self) -> str:
+        """The name it was made with."""
+        return self._lease.name
 
-    _what = "lock"  # how messages name it
-    _renewal: _Renewal | None = None  # the renewal (a thread, or a task) while it runs
+    @property
+    def ttl(self) -> float:
+        """Seconds a lease lasts once acquired or extended."""
+        return self._lease.ttl
 
-    def __init__(
-        self,
-        executor: E,
-        key: str,
-        name: str,
-        ttl: float,
-        *,
-        blocking: bool = True,
-        timeout: float | None = None,
-        auto_renew: bool = False,
-        token: str | None = None,
-        on_lost: Callable[[Any], object] | None = None,
-        lifetime: float | None = None,
-    ) -> None:
-        to_ms(ttl)
-        check_timeout(blocking, timeout)
-        if lifetime is not None:
-            to_ms(lifetime, "lifetime")
-        self._executor: E = executor
-        self._key = key
-        self.name = name
-        self.ttl = float(ttl)
-        self.blocking = blocking
-        self.timeout = timeout
-        self.auto_renew = auto_renew
-        self._own_token = token is None
-        self.token = _new_token() if token is None else token
-        self.on_lost = on_lost
-        self.lifetime = lifetime
-        self.lost = False
-        self._held = False
-        self._last: Attempt | None = None
-        self._renew_until: float | None = None  # time.monotonic() moment, from the lifetime
+    @property
+    def token(self) -> str:
+        """This owner's token."""
+        return self._lease.token
 
-    # -- what each kind sends ---------------------------------------------------------------
+    @property
+    def lifetime(self) -> float | None:
+        """Seconds after acquiring past which auto-renewal never extends it (``None``: no end)."""
+        return self._lease.lifetime
 
-    def _acquire_flow(self, blocking: bool, timeout: float | None) -> Flow[Any]:
-        raise NotImplementedError
-
-    def _parse_attempt(self, reply: Any) -> Attempt:
-        raise NotImplementedError
-
-    def _release_op(self, token: str) -> Op[bool]:
-        raise NotImplementedError
-
-    def _extend_op(self, ttl: float) -> Op[bool]:
-        raise NotImplementedError
-
-    def _renew_flow(self, since: float, stopped: Callable[[], bool]) -> Flow[str]:
-        raise NotImplementedError
-
-    def _cleanup_flow(self, token: str) -> Flow[bool]:
-        raise NotImplementedError
-
-    # -- shared decisions -------------------------------------------------------------------
+    @property
+    def lost(self) -> bool:
+        """Whether auto-renewal found it lost while held."""
+        return self._lease.lost
 
     @property
     def renewing(self) -> bool:
         """Whether auto-renewal is extending the lease right now."""
-        return self._renewal is not None
+        return self._lease.renewing
 
-    def _stop_renewal(self) -> None:
-        """Stop renewing, for sure and at once: from here no extend is sent (the renewal
-        checks its stop before each), and nothing waits for the renewal to wind down, so a
-        renewal stuck in a command (or one whose cancellation the runtime swallowed) cannot
-        hold the release up. An extend already sent is owner-checked and harmless."""
-        renewal, self._renewal = self._renewal, None
-        if renewal is not None:
-            renewal.stop.set()
-            renewal.interrupt()
+    @property
+    def blocking(self) -> bool:
+        """Whether ``with`` waits for it."""
+        return self._lease.blocking
 
-    def _renewal_ended(self, renewal: _Renewal, reason: str) -> None:
-        """A renewal's flow returned ``reason``; report a loss unless it was stopped."""
-        if reason == "stopped" or renewal.stop.is_set():
-            return
-        if self._renewal is renewal:
-            self._renewal = None
-        self._renewal_stopped(reason)
+    @blocking.setter
+    def blocking(self, value: bool) -> None:
+        self._lease.blocking = value
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds ``with`` waits for it at most (``None``: no limit)."""
+        return self._lease.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._lease.timeout = value
+
+    @property
+    def auto_renew(self) -> bool:
+        """Whether it is extended every ``ttl / 3`` while held."""
+        return self._lease.auto_renew
+
+    @auto_renew.setter
+    def auto_renew(self, value: bool) -> None:
+        self._lease.auto_renew = value
+
+    @property
+    def on_lost(self) -> Callable[[Any], object] | None:
+        """Called with this object when auto-renewal finds it lost."""
+        return self._lease.on_lost
+
+    @on_lost.setter
+    def on_lost(self, value: Callable[[Any], object] | None) -> None:
+        self._lease.on_lost = value
 
     def __repr__(self) -> str:
-        state = "held" if self._held else "lost" if self.lost else "not held"
-        return f"<{type(self).__name__} {self.name!r} ttl={self.ttl:g} {state}>"
-
-    def _record(self, result: Attempt) -> bool:
-        """Note an attempt's outcome; whether renewal should start now."""
-        self._last = result
-        if not result.acquired:
-            return False
-        started = not self._held
-        self._held = True
-        self.lost = False
-        if started and self.lifetime is not None:
-            self._renew_until = time.monotonic() + self.lifetime
-        return self.auto_renew
-
-    def _rotate_token(self) -> str:
-        """The token a clean-up may still release: a generated token is replaced, so that
-        the clean-up, landing late, cannot release what this object acquires next."""
-        token = self.token
-        if self._own_token:
-            self.token = _new_token()
-        return token
-
-    def _timeout_error(self) -> LockTimeout:
-        last = self._last
-        owner = None if last is None or last.acquired else getattr(last, "owner", None)
-        ttl = None if last is None or last.acquired else last.ttl
-        return LockTimeout(
-            f"could not acquire {self._what} {self.name!r} in time; the earliest holder's "
-            f"lease ends in {ttl if ttl is not None else 'an unknown number of'} seconds: "
-            "wait longer (timeout=) or let the holders finish",
-            key=self.name,
-            owner=owner,
-            ttl=ttl,
-        )
-
-    def _not_owned(self, action: str) -> LockNotOwnedError:
-        self._held = False
-        return LockNotOwnedError(
-            f"cannot {action} {self._what} {self.name!r}: this owner no longer holds it (its "
-            "lease ran out or another owner took it); use a longer ttl or auto_renew=True",
-            key=self.name,
-        )
-
-    def _lost_on_exit(self, lost: LockNotOwnedError, body_error: BaseException | None) -> None:
-        if body_error is None:
-            raise lost
-        # The block's own error matters more; do not hide it behind this one.
-        logger.error("%s %r was no longer held when its block raised", self._what, self.name)
-
-    def _renewal_stopped(self, reason: str) -> None:
-        if reason == "until":
-            return  # it expires at the moment it was meant to; held until then
-        self._held = False
-        self.lost = True
-        logger.error(
-            "%s %r was lost while held (%s): another owner may now hold it",
-            self._what,
-            self.name,
-            "Redis unreachable for a whole TTL" if reason == "unreachable" else "expired or taken",
-        )
-        if self.on_lost is not None:
-            self.on_lost(self)
-
-    def _cleanup_failed(self) -> None:
-        logger.warning("could not free %s %r after an interrupted acquire", self._what, self.name)
+        return self._lease.describe(type(self).__name__)
 
 
 class _Stopped(Exception):
     """Raised inside the renewal thread's sleep when the lease is given up."""
 
 
-class _Renewal:
-    """A running renewal: its stop flag, and how to cut its wait short (wake a thread's
-    sleep, cancel a task)."""
-
-    __slots__ = ("interrupt", "stop")
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.interrupt: Callable[[], object] = lambda: None
-
-
-class _SyncLease(_Lease[Executor]):
-    """The threads flavour: renewal and clean-ups run on daemon threads."""
+class _SyncDriver(_Face[Executor, K]):
+    """Drives a lease on threads: the executor's calls; renewal and clean-ups on daemon
+    threads."""
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Take it; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
-        was_held = self._held
+        lease = self._lease
+        was_held = lease.held
         try:
-            result, sent = self._executor.run(
-                stamped(self._acquire_flow(blocking, timeout), time.monotonic)
-            )
-        except BackendError as exc:
-            if exc.outcome_unknown and not was_held:
-                self._release_later(self._rotate_token())
+            result, sent = self._executor.run(lease.acquire_flow(blocking, timeout))
+        except BaseException as exc:
+            # This driver cannot tell what an interruption cut short (in_flight=None).
+            self._free(lease.after_failed_acquire(was_held, exc, None))
             raise
-        except BaseException:
-            # Interrupted, maybe while the script ran: free what we may have taken.
-            if not was_held:
-                self._release_later(self._rotate_token())
-            raise
-        if self._record(result):
-            self._start_renewal(sent)
+        self._renew_if(lease.record(result), sent)
         return bool(result.acquired)
 
     def release(self) -> None:
         """Give it up; :class:`LockNotOwnedError` if this owner no longer holds it."""
-        self._stop_renewal()
-        if not self._executor.execute(self._release_op(self.token)):
-            raise self._not_owned("release")
-        self._held = False
+        self._lease.released(self._executor.execute(self._lease.releasing()))
 
     def release_in_background(self) -> None:
         """Give it up without waiting: a thread sends the release and, while Redis does not
         answer, tries again until the TTL is over (by then it has expired anyway). For
         clean-ups that must not hold their caller up, such as after an unanswered acquire."""
-        self._stop_renewal()
-        self._held = False
-        self._release_later(self.token)
+        self._free(Freeing(later=self._lease.let_go()))
 
     def extend(self, ttl: float | None = None) -> None:
         """Reset the lease to ``ttl`` (default: the TTL) from now; raises if not the owner."""
-        if not self._executor.execute(self._extend_op(self.ttl if ttl is None else ttl)):
-            raise self._not_owned("extend")
+        self._lease.extended(self._executor.execute(self._lease.extend_op(ttl)))
 
     def abandon(self) -> None:
         """Stop renewing and forget it without releasing: it expires by its TTL."""
-        self._stop_renewal()
-        self._held = False
+        self._lease.abandon()
 
     def __enter__(self) -> Any:
-        if not self.acquire(self.blocking, self.timeout):
-            raise self._timeout_error()
+        if not self.acquire(self._lease.blocking, self._lease.timeout):
+            raise self._lease.timeout_error()
         return self
 
     def __exit__(
@@ -284,24 +174,35 @@ class _SyncLease(_Lease[Executor]):
         try:
             self.release()
         except LockNotOwnedError as lost:
-            self._lost_on_exit(lost, exc)
+            self._lease.lost_on_exit(lost, exc)
 
-    def _release_later(self, token: str) -> None:
-        flow = self._cleanup_flow(token)
-
-        def run() -> None:
-            try:
-                self._executor.run(flow)
-            except Exception:
-                self._cleanup_failed()
-
-        threading.Thread(target=run, name=f"celery-unique free {self.name}", daemon=True).start()
-
-    def _start_renewal(self, since: float) -> None:
-        """Renew from a daemon thread, the lease counted from ``since`` (the acquire's send)."""
-        if self._renewal is not None:
+    def _free(self, freeing: Freeing | None) -> None:
+        if freeing is None:
             return
-        renewal = _Renewal()
+        lease = self._lease
+        if freeing.now is not None:
+            try:
+                self._executor.execute(freeing.now)
+            except Exception:
+                lease.cleanup_failed()
+        if freeing.later is not None:
+            flow = freeing.later
+
+            def run() -> None:
+                try:
+                    self._executor.run(flow)
+                except Exception:
+                    lease.cleanup_failed()
+
+            name = f"celery-unique free {lease.name}"
+            threading.Thread(target=run, name=name, daemon=True).start()
+
+    def _renew_if(self, renew: bool, sent: float) -> None:
+        """Renew from a daemon thread if the lease says so, counted from ``sent``."""
+        if not renew:
+            return
+        lease = self._lease
+        renewal = lease.start_renewal(sent)
         stop = renewal.stop
 
         def sleep(seconds: float) -> None:
@@ -310,76 +211,56 @@ class _SyncLease(_Lease[Executor]):
 
         def run() -> None:
             try:
-                reason = self._executor.run(self._renew_flow(since, stop.is_set), sleep=sleep)
+                reason = self._executor.run(renewal.flow, sleep=sleep)
             except _Stopped:
                 return
-            self._renewal_ended(renewal, reason)
+            lease.renewal_ended(renewal, reason)
 
-        self._renewal = renewal
-        name = f"celery-unique renew {self.name}"
+        name = f"celery-unique renew {lease.name}"
         threading.Thread(target=run, name=name, daemon=True).start()
 
 
-class _AsyncLease(_Lease[AsyncExecutor]):
-    """The asyncio flavour: renewal and clean-ups run as tasks of the running loop; leaving
-    ``async with`` is shielded, so a cancelled task still gives up what it held."""
+class _AsyncDriver(_Face[AsyncExecutor, K]):
+    """Drives a lease on asyncio: awaited calls; renewal and clean-ups as tasks of the running
+    loop; leaving ``async with`` is shielded, so a cancelled task still gives up what it
+    held."""
 
     # timeout= mirrors the sync acquire (and threading.Lock): it answers False, never raises.
     async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Take it; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
-        was_held = self._held
-        in_flight: list[Any] = []
+        lease = self._lease
+        was_held = lease.held
+        in_flight: list[Any] = []  # what a command cut short by a cancellation answered
         try:
             result, sent = await self._executor.run(
-                stamped(self._acquire_flow(blocking, timeout), time.monotonic),
-                on_cancelled=in_flight.append,
+                lease.acquire_flow(blocking, timeout), on_cancelled=in_flight.append
             )
-        except BackendError as exc:
-            if exc.outcome_unknown and not was_held:
-                self._release_later(self._rotate_token())
+        except BaseException as exc:
+            await self._free(lease.after_failed_acquire(was_held, exc, in_flight))
             raise
-        except BaseException:
-            # Cancelled while a command was in flight: it was seen through, so we know what
-            # it did. Free what it took (Redis answered: one quick round trip).
-            if not was_held and in_flight:
-                outcome = in_flight[-1]
-                if isinstance(outcome, BaseException):
-                    if getattr(outcome, "outcome_unknown", False):
-                        self._release_later(self._rotate_token())
-                elif self._parse_attempt(outcome).acquired:
-                    await self._release_quietly()
-            raise
-        if self._record(result):
-            self._start_renewal(sent)
+        self._renew_if(lease.record(result), sent)
         return bool(result.acquired)
 
     async def release(self) -> None:
         """Give it up; :class:`LockNotOwnedError` if this owner no longer holds it."""
-        self._stop_renewal()
-        if not await self._executor.execute(self._release_op(self.token)):
-            raise self._not_owned("release")
-        self._held = False
+        self._lease.released(await self._executor.execute(self._lease.releasing()))
 
     async def release_in_background(self) -> None:
         """Give it up without waiting: a task of the running loop sends the release; see
         :meth:`Lock.release_in_background`."""
-        self._stop_renewal()
-        self._held = False
-        self._release_later(self.token)
+        await self._free(Freeing(later=self._lease.let_go()))
 
     async def extend(self, ttl: float | None = None) -> None:
         """Reset the lease to ``ttl`` (default: the TTL) from now; raises if not the owner."""
-        if not await self._executor.execute(self._extend_op(self.ttl if ttl is None else ttl)):
-            raise self._not_owned("extend")
+        self._lease.extended(await self._executor.execute(self._lease.extend_op(ttl)))
 
     async def abandon(self) -> None:
         """Stop renewing and forget it without releasing: it expires by its TTL."""
-        self._stop_renewal()
-        self._held = False
+        self._lease.abandon()
 
     async def __aenter__(self) -> Any:
-        if not await self.acquire(self.blocking, self.timeout):
-            raise self._timeout_error()
+        if not await self.acquire(self._lease.blocking, self._lease.timeout):
+            raise self._lease.timeout_error()
         return self
 
     async def __aexit__(
@@ -391,37 +272,37 @@ class _AsyncLease(_Lease[AsyncExecutor]):
         try:
             await _shielded(self.release())
         except LockNotOwnedError as lost:
-            self._lost_on_exit(lost, exc)
+            self._lease.lost_on_exit(lost, exc)
 
-    async def _release_quietly(self) -> None:
-        try:
-            await _shielded(self._executor.execute(self._release_op(self.token)))
-        except Exception:
-            self._cleanup_failed()
-
-    def _release_later(self, token: str) -> None:
-        flow = self._cleanup_flow(token)
-
-        async def run() -> None:
-            try:
-                await self._executor.run(flow)
-            except Exception:
-                self._cleanup_failed()
-
-        _in_background(run())
-
-    def _start_renewal(self, since: float) -> None:
-        """Renew from a task of the running loop, the lease counted from ``since``."""
-        if self._renewal is not None:
+    async def _free(self, freeing: Freeing | None) -> None:
+        if freeing is None:
             return
-        renewal = _Renewal()
-        task = _in_background(self._renew(renewal, since))
-        renewal.interrupt = task.cancel
-        self._renewal = renewal
+        lease = self._lease
+        if freeing.now is not None:
+            try:
+                await _shielded(self._executor.execute(freeing.now))
+            except Exception:
+                lease.cleanup_failed()
+        if freeing.later is not None:
+            _in_background(self._quietly(freeing.later))
 
-    async def _renew(self, renewal: _Renewal, since: float) -> None:
-        reason = await self._executor.run(self._renew_flow(since, renewal.stop.is_set))
-        self._renewal_ended(renewal, reason)
+    async def _quietly(self, flow: Flow[bool]) -> None:
+        try:
+            await self._executor.run(flow)
+        except Exception:
+            self._lease.cleanup_failed()
+
+    def _renew_if(self, renew: bool, sent: float) -> None:
+        """Renew from a task of the running loop if the lease says so, counted from ``sent``."""
+        if not renew:
+            return
+        renewal = self._lease.start_renewal(sent)
+        task = _in_background(self._renew(renewal))
+        renewal.interrupt = task.cancel
+
+    async def _renew(self, renewal: Renewal) -> None:
+        reason = await self._executor.run(renewal.flow)
+        self._lease.renewal_ended(renewal, reason)
 
 
 async def _shielded(coro: Any) -> Any:
@@ -434,8 +315,9 @@ async def _shielded(coro: Any) -> Any:
 # -- locks ---------------------------------------------------------------------------------------
 
 
-class _LockKind(_Lease[E]):
-    """What makes a lease a lock: one owner at a time, and a fence per acquisition."""
+class _LockFace(_Face[E, LockKind]):
+    """What a lock shows besides a lease's attributes, and how one is made (``options``: those
+    of :class:`~.leases.Lease`)."""
 
     def __init__(
         self,
@@ -446,61 +328,23 @@ class _LockKind(_Lease[E]):
         *,
         key: str | None = None,
         **options: Any,
-    ):
-        super().__init__(executor, keys.lock(name) if key is None else key, name, ttl, **options)
-        self.fence: int | None = None
+    ) -> None:
+        self._executor = executor
+        kind = LockKind(keys.lock(name) if key is None else key)
+        self._lease = Lease(kind, name, ttl, face=self, **options)
 
     @property
     def key(self) -> str:
         """The Redis key the lock lives in."""
-        return self._key
+        return self._lease.kind.key
 
-    def _take_over_op(self, predecessor: str, freeing: str | None) -> Op[Acquisition]:
-        if freeing is None:
-            return locks.acquire_once(self._key, self.token, self.ttl, predecessor)
-        return locks.move(self._key, self.token, self.ttl, predecessor, freeing)
-
-    def _record(self, result: Attempt) -> bool:
-        if result.acquired:
-            self.fence = getattr(result, "fence", None)
-        return super()._record(result)
-
-    def _acquire_flow(self, blocking: bool, timeout: float | None) -> Flow[Acquisition]:
-        return locks.acquire(
-            self._key,
-            self.token,
-            self.ttl,
-            blocking=blocking,
-            timeout=timeout,
-            clock=time.monotonic,
-        )
-
-    def _parse_attempt(self, reply: Any) -> Acquisition:
-        return locks.parse_acquire(reply)
-
-    def _release_op(self, token: str) -> Op[bool]:
-        return locks.release(self._key, token)
-
-    def _extend_op(self, ttl: float) -> Op[bool]:
-        return locks.extend(self._key, self.token, ttl)
-
-    def _renew_flow(self, since: float, stopped: Callable[[], bool]) -> Flow[str]:
-        return locks.renew(
-            self._key,
-            self.token,
-            self.ttl,
-            clock=time.monotonic,
-            until=self._renew_until,
-            since=since,
-            stopped=stopped,
-        )
-
-    def _cleanup_flow(self, token: str) -> Flow[bool]:
-        # Off the caller's path: Redis did not answer the acquire, and may not answer this.
-        return locks.release_eventually(self._key, token, self.ttl, clock=time.monotonic)
+    @property
+    def fence(self) -> int | None:
+        """The fencing token of the last acquisition: strictly increasing per name."""
+        return self._lease.kind.fence
 
 
-class Lock(_LockKind[Executor], _SyncLease):
+class Lock(_SyncDriver[LockKind], _LockFace[Executor]):
     """A distributed lock for threads and processes, shaped like ``threading.Lock``.
 
     ::
@@ -517,6 +361,13 @@ class Lock(_LockKind[Executor], _SyncLease):
     Every call ends within the backend's deadline (about 2 s by default): a hung Redis raises
     :class:`~celery_unique.BackendUnavailable`, and ``acquire(timeout=T)`` gives up by T
     (plus at most 0.5 s for its last attempt) however Redis behaves.
+
+    For the Celery layer, which makes its locks directly (``Lock(executor, keys, name, ttl,
+    ...)``): ``key=`` puts the lock in a key other than the name's own (a task's running
+    lock), ``lifetime=`` ends auto-renewal that many seconds after acquiring; ``take_over``
+    acquires from a known predecessor, ``hand_over`` passes the lock on, ``abandon`` stops
+    holding without releasing. Each goes through the lock's one :class:`~.leases.Lease`, as
+    ``acquire`` and ``release`` do.
     """
 
     def take_over(self, predecessor: str, *, freeing: str | None = None) -> Acquisition:
@@ -527,30 +378,27 @@ class Lock(_LockKind[Executor], _SyncLease):
         is freed in the same atomic step if ``predecessor`` holds it. The returned
         :class:`Acquisition` names the holder when it was another token.
         """
-        sent = time.monotonic()
-        result = self._executor.execute(self._take_over_op(predecessor, freeing))
-        if self._record(result):
-            self._start_renewal(sent)
+        op, sent = self._lease.take_over_op(predecessor, freeing)
+        result = self._executor.execute(op)
+        self._renew_if(self._lease.record(result), sent)
         return result
 
     def hand_over(self, token: str, ttl: float) -> Acquisition:
         """Pass the lock to ``token`` for ``ttl`` seconds in one atomic step, and stop holding
         it. Also takes the lock for ``token`` if it is free (this lock had expired). The
         result's ``acquired`` is false when another owner holds it: nothing was passed."""
-        self._stop_renewal()
-        self._held = False
-        return self._executor.execute(locks.acquire_once(self._key, token, ttl, self.token))
+        return self._executor.execute(self._lease.hand_over_op(token, ttl))
 
     def owner(self) -> str | None:
         """The token of the current holder, or ``None`` when the lock is free."""
-        return self._executor.execute(locks.owner(self._key))
+        return self._executor.execute(self._lease.kind.owner())
 
     def locked(self) -> bool:
         """Whether anyone holds the lock."""
         return self.owner() is not None
 
 
-class AsyncLock(_LockKind[AsyncExecutor], _AsyncLease):
+class AsyncLock(_AsyncDriver[LockKind], _LockFace[AsyncExecutor]):
     """The asyncio twin of :class:`Lock`: same methods, awaited.
 
     ::
@@ -566,21 +414,18 @@ class AsyncLock(_LockKind[AsyncExecutor], _AsyncLease):
     async def take_over(self, predecessor: str, *, freeing: str | None = None) -> Acquisition:
         """Acquire in one attempt, also when the lock is held by token ``predecessor``; see
         :meth:`Lock.take_over`."""
-        sent = time.monotonic()
-        result = await self._executor.execute(self._take_over_op(predecessor, freeing))
-        if self._record(result):
-            self._start_renewal(sent)
+        op, sent = self._lease.take_over_op(predecessor, freeing)
+        result = await self._executor.execute(op)
+        self._renew_if(self._lease.record(result), sent)
         return result
 
     async def hand_over(self, token: str, ttl: float) -> Acquisition:
         """Pass the lock to ``token`` for ``ttl`` seconds; see :meth:`Lock.hand_over`."""
-        self._stop_renewal()
-        self._held = False
-        return await self._executor.execute(locks.acquire_once(self._key, token, ttl, self.token))
+        return await self._executor.execute(self._lease.hand_over_op(token, ttl))
 
     async def owner(self) -> str | None:
         """The token of the current holder, or ``None`` when the lock is free."""
-        return await self._executor.execute(locks.owner(self._key))
+        return await self._executor.execute(self._lease.kind.owner())
 
     async def locked(self) -> bool:
         """Whether anyone holds the lock."""
@@ -590,10 +435,9 @@ class AsyncLock(_LockKind[AsyncExecutor], _AsyncLease):
 # -- semaphores ----------------------------------------------------------------------------------
 
 
-class _SemaphoreKind(_Lease[E]):
-    """What makes a lease a semaphore slot: up to ``limit`` holders at once."""
-
-    _what = "semaphore"
+class _SemaphoreFace(_Face[E, SemaphoreKind]):
+    """What a semaphore shows besides a lease's attributes, and how one is made (``options``:
+    those of :class:`~.leases.Lease`)."""
 
     def __init__(
         self,
@@ -605,65 +449,29 @@ class _SemaphoreKind(_Lease[E]):
         *,
         queue: bool = False,
         **options: Any,
-    ):
-        super().__init__(executor, keys.semaphore(name), name, ttl, **options)
-        self.limit = semaphores.check_limit(limit)
-        self.queue = queue
-        self._keys = keys.semaphore_queue(name) if queue else (self._key,)
-        #: After an acquire was turned away: seconds until this caller should try again (its
-        #: turn in the queue, or when the earliest lease ends); ``None`` otherwise.
-        self.retry_after: float | None = None
-        self._since = 0.0  # time.monotonic() of the acquisition, for the typical hold time
+    ) -> None:
+        self._executor = executor
+        kind = SemaphoreKind(keys, name, limit, queue=queue)
+        self._lease = Lease(kind, name, ttl, face=self, **options)
 
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f" limit={self.limit}>"
+    @property
+    def limit(self) -> int:
+        """How many holders it admits at once."""
+        return self._lease.kind.limit
 
-    def _record(self, result: Attempt) -> bool:
-        if isinstance(result, Slot):
-            self.retry_after = None if result.acquired else result.due
-            if result.acquired and not self._held:
-                self._since = time.monotonic()
-        return super()._record(result)
+    @property
+    def queue(self) -> bool:
+        """Whether callers turned away are queued (see :attr:`retry_after`)."""
+        return self._lease.kind.queue
 
-    def _acquire_flow(self, blocking: bool, timeout: float | None) -> Flow[Slot]:
-        return semaphores.acquire(
-            self._keys,
-            self.token,
-            self.limit,
-            self.ttl,
-            blocking=blocking,
-            timeout=timeout,
-            clock=time.monotonic,
-        )
-
-    def _parse_attempt(self, reply: Any) -> Slot:
-        return semaphores.parse_slot(reply)
-
-    def _release_op(self, token: str) -> Op[bool]:
-        if self.queue and self._held and token == self.token:
-            # How long it was held teaches the queue how soon slots come free.
-            return semaphores.release_held(self._keys, token, time.monotonic() - self._since)
-        return semaphores.release(self._key, token)
-
-    def _extend_op(self, ttl: float) -> Op[bool]:
-        return semaphores.extend(self._key, self.token, ttl)
-
-    def _renew_flow(self, since: float, stopped: Callable[[], bool]) -> Flow[str]:
-        return semaphores.renew(
-            self._key,
-            self.token,
-            self.ttl,
-            clock=time.monotonic,
-            until=self._renew_until,
-            since=since,
-            stopped=stopped,
-        )
-
-    def _cleanup_flow(self, token: str) -> Flow[bool]:
-        return semaphores.release_eventually(self._key, token, self.ttl, clock=time.monotonic)
+    @property
+    def retry_after(self) -> float | None:
+        """After an acquire was turned away: seconds until this caller should try again (its
+        turn in the queue, or when the earliest lease ends); ``None`` otherwise."""
+        return self._lease.kind.retry_after
 
 
-class Semaphore(_SemaphoreKind[Executor], _SyncLease):
+class Semaphore(_SyncDriver[SemaphoreKind], _SemaphoreFace[Executor]):
     """A distributed semaphore: at most ``limit`` holders at once, fleet-wide.
 
     ::
@@ -685,13 +493,13 @@ class Semaphore(_SemaphoreKind[Executor], _SyncLease):
 
     def holders(self) -> int:
         """How many live holders the semaphore has now."""
-        return self._executor.execute(semaphores.holders(self._key))
+        return self._executor.execute(self._lease.kind.holders())
 
 
-class AsyncSemaphore(_SemaphoreKind[AsyncExecutor], _AsyncLease):
+class AsyncSemaphore(_AsyncDriver[SemaphoreKind], _SemaphoreFace[AsyncExecutor]):
     """The asyncio twin of :class:`Semaphore`: same methods, awaited; leaving ``async with``
     frees the slot even when the task is being cancelled."""
 
     async def holders(self) -> int:
         """How many live holders the semaphore has now."""
-        return await self._executor.execute(semaphores.holders(self._key))
+        return await self._executor.execute(self._lease.kind.holders())

@@ -86,7 +86,7 @@ def acquire(
 
 
 def renew(
-    extend: Callable[[float, float], Eval],
+    extend: Callable[[float, float], Eval | Call],
     ttl: float,
     *,
     clock: Clock,

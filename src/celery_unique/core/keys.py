@@ -107,6 +107,11 @@ class KeySpace:
         running instance): the same hash slot as :meth:`lock`."""
         return f"{self.lock(name)}{RUNNING_SUFFIX}"
 
+    def probe(self) -> str:
+        """The key an executor's probes for owner-checked commands name: under the prefix,
+        where an ACL user may write, and never written (see :mod:`.native`)."""
+        return f"{self.prefix}probe"
+
     def semaphore(self, name: str) -> str:
         """The key of semaphore ``name``."""
         _check_name(name, "a semaphore name")

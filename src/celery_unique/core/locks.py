@@ -1,7 +1,9 @@
 """Lock decisions: acquire (once, or waiting with backoff), release, extend, owner, renewal.
 
 A held lock is one key whose value is ``<fence>:<token>`` (see ``lua/acquire.lua``). Each
-function returns an :class:`~.steps.Op` (one round trip) or a flow; none does I/O.
+function returns an :class:`~.steps.Op` (one round trip) or a flow; none does I/O. Given the
+holder's ``fence``, release and extend also carry the server's owner-checked commands as
+alternatives to their scripts (:mod:`.native`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import holding
+from . import holding, native
 from .results import Acquisition
 from .scripts import ACQUIRE, EXTEND, MOVE, RELEASE
 from .steps import Call, Clock, Eval, Flow, Op, decode, flag, to_ms
@@ -84,10 +86,18 @@ def acquire(
     )
 
 
-def release(key: str, token: str, owner_prefix: str | None = None) -> Op[bool]:
-    """Delete the lock if ``token`` owns it (or an owner starting with ``owner_prefix``)."""
-    args = (token,) if owner_prefix is None else (token, owner_prefix)
-    return Op(Eval(RELEASE, (key,), args), flag)
+def release(
+    key: str, token: str, owner_prefix: str | None = None, *, fence: int | None = None
+) -> Op[bool]:
+    """Delete the lock if ``token`` owns it (or an owner starting with ``owner_prefix``).
+
+    ``fence``: the one this holder's acquire answered, for the owner-checked delete where the
+    server has it (the answer is the script's either way).
+    """
+    if owner_prefix is not None:
+        return Op(Eval(RELEASE, (key,), (token, owner_prefix)), flag)
+    alternatives = () if fence is None else native.release(key, native.held_value(fence, token))
+    return Op(Eval(RELEASE, (key,), (token,), natives=alternatives), flag)
 
 
 def release_eventually(key: str, token: str, ttl: float, *, clock: Clock) -> Flow[bool]:
@@ -96,9 +106,23 @@ def release_eventually(key: str, token: str, ttl: float, *, clock: Clock) -> Flo
     return holding.release_eventually(release(key, token).step, ttl, clock=clock)
 
 
-def extend(key: str, token: str, ttl: float) -> Op[bool]:
-    """Set the lock's TTL to ``ttl`` from now if ``token`` owns it; ``True`` if it did."""
-    return Op(Eval(EXTEND, (key,), (token, to_ms(ttl))), flag)
+def _extend_step(
+    key: str, token: str, ttl_ms: int, fence: int | None, timeout: float | None = None
+) -> Eval:
+    alternatives = (
+        ()
+        if fence is None
+        else native.extend(key, native.held_value(fence, token), ttl_ms, timeout)
+    )
+    return Eval(EXTEND, (key,), (token, ttl_ms), timeout, alternatives)
+
+
+def extend(key: str, token: str, ttl: float, *, fence: int | None = None) -> Op[bool]:
+    """Set the lock's TTL to ``ttl`` from now if ``token`` owns it; ``True`` if it did.
+
+    ``fence``: as for :func:`release`.
+    """
+    return Op(_extend_step(key, token, to_ms(ttl), fence), flag)
 
 
 def owner(key: str) -> Op[str | None]:
@@ -120,10 +144,11 @@ def renew(
     until: float | None = None,
     since: float | None = None,
     stopped: Callable[[], bool] = lambda: False,
+    fence: int | None = None,
 ) -> Flow[str]:
-    """Keep a held lock alive; see :func:`.holding.renew`."""
+    """Keep a held lock alive; see :func:`.holding.renew` (``fence`` as for :func:`release`)."""
     return holding.renew(
-        lambda span, within: Eval(EXTEND, (key,), (token, to_ms(span)), within),
+        lambda span, within: _extend_step(key, token, to_ms(span), fence, within),
         ttl,
         clock=clock,
         until=until,

@@ -1,7 +1,9 @@
 """The vocabulary of the core: steps, one-round-trip operations and flows.
 
 An operation of one round trip is an :class:`Op`: the step to send (:class:`Eval` a script,
-:class:`Call` a read-only command) and the function that reads its reply. An operation of
+:class:`Call` a command) and the function that reads its reply. An ``Eval`` may carry
+:class:`Native` alternatives: the same decision as one built-in command, which an executor
+sends instead where the server has it (see :mod:`.native`). An operation of
 several is a *flow*: a generator that yields steps (and :class:`Sleep`), is sent the raw reply
 of each, and returns a result. The executors carry them out, one synchronously and one with
 ``await``; neither decides anything. An executor's error (``BackendError``) is thrown into the
@@ -27,6 +29,7 @@ __all__ = [
     "Clock",
     "Eval",
     "Flow",
+    "Native",
     "Op",
     "Sleep",
     "Step",
@@ -44,28 +47,47 @@ Clock = Callable[[], float]
 
 
 @dataclass(frozen=True, slots=True)
+class Call:
+    """Run one Redis command, e.g. ``("GET", key)``.
+
+    ``idempotent``: sending it twice has the effect and the answer of sending it once (true of
+    every read); ``timeout`` as for :class:`Eval`.
+    """
+
+    args: tuple[str | int, ...]
+    timeout: float | None = field(default=None, compare=False)
+    idempotent: bool = field(default=True, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Native:
+    """A script's decision as one built-in command, for servers that have it.
+
+    ``needs``: the capability the server must have (:mod:`.native` names them); ``call``: the
+    command; ``reply``: its reply as the script's reply, or ``None`` when it cannot tell
+    (the script is then sent and decides).
+    """
+
+    needs: str
+    call: Call
+    reply: Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Eval:
     """Run ``script`` with ``keys`` and ``args`` (EVALSHA; the executor handles NOSCRIPT).
 
     ``timeout``: the step must be answered within this many seconds (a caller's deadline),
     when that is sooner than the executor's own deadline; ``None`` for the executor's.
+    ``natives``: alternatives to the script, in order of preference; an executor may send the
+    first whose capability the server has (and the script where that cannot tell).
     """
 
     script: Script
     keys: tuple[str, ...]
     args: tuple[str | int, ...]
     timeout: float | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """Run one read-only Redis command, e.g. ``("GET", key)``."""
-
-    args: tuple[str | int, ...]
-    timeout: float | None = field(default=None, compare=False)
-
-    #: A read changes nothing, so sending it twice is harmless.
-    idempotent = True
+    natives: tuple[Native, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,13 @@ from typing import Any, TypeVar
 import anyio
 import redis.exceptions as rex
 
+from ..core.native import PROBE_KEY
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
 from ..errors import BackendError, BackendUnavailable
 from .batching import Batcher, Request
-from .connections import aclose_client, deadline_of
-from .errors import backend_error
-from .policy import EvictionCheck
+from .connections import aclose_client, deadline_of, direct_pool
+from .errors import backend_error, native_refusal
+from .policy import EvictionCheck, NativeCommands
 from .sender import BatchSender
 
 __all__ = ["AsyncRedisExecutor"]
@@ -36,18 +37,29 @@ class AsyncRedisExecutor:
 
     ``timeout``: seconds one operation may take, connecting and waiting for a pooled connection
     included (default: the client's ``socket_timeout``, else 2 s). ``read_streams=False``
-    reads every reply through redis-py's ``read_response`` (see :mod:`.sender`). Implements
+    reads every reply through redis-py's ``read_response`` (see :mod:`.sender`).
+    ``probe_key``: as for :class:`~.sync.RedisExecutor`. Implements
     :class:`~.protocol.AsyncExecutor`.
     """
 
     def __init__(
-        self, client: Any, *, timeout: float | None = None, read_streams: bool = True
+        self,
+        client: Any,
+        *,
+        timeout: float | None = None,
+        read_streams: bool = True,
+        probe_key: str = PROBE_KEY,
     ) -> None:
         self.client = client
         self.timeout = deadline_of(client, timeout)
         self._sender = BatchSender(client, self.timeout, read_streams=read_streams)
         self._batcher = Batcher(self._sender)
         self._eviction = EvictionCheck()
+        # Probes for owner-checked commands go along with the first command too, where the
+        # sender writes its own batches (a cluster client routes each command itself).
+        self._native = NativeCommands(
+            enabled=direct_pool(client) is not None, key=probe_key, refusal=native_refusal
+        )
         _live.add(self)
 
     def after_fork(self) -> None:
@@ -59,24 +71,63 @@ class AsyncRedisExecutor:
 
     async def execute(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
-        if self._eviction.pending:
-            return op.parse(await self._checked(op.step))
-        return op.parse(await self._batcher.one(op.step))
+        step = op.step
+        if self._eviction.pending or self._native.pending or self._native.pick(step):
+            return op.parse(await self._send_any(step))
+        return op.parse(await self._batcher.one(step))
 
-    def _with_policy_check(self, step: Eval | Call) -> Request:
-        # The first command takes the eviction policy check along in its own batch: no
-        # round trip of its own, no caller waits for it, and its answer is read by a callback.
-        if not self._eviction.claim():
+    async def _send_any(self, step: Eval | Call) -> Any:
+        """``step``'s reply, sent as the native command the policy picks where there is one."""
+        alternative = self._native.pick(step)
+        if alternative is not None:
+            try:
+                got: Any = await self._one(alternative.call)
+            except BackendError as exc:
+                got = exc
+            answer = self._native.settle(alternative, got)
+            if answer is not None:
+                return answer
+        return await self._one(step)
+
+    async def _one(self, step: Eval | Call) -> Any:
+        if self._eviction.pending or self._native.pending:
+            future = self._with_checks(step).future
+            assert future is not None
+            return await future
+        return await self._batcher.one(step)
+
+    def _with_checks(self, step: Eval | Call) -> Request:
+        # The first command takes the eviction policy check and the probes along in its own
+        # batch: no round trip of their own, no caller waits for them, and their answers are
+        # read by callbacks.
+        checking = self._eviction.claim()
+        probing = self._native.claim()
+        if not (checking or probing):
             return self._batcher.request(step)
-        check, request = self._batcher.request_all((EvictionCheck.step, step))
-        assert check.future is not None
-        check.future.add_done_callback(self._policy_read)
+        along = (
+            *(EvictionCheck.steps if checking else ()),
+            *(self._native.steps if probing else ()),
+        )
+        *checks, request = self._batcher.request_all((*along, step))
+        futures = [check.future for check in checks if check.future is not None]
+        if checking:
+            futures[0].add_done_callback(self._policy_read)
+        if probing:
+            # A batch's replies are handed out in order, so the probes' are all in once the
+            # last one is; read then, before the caller (whose reply comes after) goes on.
+            probes = futures[-len(self._native.steps) :]
+            probes[-1].add_done_callback(lambda _: self._probes_read(probes))
         return request
 
-    async def _checked(self, step: Eval | Call) -> Any:
-        future = self._with_policy_check(step).future
-        assert future is not None
-        return await future
+    def _probes_read(self, probes: list[asyncio.Future[Any]]) -> None:
+        if not all(probe.done() and not probe.cancelled() for probe in probes):
+            self._native.unanswered()
+            return
+        replies = [probe.exception() or probe.result() for probe in probes]
+        if any(isinstance(reply, BackendUnavailable) for reply in replies):
+            self._native.unanswered()  # not answered (or only "try again"): ask next time
+        else:
+            self._native.answered(replies)
 
     def _policy_read(self, check: asyncio.Future[Any]) -> None:
         if check.cancelled():
@@ -104,10 +155,8 @@ class AsyncRedisExecutor:
                 try:
                     if on_cancelled is not None:
                         reply = await self._seen_through(step, on_cancelled)
-                    elif self._eviction.pending:
-                        reply = await self._checked(step)
                     else:
-                        reply = await self._batcher.one(step)
+                        reply = await self._send_any(step)
                 except BackendError as exc:
                     step = flow.throw(exc)
                 else:
@@ -126,8 +175,8 @@ class AsyncRedisExecutor:
         # The caller awaits its reply's future itself (a shield would cost every caller a loop
         # turn and split the next batch); once cancelled, the batcher hands what the command
         # got to ``outcome``, if it was sent.
-        pending = self._eviction.pending
-        request = self._with_policy_check(step) if pending else self._batcher.request(step)
+        pending = self._eviction.pending or self._native.pending
+        request = self._with_checks(step) if pending else self._batcher.request(step)
         assert request.future is not None
         try:
             return await request.future

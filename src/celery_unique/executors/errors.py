@@ -14,6 +14,7 @@ import ssl
 
 import redis.exceptions as rex
 
+from ..core.native import missing
 from ..core.scripts import command_at
 from ..errors import BackendError, BackendUnavailable
 
@@ -22,6 +23,7 @@ __all__ = [
     "backend_error",
     "closed_under_us",
     "error_code",
+    "native_refusal",
     "refused_by_replica",
     "reply_error",
 ]
@@ -141,6 +143,16 @@ def refused_by_replica(exc: BaseException) -> bool:
     if isinstance(exc, rex.ConnectionError):
         return isinstance(exc.__context__, rex.ReadOnlyError)
     return isinstance(exc, rex.ResponseError) and error_code(exc) == "READONLY"
+
+
+def native_refusal(error: BaseException) -> bool | None:
+    """For the error a native command (:mod:`celery_unique.core.native`) got: ``None`` when
+    the server did not answer with an error (a connection failure, raised as it is), else
+    whether its error says the command is missing or not permitted."""
+    cause = error.__cause__
+    if not isinstance(cause, rex.ResponseError):
+        return None
+    return isinstance(cause, rex.NoPermissionError) or missing(f"{error_code(cause)} {cause}")
 
 
 def backend_error(

@@ -1,5 +1,6 @@
 """The send policy, stated once for both executors: how long one operation may take, when a
-command is sent again, and the one eviction check each executor makes.
+command is sent again, the one eviction check each executor makes, and which of the server's
+owner-checked commands it sends instead of a script.
 
 Both loops (:mod:`.sync` and :mod:`.sender`) drive these objects and only move bytes:
 
@@ -14,6 +15,9 @@ Both loops (:mod:`.sync` and :mod:`.sender`) drive these objects and only move b
   again on the same connection, within the same budget; not counted as the resend.
 * **The outcome is unknown** when a command was sent and no answer came, unless a replica
   refused it (then it did not run).
+* **Native commands** (:class:`NativeCommands`): a script step that carries an alternative the
+  server has is sent as that command; where its answer cannot tell (a "no"), or the server
+  answers it with an error, the script is sent and its answer (or error) is the caller's.
 
 Nothing here does I/O or imports redis-py; the clock is the caller's.
 """
@@ -22,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ..core import native
 from ..core.eviction import POLICY_CHECK, eviction_warning
+from ..core.steps import Call, Eval, Native
 
-__all__ = ["Budget", "EvictionCheck"]
+__all__ = ["Budget", "EvictionCheck", "FirstUse", "NativeCommands"]
 
 logger = logging.getLogger("celery_unique")
 
@@ -78,21 +84,19 @@ class Budget:
         return sent and not refused_by_replica
 
 
-class EvictionCheck:
-    """The server's eviction policy, read once per executor: the first command takes
-    ``CONFIG GET maxmemory-policy`` along (no round trip of its own), and an evicting policy
-    logs one warning. Unanswered, it is asked again at the next use; refused (an ACL without
-    CONFIG), never again."""
+class FirstUse:
+    """A question put to the server once per executor, along with its first command (no
+    round trip of its own); unanswered (the connection failed), it is asked again next time."""
 
-    #: The command to send along.
-    step = POLICY_CHECK.step
+    #: The commands to send along.
+    steps: tuple[Eval | Call, ...] = ()
 
-    def __init__(self) -> None:
-        self.pending = True
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.pending = enabled
         self._lock = threading.Lock()
 
     def claim(self) -> bool:
-        """Whether this caller sends the check now: the first one to ask, once."""
+        """Whether this caller sends the question now: the first one to ask, once."""
         if not self.pending:  # the common case, without the lock
             return False
         with self._lock:
@@ -100,8 +104,18 @@ class EvictionCheck:
             return claimed
 
     def unanswered(self) -> None:
-        """The check's reply was never read: ask again at the next use."""
+        """The replies were never read: ask again at the next use."""
         self.pending = True
+
+
+class EvictionCheck(FirstUse):
+    """The server's eviction policy, read once per executor: the first command takes
+    ``CONFIG GET maxmemory-policy`` along, and an evicting policy logs one warning. Refused
+    (an ACL without CONFIG), it is never asked again."""
+
+    #: The command to send along.
+    step = POLICY_CHECK.step
+    steps = (step,)
 
     def answered(self, reply: Any, *, unreachable: bool = False) -> None:
         """Read the check's ``reply``: a warning for an evicting policy. ``unreachable``: the
@@ -113,3 +127,54 @@ class EvictionCheck:
             policy = POLICY_CHECK.parse(reply)
             if policy is not None:
                 logger.warning(eviction_warning(policy))
+
+
+class NativeCommands(FirstUse):
+    """Which owner-checked commands the server has (:mod:`celery_unique.core.native`), found
+    once per executor by probes on ``key`` that the first command takes along; until they are
+    answered, and where they cannot be sent along (a cluster client routes each command
+    itself: ``enabled=False``), the scripts are used.
+
+    An executor sends a step as :meth:`pick` says, and hands what the native command got to
+    :meth:`settle`. ``refusal`` reads an error the command got: ``None`` when the server did
+    not answer (raised, as the script's would be), else whether the error says the command is
+    missing or not permitted (a failover to an older server, an ACL): that stops its use.
+    """
+
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        key: str = native.PROBE_KEY,
+        refusal: Callable[[BaseException], bool | None] = lambda error: None,
+    ) -> None:
+        super().__init__(enabled=enabled)
+        self.steps = native.probes(key)
+        self._refusal = refusal
+        #: The capabilities found (names from :mod:`celery_unique.core.native`).
+        self.found: frozenset[str] = frozenset()
+
+    def answered(self, replies: Sequence[Any]) -> None:
+        """Read the probes' replies (error replies as exceptions)."""
+        self.found = native.capabilities(replies)
+
+    def pick(self, step: Eval | Call) -> Native | None:
+        """The alternative to send instead of ``step``, or ``None`` for ``step`` itself."""
+        if not self.found or not isinstance(step, Eval):  # the common cases, first
+            return None
+        for alternative in step.natives:
+            if alternative.needs in self.found:
+                return alternative
+        return None
+
+    def settle(self, alternative: Native, got: Any) -> Any:
+        """The script's reply from what ``alternative`` ``got`` (its reply, or the error it
+        raised), or ``None``: send the script, whose answer or error is the caller's."""
+        if not isinstance(got, BaseException):
+            return alternative.reply(got)
+        missing = self._refusal(got)
+        if missing is None:
+            raise got
+        if missing:
+            self.found = self.found - {alternative.needs}
+        return None

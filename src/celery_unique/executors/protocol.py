@@ -12,6 +12,8 @@ that records steps is enough to test anything above the core. The contract:
   ``outcome_unknown`` set when the command had been sent;
 * a step is sent twice only where it cannot have run the first time, or running it twice is
   harmless (``Script.idempotent``); NOSCRIPT loads the script and sends the step again;
+* a script step that carries native alternatives may be sent as one of them, as
+  :class:`~.policy.NativeCommands` picks; the result and the errors are the script's;
 * errors are the library's (:mod:`celery_unique.errors`), chained from redis-py's.
 """
 

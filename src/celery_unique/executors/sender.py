@@ -8,11 +8,9 @@ the connection is dropped and every caller of the batch gets the error.
 
 Replies are read with redis-py's ``read_response``, one call each. Where the connection is a
 RESP2 one over asyncio streams, the whole batch's replies may instead be parsed from the
-stream's buffer in one go (``read_streams=True``, the default): at a few dozen concurrent
-callers redis-py's per-reply timeout and parser pass were most of the client's CPU time. That
-path reads redis-py's private stream attributes, so it is taken only when they are there and
-what they should be; anything else (RESP3, whose pushes redis-py must see, other transports,
-a redis-py that changed) falls back to ``read_response`` by itself.
+stream's buffer in one go (``read_streams=True``, the default): that fast path, the only one
+that reads redis-py's private attributes, is :mod:`.fastread`, and falls back to
+``read_response`` by itself.
 """
 
 from __future__ import annotations
@@ -27,11 +25,11 @@ import anyio
 import redis.exceptions as rex
 
 from ..core.steps import Call, Eval, is_idempotent
+from . import fastread
 from .batching import Request
 from .connections import checkout_async, decoder, direct_pool, packer
 from .errors import CLOSED_UNDER_US, backend_error, closed_under_us, refused_by_replica
 from .policy import Budget
-from .wire import INCOMPLETE, Reader
 
 __all__ = ["BatchSender"]
 
@@ -48,7 +46,6 @@ else:
 _BROKEN = (rex.ConnectionError, rex.TimeoutError, OSError)
 _BROKEN_OR_LATE = (*_BROKEN, TimeoutError)  # TimeoutError: our own deadline's
 _FAILED: tuple[type[Exception], ...] = (*_BROKEN_OR_LATE, *CLOSED_UNDER_US)
-_READ_SIZE = 65536  # bytes per read of a batch's replies
 _PRECEDENCE = 0.25  # seconds past its deadline a client's own timeout may take to fire
 _KEYLESS = frozenset({"CONFIG", "TIME", "PING"})  # commands a cluster may send to any node
 _INHERITED: list[object] = []  # in a forked child: the parent's connections, never to be freed
@@ -169,36 +166,11 @@ class BatchSender:
 
     async def _read(self, connection: Any, count: int) -> list[Any]:
         """``count`` replies, error replies in place as redis-py exceptions."""
-        stream = self.stream_of(connection)
-        if stream is not None:
-            return await self._read_stream(connection, stream, count)
+        if self.read_streams:
+            answers = await fastread.read_batch(connection, count, self._decode)
+            if answers is not None:
+                return answers
         return [await _reply_or_error(connection) for _ in range(count)]
-
-    def stream_of(self, connection: Any) -> asyncio.StreamReader | None:
-        """The connection's stream, when the batch's replies can be parsed straight off it."""
-        if not self.read_streams or str(getattr(connection, "protocol", 2)) != "2":
-            return None
-        reader = getattr(connection, "_reader", None)  # redis-py's own, checked before use
-        return reader if isinstance(reader, asyncio.StreamReader) else None
-
-    async def _read_stream(
-        self, connection: Any, stream: asyncio.StreamReader, count: int
-    ) -> list[Any]:
-        parser = Reader(self._decode)
-        answers: list[Any] = []
-        while len(answers) < count:
-            data = await stream.read(_READ_SIZE)
-            if not data:
-                raise rex.ConnectionError("Connection closed by server.")
-            parser.feed(data)
-            while (answer := parser.get()) is not INCOMPLETE:
-                answers.append(answer)
-        if len(answers) != count:
-            raise rex.InvalidResponse(f"{len(answers)} replies to {count} commands")
-        interval = getattr(connection, "health_check_interval", 0)
-        if interval:  # what read_response does: a connection just heard from needs no PING
-            connection.next_health_check = asyncio.get_running_loop().time() + interval
-        return answers
 
     async def _through_client(self, steps: list[Eval | Call], budget: float) -> list[Any]:
         # A cluster routes each key to its node; a single-connection client owns its one.

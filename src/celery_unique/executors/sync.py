@@ -8,7 +8,8 @@ generic command machinery, not the round trip, so this is what makes a lock call
 Every operation follows the send policy of :mod:`.policy`: one budget (the client's
 ``socket_timeout``, or a sooner deadline a step asks for) covers taking a connection
 (connecting and the handshake included), the write, the read, a NOSCRIPT reload and the one
-resend.
+resend. A lock's release and extend go as the server's owner-checked commands where it has
+them (found by probes the first command takes along), with the scripts as the fallback.
 """
 
 from __future__ import annotations
@@ -22,11 +23,18 @@ from typing import Any, TypeVar
 
 import redis.exceptions as rex
 
+from ..core.native import PROBE_KEY
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step, is_idempotent
 from ..errors import BackendError
 from .connections import checkout, close_client, deadline_of, direct_pool, packer
-from .errors import CLOSED_UNDER_US, backend_error, closed_under_us, refused_by_replica
-from .policy import Budget, EvictionCheck
+from .errors import (
+    CLOSED_UNDER_US,
+    backend_error,
+    closed_under_us,
+    native_refusal,
+    refused_by_replica,
+)
+from .policy import Budget, EvictionCheck, NativeCommands
 
 __all__ = ["RedisExecutor"]
 
@@ -47,22 +55,32 @@ class RedisExecutor:
     """Carries out the core's operations and flows on a sync redis-py client.
 
     ``timeout``: seconds one operation may take, connecting included (default: the client's
-    ``socket_timeout``, else 2 s). Implements :class:`~.protocol.Executor`.
+    ``socket_timeout``, else 2 s). ``probe_key``: the key the probes for owner-checked
+    commands name (never written; a backend gives one under its prefix). Implements
+    :class:`~.protocol.Executor`.
     """
 
-    def __init__(self, client: Any, *, timeout: float | None = None) -> None:
+    def __init__(
+        self, client: Any, *, timeout: float | None = None, probe_key: str = PROBE_KEY
+    ) -> None:
         self.client = client
         self.timeout = deadline_of(client, timeout)
         # The first command takes the eviction check along in its own write (a cluster's
         # asks after it), once.
         self._eviction = EvictionCheck()
         self._pool = direct_pool(client)
+        # So do the probes for owner-checked commands, where this executor writes its own
+        # commands (a cluster client's routing would split them from it).
+        self._native = NativeCommands(
+            enabled=self._pool is not None, key=probe_key, refusal=native_refusal
+        )
         # Threads that take connections from the pool for callers (see _checkout).
         self._connect_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._connect_pid = 0
         if self._pool is not None:
             self._packer = packer(self._pool)
             self._policy_query = self._packer.command(EvictionCheck.step.args)
+            self._probe_queries = [self._pack(c) for c in self._native.steps]
             kwargs = self._pool.connection_kwargs
             socket_timeout = kwargs.get("socket_timeout")
             # Connections whose own socket timeout is at most the deadline need no extra
@@ -78,7 +96,7 @@ class RedisExecutor:
 
     def execute(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
-        return op.parse(self._send(op.step))
+        return op.parse(self._send_any(op.step))
 
     def run(self, flow: Flow[T], *, sleep: Callable[[float], object] = time.sleep) -> T:
         """Carry out ``flow``; errors of a step are thrown into it, where it may handle them.
@@ -94,7 +112,7 @@ class RedisExecutor:
                     step = flow.send(None)
                     continue
                 try:
-                    reply = self._send(step)
+                    reply = self._send_any(step)
                 except BackendError as exc:
                     step = flow.throw(exc)
                 else:
@@ -210,6 +228,19 @@ class RedisExecutor:
         """Log the eviction warning if ``reply`` (or the error it was) says so."""
         self._eviction.answered(reply, unreachable=isinstance(reply, _BROKEN))
 
+    def _send_any(self, step: Eval | Call) -> Any:
+        """``step``'s reply, sent as the native command the policy picks where there is one."""
+        alternative = self._native.pick(step)
+        if alternative is not None:
+            try:
+                got: Any = self._send(alternative.call)
+            except BackendError as exc:
+                got = exc
+            answer = self._native.settle(alternative, got)
+            if answer is not None:
+                return answer
+        return self._send(step)
+
     def _send(self, step: Eval | Call) -> Any:
         if self._pool is None:
             return self._through_client(step)
@@ -232,15 +263,26 @@ class RedisExecutor:
                     rex.TimeoutError("no pooled connection in time"), waited=budget.waited(clock())
                 )
             checking = self._eviction.claim()
+            probing = self._native.claim()
             try:
-                if checking:
-                    connection.send_packed_command((self._policy_query, data))
+                if checking or probing:
+                    along = [self._policy_query] if checking else []
+                    along += self._probe_queries if probing else []
+                    connection.send_packed_command((*along, data))
                 else:
                     connection.send_packed_command((data,))
                 sent = True
                 if checking:
                     self._policy_read(self._reply_or_error(connection, budget.deadline))
                     checking = False
+                if probing:
+                    self._native.answered(
+                        [
+                            self._reply_or_error(connection, budget.deadline)
+                            for _ in self._probe_queries
+                        ]
+                    )
+                    probing = False
                 try:
                     reply = self._read(connection, budget.deadline)
                 except rex.NoScriptError:
@@ -256,6 +298,8 @@ class RedisExecutor:
                 self._pool.release(connection)
                 if checking:
                     self._eviction.unanswered()  # its reply was never read: ask again later
+                if probing:
+                    self._native.unanswered()
                 lost = isinstance(broken, rex.ConnectionError)
                 if budget.resend(
                     clock(), sent=sent, connection_lost=lost, idempotent=is_idempotent(step)
@@ -269,6 +313,8 @@ class RedisExecutor:
             except BaseException:
                 if checking:
                     self._eviction.unanswered()
+                if probing:
+                    self._native.unanswered()
                 # Interrupted mid-exchange (KeyboardInterrupt, a signal's exception): the
                 # stream is in an unknown state, so the connection is not reused.
                 connection.disconnect()
