@@ -6,7 +6,8 @@
 --                                    fence kept) or taken over from the predecessor
 --         {0, owner, pttl_ms}        held by another token (pttl_ms is -1 for a key with no TTL)
 --
--- The fence is max(last fence + 1, Redis time in microseconds). Seeding from the clock keeps
+-- The fence is the last fence + 1 when the lock passes from its predecessor (held all along:
+-- no fence was lost), else Redis time in microseconds (or more). Seeding from the clock keeps
 -- it strictly increasing after the lock expired and its last fence went with it, so the fence
 -- needs no key of its own and an idle name costs no memory.
 local token = ARGV[1]
@@ -25,8 +26,11 @@ if value then
   end
 end
 
-local now = redis.call('TIME')
-local fence = math.max(last + 1, tonumber(now[1]) * 1000000 + tonumber(now[2]))
+local fence = last + 1
+if not value then  -- the one case that needs the clock (a command less on a hand-over)
+  local now = redis.call('TIME')
+  fence = math.max(fence, tonumber(now[1]) * 1000000 + tonumber(now[2]))
+end
 -- '%.0f' keeps all 16 digits; tostring() would switch to exponent notation.
 redis.call('SET', KEYS[1], string.format('%.0f', fence) .. ':' .. token, 'PX', ARGV[2])
 return {1, token, tonumber(ARGV[2]), fence}

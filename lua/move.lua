@@ -22,8 +22,11 @@ if value then
     return {1, ARGV[2], tonumber(ARGV[3]), last}
   end
 end
-local now = redis.call('TIME')
-local fence = math.max(last + 1, tonumber(now[1]) * 1000000 + tonumber(now[2]))
+local fence = last + 1
+if not value then  -- held all along by the instance's own token: its fence goes on from there
+  local now = redis.call('TIME')
+  fence = math.max(fence, tonumber(now[1]) * 1000000 + tonumber(now[2]))
+end
 redis.call('SET', KEYS[2], string.format('%.0f', fence) .. ':' .. ARGV[2], 'PX', ARGV[3])
 local queued = redis.call('GET', KEYS[1])
 if queued and string.sub(queued, string.find(queued, ':', 1, true) + 1) == ARGV[1] then

@@ -7,6 +7,7 @@ Tasks record what really ran in Redis (``runs:<tag>``, and the most that ran at 
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -472,3 +473,32 @@ def settled(tag: str) -> int:
 def deferred(tag: str) -> int:
     """How many deliveries of ``redelivered(tag)`` were deferred."""
     return int(store().get(f"deferred:{tag}") or 0)
+
+
+# -- canvas ---------------------------------------------------------------------------------------
+
+
+@app.task(name="t.collect")
+def collect(results: list[Any]) -> list[Any]:
+    """A chord body: what the header gave it."""
+    return results
+
+
+@app.task(name="t.called_back")
+def called_back(result: Any, tag: str) -> None:
+    """A link callback: counts its calls and keeps what it was given."""
+    store().rpush(f"called:{tag}", json.dumps(result))
+    store().expire(f"called:{tag}", 600)
+
+
+def calls(tag: str) -> list[Any]:
+    """What ``called_back(..., tag)`` was called with, in order."""
+    return [json.loads(item) for item in store().lrange(f"called:{tag}", 0, -1)]
+
+
+@app.task(base=UniqueTask, name="t.by_name_slow", unique_on=[])
+def by_name_slow(*results: Any, tag: str = "", seconds: float = 0.5) -> str:
+    """One instance at a time, whatever its arguments (so a chord's body can be a duplicate)."""
+    with Run(tag):
+        time.sleep(seconds)
+    return tag

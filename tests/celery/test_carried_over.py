@@ -5,13 +5,17 @@ checks; unique_backend_options win over them. Django's CELERY_ namespace works t
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import ssl
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 
 from celery_unique import RateLimit, RateLimitedTask, RedisBackend, UniqueTask
 from celery_unique.celery.settings import async_backend_for, backend_for, backends
@@ -199,25 +203,58 @@ def test_every_unique_setting_is_read_in_djangos_namespace(
 # -- settings as Celery resolves them ---------------------------------------------------------
 
 
+ENV_APP = """
+from celery import Celery
+
+from celery_unique import UniqueTask
+
+app = Celery("envapp")  # nothing configured: CELERY_BROKER_URL comes from the environment
+
+
+@app.task(base=UniqueTask, name="envapp.double")
+def double(x):
+    return x * 2
+"""
+
+
 def test_a_broker_given_in_the_environment_is_the_lock_store(
-    make_app: MakeApp, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    make_app: MakeApp, redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Docker and twelve-factor apps: CELERY_BROKER_URL, nothing in the app's settings."""
+    """Docker and twelve-factor apps: CELERY_BROKER_URL, nothing in the app's settings; the
+    producer here, a worker configured the same way in a process of its own."""
     monkeypatch.setenv("CELERY_BROKER_URL", redis_url)
-    app = make_app(result_backend=None)
+    queue = f"env-{uuid.uuid4().hex}"
+    app = make_app(result_backend=None, task_default_queue=queue)
     assert app.conf.get("broker_url") is None  # the raw settings do not have it
 
-    @app.task(base=UniqueTask, shared=False, name=f"env-{uuid.uuid4().hex[:6]}")
-    def job(x: int) -> int:
+    @app.task(base=UniqueTask, shared=False, name="envapp.double")
+    def double(x: int) -> int:
         return x * 2
 
     backend = backend_for(app)
     works(backend)
-    first = job.delay(21)
-    assert job.delay(21).id == first.id  # a duplicate, answered from that lock store
-    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30):
-        wait_until(lambda: backend.owner(job.unique_key((21,), {})) is None)  # ran, freed
-    assert job.delay(21).id != first.id  # freed on success: a new instance
+    first = double.delay(21)
+    assert double.delay(21).id == first.id  # a duplicate, answered from that lock store
+    key = double.unique_key((21,), {})
+    assert backend.owner(key) == first.id
+    (tmp_path / "envapp.py").write_text(ENV_APP)
+    command = [sys.executable, "-m", "celery", "-A", "envapp", "worker", "--pool=solo"]
+    command += ["-Q", queue, "--without-gossip", "--without-mingle", "-l", "warning"]
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    worker = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": path},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: backend.owner(key) is None, timeout=60)  # it ran, and freed it
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)
+    assert double.delay(21).id != first.id  # freed on success: a new instance
 
 
 def test_the_first_url_of_a_broker_failover_list_is_the_lock_store(

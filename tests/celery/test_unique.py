@@ -380,16 +380,3 @@ def test_signatures_chains_and_explicit_ids_all_take_the_lock(tag: str) -> None:
     chained.get(timeout=10)
     assert t.runs(tag) == 1
     assert t.runs(other) == 2
-
-
-def test_a_duplicate_group_member_publishes_nothing(tag: str) -> None:
-    from celery import group
-
-    with publishes("t.slow", tag) as sent:
-        grouped = group(t.slow.s(tag, 0.3), t.slow.s(tag, 0.3)).apply_async()
-    grouped.results[0].get(timeout=10)
-    assert sent == [grouped.results[0].id]  # one message, which has run: nothing else will
-    assert t.runs(tag) == 1
-    # Celery builds a GroupResult from ids it chose before publishing, so the duplicate
-    # member's entry names a task that was never sent (documented limitation).
-    assert grouped.results[1].state == "PENDING"

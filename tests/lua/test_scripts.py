@@ -167,3 +167,15 @@ def test_move_takes_the_running_lock_and_frees_the_queued_one(r: redis.Redis, pr
     retried = r.eval(MOVE.source, 2, queued, running, "task-1", "task-1\x1fr2", 5000)
     assert retried[0] == 1 and retried[3] > moved[3]
     assert owner(r, queued) == "task-2"  # never another instance's queued lock
+
+
+def test_a_hand_over_reads_no_clock(r: redis.Redis, key: str) -> None:
+    """The fence goes on from the predecessor's: one command (TIME) less on a worker's start."""
+
+    def clock_reads() -> int:
+        return int(r.info("commandstats").get("cmdstat_time", {}).get("calls", 0))
+
+    first = run(r, ACQUIRE, key, "a", 5000)[3]
+    before = clock_reads()
+    assert run(r, ACQUIRE, key, "b", 5000, "a") == [1, "b", 5000, first + 1]
+    assert clock_reads() == before

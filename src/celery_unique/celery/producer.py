@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from ..core.plans import plain, through
 from ..errors import BackendError
 from . import publishers, runs
 from .base import delay_of
+from .follow import FOLLOW_TASK, follows
 from .plans import Held, perform, quietly
 
 if TYPE_CHECKING:
@@ -99,7 +101,7 @@ def apply(task: UniqueTask, call: Call, publisher: Publisher) -> AsyncResult:
     answered = answer(task, call, outcome)
     if answered is not None:
         return answered
-    assert isinstance(outcome, lc.Publish)
+    assert isinstance(outcome, lc.Publish | lc.Duplicate)
     return publish(task, call, outcome, publisher)
 
 
@@ -112,7 +114,7 @@ async def aapply(
     answered = answer(task, call, outcome)
     if answered is not None:
         return answered
-    assert isinstance(outcome, lc.Publish)
+    assert isinstance(outcome, lc.Publish | lc.Duplicate)
     # Not cancelled once under way: the message goes out or not, and the key follows it
     # (freed if publishing fails); a cancellation lands once it has.
     return await publishers.run_in_publisher(lambda: publish(task, call, outcome, publisher))
@@ -142,7 +144,8 @@ async def _adecide(backend: AsyncRedisBackend, call: Call) -> lc.Outcome:
 
 def answer(task: UniqueTask, call: Call, outcome: lc.Outcome) -> AsyncResult | None:
     """What a call that is not to be published gets: the duplicate's holder's result (or
-    ``DuplicateTaskError``), or Redis' error; ``None`` when it is to be published."""
+    ``DuplicateTaskError``), or Redis' error; ``None`` when it is to be published (a new
+    instance, or a duplicate's follower: see :mod:`.follow`)."""
     if isinstance(outcome, lc.Publish | lc.Fail) and outcome.free_later:
         # A take Redis never answered may hold the key for its whole TTL.
         config = task.unique_config
@@ -160,13 +163,27 @@ def answer(task: UniqueTask, call: Call, outcome: lc.Outcome) -> AsyncResult | N
         return None
     logger.info("%s[%s] is a duplicate of %s", task.name, call.task_id, outcome.holder)
     signals.task_duplicate.send(sender=task, task_id=outcome.holder, ttl=outcome.ttl)
-    if call.held.instance.policy.on_duplicate == "raise":
+    policy = call.held.instance.policy
+    if policy.on_duplicate == "raise":
         raise task.duplicate_error(outcome.holder, outcome.ttl)
+    if follows(call.options):
+        return None  # in a group or chord, or with callbacks: it publishes a follower
     return task.AsyncResult(outcome.holder)
 
 
-def publish(task: UniqueTask, call: Call, outcome: lc.Publish, publisher: Publisher) -> AsyncResult:
-    """Publish the call's message (the key is taken); free the key if that fails."""
+def publish(
+    task: UniqueTask, call: Call, outcome: lc.Publish | lc.Duplicate, publisher: Publisher
+) -> AsyncResult:
+    """Publish the call's message (the key is taken; free it if that fails), or a duplicate's
+    follower under the call's own id."""
+    if isinstance(outcome, lc.Duplicate):
+        policy = call.held.instance.policy
+        follower = task.app.tasks[FOLLOW_TASK]
+        until = time.time() + policy.ttl + policy.lease
+        result: AsyncResult = follower.apply_async(
+            (outcome.holder, until), task_id=call.task_id, headers=call.headers, **call.options
+        )
+        return result
     instance = call.held.instance
     state = instance.state if instance.state is lc.KeyState.HANDED_BACK else lc.KeyState.QUEUED
     headers = {**call.headers, KEY_HEADER: call.held.key, STATE_HEADER: state.value}

@@ -21,6 +21,7 @@ from ..backends import AsyncRedisBackend, RedisBackend
 from ..core import lifecycle as lc
 from ..core.arguments import ArgumentKey, UniqueOn
 from ..errors import ConfigurationError, DuplicateTaskError
+from . import follow as _follow  # noqa: F401  (registers the follower task on every app)
 from . import producer as _producer
 from . import publishers, runs
 from .admin import clear_locks

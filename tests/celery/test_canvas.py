@@ -1,0 +1,64 @@
+"""Unique tasks inside canvases, through a real worker: a duplicate member of a group or a
+chord follows its holder under its own id, so nothing waits for ever and no callback is lost,
+while the work still runs once."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from celery import chord, group
+
+from tests.celery import app as t
+from tests.celery.observe import publishes
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+@pytest.fixture
+def tag() -> str:
+    return uuid.uuid4().hex
+
+
+def test_a_duplicate_group_member_yields_the_holders_result_under_its_own_id(tag: str) -> None:
+    with publishes("t.slow", tag) as sent:
+        grouped = group(t.slow.s(tag, 0.3), t.slow.s(tag, 0.3)).apply_async()
+    assert grouped.get(timeout=30) == [tag, tag]
+    assert sent == [grouped.results[0].id]  # the work was published once...
+    assert t.runs(tag) == 1  # ...and ran once
+    assert grouped.results[1].id != grouped.results[0].id
+
+
+def test_a_chord_whose_header_holds_duplicates_completes(tag: str) -> None:
+    other = uuid.uuid4().hex
+    header = [t.slow.s(tag, 0.3), t.slow.s(tag, 0.3), t.slow.s(other, 0.0), t.slow.s(tag, 0.3)]
+    result = chord(header)(t.collect.s())
+    assert result.get(timeout=30) == [tag, tag, other, tag]
+    assert (t.runs(tag), t.runs(other)) == (1, 1)
+
+
+def test_a_duplicate_chord_body_follows_the_running_holder(tag: str) -> None:
+    holder = t.by_name_slow.apply_async(kwargs={"tag": tag, "seconds": 1.0})
+    wait_until(lambda: t.runs(tag) == 1)  # running: the body will be its duplicate
+    other = uuid.uuid4().hex
+    result = chord([t.slow.s(other, 0.0)])(t.by_name_slow.s(tag=tag))
+    assert result.get(timeout=30) == tag  # the holder's result, under the chord's own id
+    assert result.id != holder.id
+    assert t.runs(tag) == 1
+
+
+def test_a_duplicates_callbacks_run_once_on_the_holders_outcome(tag: str) -> None:
+    holder = t.slow.apply_async((tag, 0.5))
+    duplicate = t.slow.apply_async((tag, 0.5), link=t.called_back.s(tag))
+    assert duplicate.id != holder.id  # a follower of its own, carrying the callback
+    assert duplicate.get(timeout=30) == holder.get(timeout=30) == tag
+    wait_until(lambda: t.calls(tag) == [tag])
+    assert t.runs(tag) == 1
+
+
+def test_a_plain_duplicate_still_gets_the_holders_result_and_publishes_nothing(tag: str) -> None:
+    holder = t.slow.apply_async((tag, 0.3))
+    with publishes("celery_unique.follow", holder.id) as followers:
+        assert t.slow.apply_async((tag, 0.3)).id == holder.id
+    assert followers == []
