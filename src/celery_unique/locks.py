@@ -20,6 +20,7 @@ import anyio
 from .core.keys import KeySpace
 from .core.results import Acquisition
 from .core.steps import Flow
+from .deferred import call_at
 from .errors import LockNotOwnedError
 from .executors.protocol import AsyncExecutor, Executor
 from .leases import Freeing, Kind, Lease, LockKind, Renewal, SemaphoreKind
@@ -36,6 +37,8 @@ K = TypeVar("K", bound=Kind)
 # Background tasks of the asyncio flavour (clean-ups, renewals), kept referenced until they
 # are done: the event loop itself keeps only weak references to tasks.
 _BACKGROUND: set[asyncio.Task[Any]] = set()
+# Seconds before its first extend is due that a renewal thread is started (it sleeps the rest).
+_START_AHEAD = 0.05
 
 
 def _in_background(coro: Any) -> asyncio.Task[Any]:
@@ -216,8 +219,16 @@ class _SyncDriver(_Face[Executor, K]):
                 return
             lease.renewal_ended(renewal, reason)
 
-        name = f"celery-unique renew {lease.name}"
-        threading.Thread(target=run, name=name, daemon=True).start()
+        def start() -> None:
+            if not stop.is_set():
+                name = f"celery-unique renew {lease.name}"
+                threading.Thread(target=run, name=name, daemon=True).start()
+
+        # The first extend is due a third of the TTL after the acquire's send; most holds (a
+        # short task's run) end before that, and so never start a thread (as costly as a
+        # round trip). A release before then only cancels the timer's entry.
+        due = sent + lease.ttl / 3 - min(lease.ttl / 30, _START_AHEAD)
+        renewal.interrupt = call_at(due, start).cancel
 
 
 class _AsyncDriver(_Face[AsyncExecutor, K]):
