@@ -187,6 +187,17 @@ def short_lease(tag: str, seconds: float = 60) -> None:
         time.sleep(seconds)
 
 
+@app.task(base=UniqueTask, name="t.pooled", unique_on=["tag"], unique_lease=2)
+def pooled(tag: str, seconds: float = 5.0) -> str:
+    """For the pool tests (solo, threads, gevent, eventlet): runs ``seconds``, longer than
+    its 2 s lease, so only renewal keeps its key; ``seconds`` is not part of the key. Returns
+    the module of the ``time.sleep`` it ran with: gevent's or eventlet's once the pool has
+    monkey-patched the worker, the standard one otherwise."""
+    with Run(tag):
+        time.sleep(seconds)
+    return str(time.sleep.__module__)
+
+
 @app.task(base=UniqueTask, name="t.gated", unique_lease=2)
 def gated(tag: str) -> None:
     """Runs until the test calls ``open_gate(tag)`` (60 s at most): still running, however
