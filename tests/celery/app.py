@@ -198,6 +198,16 @@ def pooled(tag: str, seconds: float = 5.0) -> str:
     return str(time.sleep.__module__)
 
 
+@app.task(base=UniqueTask, name="t.hogs", unique_lease=1)
+def hogs(tag: str, seconds: float = 3.0) -> None:
+    """Holds the CPU for ``seconds`` without yielding (no I/O, no sleep): under gevent or
+    eventlet nothing else in the worker runs meanwhile, renewal included."""
+    with Run(tag):
+        ends = time.perf_counter() + seconds
+        while time.perf_counter() < ends:
+            pass
+
+
 @app.task(base=UniqueTask, name="t.gated", unique_lease=2)
 def gated(tag: str) -> None:
     """Runs until the test calls ``open_gate(tag)`` (60 s at most): still running, however

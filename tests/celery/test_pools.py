@@ -4,9 +4,11 @@ and eventlet (subprocess workers, ``celery worker --pool=...``).
 On each, a run longer than its lease keeps its key by renewal alone (renewal is a thread per
 run; under gevent and eventlet, whose monkey-patching makes threads green, a greenlet),
 duplicates applied meanwhile return the running holder, the key is freed at the end, and a
-new instance runs after. The four workers start together and their runs go on at once (a
-gevent or eventlet worker alone takes about 5 s to stop: Celery's own warm shutdown); each
-pool's test then checks what was seen on it. ``nox -s pools`` runs this module alone.
+new instance runs after. On gevent and eventlet, a body that never yields outlasts its lease
+(the limit docs/deployment.md states). The four workers start together and their runs go on
+at once (a gevent or eventlet worker alone takes about 5 s to stop: Celery's own warm
+shutdown); each pool's test then checks what was seen on it. ``nox -s pools`` runs this
+module alone.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Seen:
     second_returned: str = ""
     runs: int = 0
     peak: int = 0
+    hog_holders: set[str | None] = field(default_factory=set)  # t.hogs's key while it ran
 
 
 def exercise(client: redis.Redis, queue: str) -> Seen:
@@ -110,6 +113,30 @@ def exercise(client: redis.Redis, queue: str) -> Seen:
     return seen
 
 
+def holders_while_running(client: redis.Redis, tag: str, key: str) -> set[str | None]:
+    """Who held ``key`` at each look while the run of ``tag`` went on (``None``: nobody)."""
+    holders: set[str | None] = set()
+    wait_until(lambda: t.runs(tag) == 1)
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "the run never ended"
+        owner = client.get(key)  # first, as in exercise()
+        if int(client.get(f"running:{tag}") or 0) == 0:
+            return holders
+        holders.add(parse_owner(owner))
+        time.sleep(0.05)  # a polling interval, not a wait for the event
+
+
+def hog(client: redis.Redis, queue: str) -> set[str | None]:
+    """Who held ``t.hogs``'s key while its body held the CPU for 3 s, on a 1 s lease."""
+    tag = uuid.uuid4().hex
+    key = lock_key("cut:", t.hogs.unique_key((tag,)))
+    result = t.hogs.apply_async((tag,), queue=queue)
+    holders = holders_while_running(client, tag, key)
+    result.get(timeout=30)
+    return holders
+
+
 Worker = AbstractContextManager[tuple[Popen[bytes], str]]
 
 
@@ -125,9 +152,12 @@ def seen_on(redis_url: str, celery_app: Any) -> Iterator[dict[str, Future[Seen] 
         _, queue = worker.__enter__()
         return worker, queue
 
-    def look(queue: str) -> Seen:
+    def look(pool: str, queue: str) -> Seen:
         with redis.Redis.from_url(redis_url) as client:
-            return exercise(client, queue)
+            seen = exercise(client, queue)
+            if SLEEP_OF[pool] != "time":  # green pools: a body that never yields
+                seen.hog_holders = hog(client, queue)
+            return seen
 
     with ThreadPoolExecutor(max_workers=len(pools)) as threads:
         starting = {pool: threads.submit(start, pool) for pool in pools}
@@ -136,7 +166,7 @@ def seen_on(redis_url: str, celery_app: Any) -> Iterator[dict[str, Future[Seen] 
                 started[pool] = future.result()
             results: dict[str, Future[Seen] | str] = dict(skipped)
             for pool, (_, queue) in started.items():
-                results[pool] = threads.submit(look, queue)
+                results[pool] = threads.submit(look, pool, queue)
             for outcome in results.values():
                 if isinstance(outcome, Future):
                     outcome.exception()  # every run over before any worker stops
@@ -174,3 +204,16 @@ def test_a_unique_task_keeps_its_key_by_renewal_and_frees_it_on_each_pool(
     assert seen.second != seen.first
     assert seen.second_returned == SLEEP_OF[pool]
     assert (seen.runs, seen.peak) == (2, 1)
+
+
+@pytest.mark.parametrize("pool", [pool for pool, sleep in SLEEP_OF.items() if sleep != "time"])
+def test_on_a_green_pool_a_body_that_never_yields_loses_its_key(
+    pool: str, seen_on: dict[str, Future[Seen] | str]
+) -> None:
+    """The limit docs/deployment.md states: renewal is a greenlet there, and runs only when
+    the body yields; 3 s of CPU on a 1 s lease outlast the key."""
+    outcome = seen_on[pool]
+    if isinstance(outcome, str):
+        pytest.skip(outcome)
+    holders = outcome.result().hog_holders
+    assert None in holders, holders  # expired while the body ran
