@@ -188,13 +188,17 @@ def short_lease(tag: str, seconds: float = 60) -> None:
 
 
 @app.task(base=UniqueTask, name="t.pooled", unique_on=["tag"], unique_lease=2)
-def pooled(tag: str, seconds: float = 5.0) -> str:
-    """For the pool tests (solo, threads, gevent, eventlet): runs ``seconds``, longer than
-    its 2 s lease, so only renewal keeps its key; ``seconds`` is not part of the key. Returns
-    the module of the ``time.sleep`` it ran with: gevent's or eventlet's once the pool has
+def pooled(tag: str, hold: bool = False) -> str:
+    """For the pool tests (solo, threads, gevent, eventlet): with ``hold``, runs until the
+    test calls ``let_go(tag)`` (60 s at most), looking every 50 ms, so the test keeps it
+    running longer than its 2 s lease (only renewal keeps its key then) and knows every call
+    it makes meanwhile came during the run; ``hold`` is not part of the key. Returns the
+    module of the ``time.sleep`` it ran with: gevent's or eventlet's once the pool has
     monkey-patched the worker, the standard one otherwise."""
     with Run(tag):
-        time.sleep(seconds)
+        ends = time.monotonic() + 60
+        while hold and not store().exists(f"go:{tag}") and time.monotonic() < ends:
+            time.sleep(0.05)
     return str(time.sleep.__module__)
 
 
