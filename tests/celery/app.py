@@ -188,6 +188,31 @@ def short_lease(tag: str, seconds: float = 60) -> None:
         time.sleep(seconds)
 
 
+@app.task(base=UniqueTask, name="t.pooled", unique_on=["tag"], unique_lease=2)
+def pooled(tag: str, hold: bool = False) -> str:
+    """For the pool tests (solo, threads, gevent, eventlet): with ``hold``, runs until the
+    test calls ``let_go(tag)`` (60 s at most), looking every 50 ms, so the test keeps it
+    running longer than its 2 s lease (only renewal keeps its key then) and knows every call
+    it makes meanwhile came during the run; ``hold`` is not part of the key. Returns the
+    module of the ``time.sleep`` it ran with: gevent's or eventlet's once the pool has
+    monkey-patched the worker, the standard one otherwise."""
+    with Run(tag):
+        ends = time.monotonic() + 60
+        while hold and not store().exists(f"go:{tag}") and time.monotonic() < ends:
+            time.sleep(0.05)
+    return str(time.sleep.__module__)
+
+
+@app.task(base=UniqueTask, name="t.hogs", unique_lease=1)
+def hogs(tag: str, seconds: float = 3.0) -> None:
+    """Holds the CPU for ``seconds`` without yielding (no I/O, no sleep): under gevent or
+    eventlet nothing else in the worker runs meanwhile, renewal included."""
+    with Run(tag):
+        ends = time.perf_counter() + seconds
+        while time.perf_counter() < ends:
+            pass
+
+
 @app.task(base=UniqueTask, name="t.gated", unique_lease=2)
 def gated(tag: str) -> None:
     """Runs until the test calls ``open_gate(tag)`` (60 s at most): still running, however

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 import time
 import uuid
 from typing import Any
@@ -361,6 +362,39 @@ def test_eager_mode_runs_inline_and_leaves_no_lock(
     assert eager.delay(21).get() == 42
     assert ran == [21, 21]
     assert client.keys("eager:lock:*") == []
+
+
+def test_a_call_while_another_thread_still_binds_the_task_goes_through(
+    make_app: MakeApp, redis_url: str, client: redis.Redis, prefix: str
+) -> None:
+    """Celery binds a task on its first use, and registers it before making its request
+    stack: a second thread calling it meanwhile gets it half bound (on Celery 5.5 four
+    threads each starting a worker hit that every time). Such a call is from outside any
+    run of it, and must be taken and published as one."""
+    app = make_app(broker_url="memory://", unique_backend_url=redis_url, unique_key_prefix=prefix)
+    binding, may_finish = threading.Event(), threading.Event()
+
+    class SlowToBind(UniqueTask):
+        @classmethod
+        def annotate(cls) -> None:  # Celery's bind() calls it just before the request stack
+            binding.set()
+            may_finish.wait(30)
+            super().annotate()
+
+    @app.task(base=SlowToBind, name=f"t.half_bound.{prefix}")
+    def half_bound(x: int) -> int:
+        return x
+
+    binder = threading.Thread(target=lambda: half_bound.name)  # the first use: binds it
+    binder.start()
+    try:
+        assert binding.wait(30)
+        result = half_bound.delay(1)  # gets the task registered, its request stack not made
+    finally:
+        may_finish.set()
+        binder.join(30)
+    assert lock_owner(client, prefix, half_bound.unique_key((1,))) == result.id
+    assert half_bound.delay(1).id == result.id  # and, bound now, a duplicate
 
 
 # -- every way of publishing goes through the lock ------------------------------------------

@@ -73,9 +73,14 @@ def prepare(
     args, kwargs = tuple(args or ()), dict(kwargs or {})
     headers = dict(options.pop("headers", None) or {})
     task_id = task_id or uuid()
-    request = task.request
+    request = _request_of(task)
     # A retry or a deferral re-publishes the instance from inside its own delivery.
-    inside = not request.called_directly and not request.is_eager and request.id == task_id
+    inside = (
+        request is not None
+        and not request.called_directly
+        and not request.is_eager
+        and request.id == task_id
+    )
     held = runs.current(request) if inside else None
     key = (
         headers.get(KEY_HEADER)
@@ -93,6 +98,16 @@ def prepare(
     else:
         held, event = Held(lc.Instance(task_id, config.policy), key), lc.Apply(ttl)
     return Call(held, event, ttl, args, kwargs, headers, options)
+
+
+def _request_of(task: UniqueTask) -> Any:
+    """The task's request context in this thread, or ``None`` while another thread is still
+    binding the task: Celery binds a task on its first use and registers it before making
+    its request stack, so a second thread can get it in between (no run of it is under way
+    then; its ``request`` would raise ``AttributeError``)."""
+    if task.request_stack is None:
+        return None
+    return task.request
 
 
 def apply(task: UniqueTask, call: Call, publisher: Publisher) -> AsyncResult:
