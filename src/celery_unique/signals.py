@@ -27,7 +27,13 @@ from celery.utils.dispatch import Signal
 __all__ = ["DEFERRAL_REASONS", "task_deferred", "task_duplicate", "task_lock_lost"]
 
 #: Why a run was deferred (``task_deferred``'s ``reason``).
-DEFERRAL_REASONS = ("rate_limit", "concurrency", "running_elsewhere", "while_running")
+DEFERRAL_REASONS = (
+    "rate_limit",
+    "concurrency",
+    "running_elsewhere",
+    "while_running",
+    "unreachable",
+)
 
 task_duplicate = Signal(name="task_duplicate")
 """A call found its key held: nothing was published. ``sender=task, task_id, ttl``."""

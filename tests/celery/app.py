@@ -43,6 +43,10 @@ if os.environ.get("CELERY_UNIQUE_TEST_DEAD_LOCKS_URL"):
         unique_backend_url=os.environ["CELERY_UNIQUE_TEST_DEAD_LOCKS_URL"], unique_fail_open=True
     )
 
+if os.environ.get("CELERY_UNIQUE_TEST_LOCKS_URL"):
+    # A worker whose lock Redis is a server of the test's own (to pause), failing closed.
+    app.conf.update(unique_backend_url=os.environ["CELERY_UNIQUE_TEST_LOCKS_URL"])
+
 if os.environ.get("CELERY_UNIQUE_TEST_CLUSTER_URL"):
     # Locks on a Redis Cluster; the broker and results stay on the test Redis.
     app.conf.update(

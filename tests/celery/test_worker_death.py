@@ -15,9 +15,10 @@ import redis
 from celery_unique.celery.unique import RUN_SEPARATOR
 from celery_unique.core.keys import KeySpace
 from celery_unique.core.locks import parse_owner
-from celery_unique.testing import free_port
+from celery_unique.testing import free_port, running_redis
 from tests.celery import app as t
 from tests.celery.conftest import worker_process
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("celery_app")
 
@@ -110,6 +111,26 @@ def test_fail_open_lets_a_worker_run_a_task_when_its_lock_redis_is_down(
         assert result.get(timeout=30) == tag
     assert t.runs(tag) == 1
     client.delete(key_of(t.slow, tag, 0.0))  # the queued lock the worker could not free
+
+
+def test_a_delivery_that_finds_its_lock_redis_unreachable_runs_once_it_answers(
+    redis_url: str,
+) -> None:
+    """Failing closed is not failing the task: the delivery is put back, unchanged and
+    without a lock call, until the lock store answers; then it runs, once."""
+    tag = uuid.uuid4().hex
+    with running_redis() as locks:
+        env = {"CELERY_UNIQUE_TEST_LOCKS_URL": locks.url}
+        with worker_process(redis_url, env=env) as (_, queue):
+            locks.pause()
+            try:
+                # Sent around apply_async: the worker is the first to take the key.
+                result = t.app.send_task("t.slow", (tag, 0.0), queue=queue)
+                wait_until(lambda: result.state == "RETRY", timeout=60)  # put back
+            finally:
+                locks.resume()
+            assert result.get(timeout=60) == tag
+    assert t.runs(tag) == 1
 
 
 # -- concurrency slots ----------------------------------------------------------------------------

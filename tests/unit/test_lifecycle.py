@@ -338,3 +338,20 @@ def test_with_while_running_a_redelivery_of_the_running_id_still_waits_as_a_twin
 def test_a_run_that_lost_its_key_ends_without_touching_it(event: lc.Event) -> None:
     action, transition = step(S.RELEASED, event)
     assert action is None and transition.state is S.RELEASED
+
+
+def test_a_delivery_that_finds_redis_unreachable_is_put_back_unchanged() -> None:
+    lost = BackendUnavailable("down", outcome_unknown=True)
+    waits = []
+    for unreachable in range(8):
+        _, transition = step(S.QUEUED, lc.Start("r1", unreachable=unreachable), lost)
+        outcome = transition.outcome
+        assert transition.state is S.QUEUED  # nothing changed: it runs when Redis answers
+        assert isinstance(outcome, lc.Deferral) and outcome.bypass  # published past the lock
+        assert outcome.kind is lc.DeferralKind.UNREACHABLE and outcome.stores_state
+        waits.append(outcome.countdown)
+    assert 1.0 <= waits[0] <= 1.25 and waits[1] > waits[0]  # soon at first, then less often
+    assert max(waits) <= 30 * 1.25
+    started = lc.Policy(ttl=60.0, lease=30.0, until="started")  # its release at the start
+    _, transition = step(S.QUEUED, lc.Start("r1"), lost, started)
+    assert isinstance(transition.outcome, lc.Deferral) and transition.outcome.bypass

@@ -79,14 +79,18 @@ def defer(task: Task, deferral: Deferral) -> NoReturn:
     countdown, reason = deferral.countdown, deferral.kind.value
     logger.info("%s[%s] deferred by %.2f s: %s", task.name, request.id, countdown, deferral.why)
     signals.task_deferred.send(sender=task, task_id=request.id, reason=reason, countdown=countdown)
-    task.signature_from_request(
+    copy = task.signature_from_request(
         request,
         request.args,
         request.kwargs,
         countdown=countdown,
         retries=request.retries,
         headers={**(request.headers or {}), **deferral.headers},
-    ).apply_async()
+    )
+    if deferral.bypass:  # Celery's own publish, past any lock call of this library's
+        Task.apply_async(task, copy.args, copy.kwargs, **copy.options)
+    else:
+        copy.apply_async()
     if not deferral.stores_state:
         raise Ignore(deferral.why)
     raise Retry(deferral.why, when=countdown)

@@ -23,7 +23,14 @@ from celery.states import READY_STATES, SUCCESS
 
 from .. import signals
 from ..core import lifecycle as lc
-from ..core.messages import DEFERRED_HEADER, HOLD_HEADER, KEY_HEADER, STATE_HEADER, WAITED_HEADER
+from ..core.messages import (
+    DEFERRED_HEADER,
+    HOLD_HEADER,
+    KEY_HEADER,
+    STATE_HEADER,
+    UNREACHABLE_HEADER,
+    WAITED_HEADER,
+)
 from .base import defer
 from .plans import Held, perform, quietly
 
@@ -65,7 +72,14 @@ def run(
     )
     held.on_lost = lambda: _lease_lost(task, held)
     waited = int(getattr(request, WAITED_HEADER, None) or 0)
-    start = lc.Start(os.urandom(8).hex(), ttl_left=left, deferred=deferred, waited=waited)
+    unreachable = int(getattr(request, UNREACHABLE_HEADER, None) or 0)
+    start = lc.Start(
+        os.urandom(8).hex(),
+        ttl_left=left,
+        deferred=deferred,
+        waited=waited,
+        unreachable=unreachable,
+    )
     outcome = perform(config.backend, held, start)
     name = f"{task.name}[{request.id}]"
     if isinstance(outcome, lc.Fail):

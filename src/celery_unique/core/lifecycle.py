@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BackendUnavailable
-from .messages import DEFERRED_HEADER, WAITED_HEADER
+from .messages import DEFERRED_HEADER, UNREACHABLE_HEADER, WAITED_HEADER
 from .results import Acquisition
 
 __all__ = [
@@ -84,6 +84,10 @@ __all__ = [
 #: each further wait doubles, up to the running one's lease.
 WAIT_FIRST = 0.5
 
+#: Seconds a delivery that found its lock store unreachable first waits; each further wait
+#: doubles, up to the last.
+UNREACHABLE_FIRST, UNREACHABLE_MAX = 1.0, 30.0
+
 #: Separates the task id from the run id in a running instance's token.
 RUN_SEPARATOR = "\x1f"
 
@@ -116,6 +120,7 @@ class DeferralKind(enum.Enum):
     CONCURRENCY = "concurrency"
     RUNNING_ELSEWHERE = "running_elsewhere"  # another delivery of this very instance runs
     WHILE_RUNNING = "while_running"  # another instance runs (``Policy.while_running``)
+    UNREACHABLE = "unreachable"  # the lock store did not answer as the delivery started
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +183,7 @@ class Start:
     ttl_left: float | None = None
     deferred: bool = False
     waited: int = 0
+    unreachable: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +396,9 @@ class Deferral:
     why: str
     headers: Mapping[str, Any] = field(default_factory=dict)
     stores_state: bool = True
+    #: Published as it is, without a lock call (the lock store is unreachable): the copy
+    #: finds the key as its instance left it.
+    bypass: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,14 +512,29 @@ def _hand_back(it: Instance, event: Retry) -> Flow:
     return _republished(it, got)
 
 
+def _start_unreachable(it: Instance, event: Start) -> Outcome:
+    """The lock store did not answer as a delivery started: run without the key (fail open),
+    or put the delivery back, unchanged, for when it answers: the instance is never failed
+    (nor run twice) for a passing outage. Sooner at first, then less often."""
+    if it.policy.fail_open:
+        return Run(locked=False, why="Redis unreachable (unique_fail_open)")
+    backoff = min(UNREACHABLE_FIRST * 2**event.unreachable, UNREACHABLE_MAX)
+    return Deferral(
+        backoff * random.uniform(1.0, 1.25),
+        DeferralKind.UNREACHABLE,
+        "its lock store did not answer",
+        {UNREACHABLE_HEADER: event.unreachable + 1},
+        bypass=True,
+    )
+
+
 def _start(it: Instance, event: Start) -> Flow:
     policy = it.policy
-    unreachable = "Redis unreachable (unique_fail_open)"
     if policy.until == "started" and not policy.while_running:
         try:
             yield ReleaseAny(it.task_id)
-        except BackendUnavailable as error:
-            return _unreachable(it, error, Run(locked=False, why=unreachable))
+        except BackendUnavailable:
+            return _start_unreachable(it, event)
         it.state = KeyState.RELEASED
         return Run(locked=False, why="unique_until='started' frees the key when the run starts")
     lease, lifetime = policy.lease, None
@@ -522,8 +546,8 @@ def _start(it: Instance, event: Start) -> Flow:
     token = run_token(it.task_id, event.run_id)
     try:
         got = yield TakeOver(token, lease, it.task_id, lifetime, policy.while_running)
-    except BackendUnavailable as error:
-        return _unreachable(it, error, Run(locked=False, why=unreachable))
+    except BackendUnavailable:
+        return _start_unreachable(it, event)
     if got.acquired:
         it.state = KeyState.RUNNING
         return Run(unless_done=event.deferred)

@@ -13,6 +13,7 @@ __all__ = [
     "HOLD_HEADER",
     "KEY_HEADER",
     "STATE_HEADER",
+    "UNREACHABLE_HEADER",
     "WAITED_HEADER",
 ]
 
@@ -34,3 +35,6 @@ WAITED_HEADER = "celery_unique_waited"
 #: A copy whose rate-limit slot is booked: the retry count it was booked for (a retry of the
 #: run is a new request, which books its own slot).
 BOOKED_HEADER = "celery_unique_rate_booked"
+#: How often a delivery found its lock store unreachable as it started and was put back (the
+#: waits grow with it).
+UNREACHABLE_HEADER = "celery_unique_unreachable"

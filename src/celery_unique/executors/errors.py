@@ -83,6 +83,9 @@ _PASSING: tuple[tuple[type[Exception], str], ...] = (
         "the cluster is down (CLUSTERDOWN): a primary failed and no replica has taken over yet",
     ),
     (rex.SlotNotCoveredError, "no cluster node serves this key's slot right now"),
+    # The script cache was flushed again between loading the script and running it (SCRIPT
+    # FLUSH twice within one call, a restart in between): the script did not run.
+    (rex.NoScriptError, "Redis lost its scripts twice within one call (SCRIPT FLUSH, restarts)"),
     # redis-py's cluster client gives up with this once redirects (MOVED, ASK, TRYAGAIN) for
     # one command ran out: a slot is moving, or a failover is under way.
     (rex.ClusterError, "the cluster kept redirecting the command (a slot moving, a failover)"),
