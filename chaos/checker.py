@@ -347,7 +347,8 @@ def check_buckets(lines: Iterable[Line]) -> list[Violation]:
     specs: dict[str, tuple[float, float, int]] = {}
     for line, record in lines:
         if record.get("kind") == "rate" and record.get("op") == "hit":
-            specs[record["name"]] = tuple(record["rate"])  # type: ignore[assignment]
+            count, per, burst = record["rate"]
+            specs[record["name"]] = (float(count), float(per), int(burst))
             if record.get("result") is True:
                 admitted[record["name"]].append((record["t0"], record["t1"], line))
     found = []
@@ -420,29 +421,49 @@ def check_tasks(lines: Sequence[Line]) -> list[Violation]:
                     )
                 )
     applied: dict[str, int] = {}
+    unanswered: dict[str, int] = {}  # ids whose apply raised: maybe locked, never published
     answered: list[tuple[int, Record]] = []
+    failures: dict[str, tuple[int, str]] = {}
     for line, record in lines:
-        if record.get("kind") == "task" and record.get("op") == "apply" and not record.get("error"):
-            if record.get("result") == record.get("token"):
-                applied[record["token"]] = line
-            else:
-                answered.append((line, record))
+        if record.get("kind") != "task":
+            continue
+        if record.get("op") == "failed":
+            failures.setdefault(record["id"], (line, record.get("error", "?")))
+        if record.get("op") != "apply":
+            continue
+        if record.get("error"):
+            unanswered[record["token"]] = line
+        elif record.get("result") == record.get("token"):
+            applied[record["token"]] = line
+        else:
+            answered.append((line, record))
     ran = {run["rec"]["id"] for run in runs.values()}
-    found += [
-        Violation("task-lost", f"task {task_id} was published but never ran", (line,))
-        for task_id, line in applied.items()
-        if task_id not in ran
-    ]
-    found += [
-        Violation(
-            "task-holder",
-            f"apply of {record.get('name')!r} was answered with {record.get('result')!r}, "
-            "an id nobody published",
-            (line,),
+    for task_id, line in applied.items():
+        if task_id in ran:
+            continue
+        why, lost_at = "", [line]
+        if task_id in failures:
+            failed_at, error = failures[task_id]
+            why = f": its worker failed it with {error} before its body ran"
+            lost_at.append(failed_at)
+        found.append(
+            Violation("task-lost", f"task {task_id} was published but never ran{why}", (*lost_at,))
         )
-        for line, record in answered
-        if record.get("result") not in applied
-    ]
+    for line, record in answered:
+        holder = record.get("result")
+        if holder in applied:
+            continue
+        why, where = "an id nobody published", [line]
+        if holder in unanswered:
+            why = "the id of an apply that raised (its key taken, nothing published)"
+            where.append(unanswered[holder])
+        found.append(
+            Violation(
+                "task-holder",
+                f"apply of {record.get('name')!r} was answered with {holder!r}, {why}",
+                (*where,),
+            )
+        )
     return found
 
 

@@ -48,7 +48,7 @@ class ClientConfig:
     """What a client process is told (picklable: processes are spawned)."""
 
     name: str
-    flavour: str  # "sync" | "async"
+    flavour: str  # "sync" | "async" | "tasks"
     url: str
     prefix: str
     seed: int
@@ -57,6 +57,7 @@ class ClientConfig:
     stop_at: float
     socket_timeout: float
     tasks: int = 3  # concurrent tasks of an async process
+    broker: str = ""  # the Celery broker of a task client
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,12 @@ def main(config: ClientConfig) -> None:
     try:
         if config.flavour == "sync":
             _run_sync(config, rec)
+        elif config.flavour == "tasks":
+            from . import tasks  # (Celery is imported by task clients only)
+
+            tasks.configure(config.broker, config.url, config.prefix, config.socket_timeout)
+            _sleep_until(config.start_at)
+            tasks.run_client(history, config.seed, config.stop_at)
         else:
             anyio.run(_run_async, config, rec, backend="asyncio")
     finally:

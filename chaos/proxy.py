@@ -107,13 +107,14 @@ class FaultProxy:
                     link.broken = True
                     await _drain_forever(reader)
                     return
-            up_reader, link.upstream = await asyncio.wait_for(
+            up_reader, upstream = await asyncio.wait_for(
                 asyncio.open_connection(*self.upstream), 2.0
             )
+            link.upstream = upstream
             if pending:  # arrived as the hole closed
-                link.upstream.write(pending)
+                upstream.write(pending)
             await asyncio.gather(
-                self._pump(reader, link.upstream, link), self._pump(up_reader, writer, link)
+                self._pump(reader, upstream, link), self._pump(up_reader, writer, link)
             )
         except (OSError, asyncio.TimeoutError):
             pass  # a side went away (or Redis is down): the client sees a closed connection

@@ -10,6 +10,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack
@@ -20,7 +22,7 @@ from typing import Any
 from celery_unique.testing import RedisServer, running_redis
 
 from . import clients
-from .history import History, Record, merge, now
+from .history import History, Record, merge, now, read
 from .nemesis import Nemesis, Target
 from .proxy import FaultProxy
 
@@ -75,17 +77,43 @@ def run(options: Options) -> Path:
         proxy.start()
         stack.callback(proxy.close)
         target = Target(server, proxy)
-        start_at = now() + 3.0  # spawned interpreters need a moment to import
+        workers: Workers | None = None
+        broker = ""
+        if options.tasks:
+            broker = stack.enter_context(running_redis()).url
+            env = {
+                "CHAOS_BROKER_URL": broker,
+                "CHAOS_LOCK_URL": proxy.url,
+                "CHAOS_PREFIX": prefix,
+                "CHAOS_SOCKET_TIMEOUT": str(options.socket_timeout),
+                "CHAOS_RUN_DIR": str(run_dir),
+            }
+            workers = Workers(run_dir, env)
+            workers.start()
+            stack.callback(workers.stop)
+            target.kill_worker = workers.kill
+        start_at = now() + 4.0  # spawned interpreters (and the worker) need a moment
         stop_at = start_at + options.duration
-        processes = _spawn_clients(options, target, run_dir, prefix, start_at, stop_at, history)
+        processes = _spawn_clients(
+            options, target, run_dir, prefix, broker, start_at, stop_at, history
+        )
         nemesis = Nemesis(target, options.faults, options.seed, nemesis_history)
         time.sleep(max(0.0, start_at - now()))
         thread = threading.Thread(target=nemesis.run, args=(stop_at,), name="nemesis")
         thread.start()
         thread.join()
         _join_clients(processes, stop_at + options.stuck_after, history)
-        last = now()
-        _leftovers(server, prefix, last + clients.MAX_TTL + 1.5, history)
+        # Every key is gone a ttl after its last use: the clients' keys after their last
+        # call, the tasks' queued keys TASK_TTL after the last apply, a running key a lease
+        # after the last run.
+        gone = now() + clients.MAX_TTL + 1.5
+        if workers is not None:
+            from .tasks import TASK_LEASE, TASK_TTL, VISIBILITY
+
+            _drain(run_dir, now() + VISIBILITY + 10.0)
+            workers.stop()
+            gone = max(gone, stop_at + TASK_TTL + 1.0, now() + TASK_LEASE + 1.0)
+        _leftovers(server, prefix, gone, history)
     history.close()
     nemesis_history.close()
     parts = sorted(p for p in run_dir.glob("*.jsonl") if p.name != "history.jsonl")
@@ -99,13 +127,16 @@ def _spawn_clients(
     target: Target,
     run_dir: Path,
     prefix: str,
+    broker: str,
     start_at: float,
     stop_at: float,
     history: History,
 ) -> dict[str, multiprocessing.process.BaseProcess]:
     context = multiprocessing.get_context("spawn")
     flavours = ["sync"] * options.sync + ["async"] * options.asyncs
-    processes = {}
+    if options.tasks:
+        flavours.append("tasks")
+    processes: dict[str, multiprocessing.process.BaseProcess] = {}
     for index, flavour in enumerate(flavours):
         config = clients.ClientConfig(
             name=f"{flavour}-{index}",
@@ -117,6 +148,7 @@ def _spawn_clients(
             start_at=start_at,
             stop_at=stop_at,
             socket_timeout=options.socket_timeout,
+            broker=broker,
         )
         process = context.Process(target=clients.main, args=(config,), name=config.name)
         process.start()
@@ -144,6 +176,73 @@ def _join_clients(
             history.write("exit", "process", name, t0=t, t1=t, error="stuck", bound=deadline)
         else:
             history.write("exit", "process", name, t0=t, t1=t, result=process.exitcode)
+
+
+class Workers:
+    """The Celery worker of the run (prefork, two children), one at a time: the nemesis
+    kills it (its whole process group) and a new one takes its place."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        self.run_dir = run_dir
+        self.env = env
+        self.started = 0
+        self.name = ""
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.name = f"worker-{self.started}"
+        self.started += 1
+        with open(self.run_dir / f"{self.name}.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "celery", "-A", "chaos.tasks", "worker",
+                    "--pool=prefork", "--concurrency=2", "-n", f"chaos-{self.name}@%h",
+                    "--without-gossip", "--without-mingle", "--without-heartbeat",
+                    "-l", "warning",
+                ],
+                env={**os.environ, **self.env, "CHAOS_WORKER": self.name},
+                start_new_session=True,  # its own process group: killed with its children
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def kill(self) -> str:
+        """SIGKILL the worker and its children, start another; the killed one's name."""
+        assert self.process is not None
+        name = self.name
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.start()
+        return name
+
+    def stop(self) -> None:
+        """A warm shutdown (SIGTERM), SIGKILL if it takes longer than 15 s."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _drain(run_dir: Path, deadline: float) -> None:
+    """Wait (until ``deadline``) for every published task to have run: a killed worker's
+    reserved messages come back after the broker's visibility timeout."""
+    while now() < deadline:
+        published, ran = set(), set()
+        for part in run_dir.glob("*.jsonl"):
+            for record in read(part):
+                if record.get("op") == "apply" and record.get("result") == record.get("token"):
+                    published.add(record["token"])
+                elif record.get("op") == "run-start":
+                    ran.add(record.get("id"))
+        if published <= ran:
+            return
+        time.sleep(0.5)
 
 
 def _leftovers(server: RedisServer, prefix: str, when: float, history: History) -> None:
