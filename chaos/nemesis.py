@@ -37,6 +37,9 @@ KINDS = {
     "stop-holder": "SIGSTOP a client process (a long GC pause), SIGCONT after 0.3-4 s",
     "killworker": "SIGKILL a Celery worker (its whole process group) and start a new one",
 }
+#: How often each kind is drawn, relative to the others (default 1): a new worker takes
+#: seconds of CPU to start, so killing it as often as the rest would starve the clients.
+WEIGHTS = {"killworker": 0.3, "restart": 0.6}
 SERVER_SIGNALS = {"pause", "restart"}  # one at a time: they act on the one server process
 COMMANDS = {"flush", "clientkill", "clientpause"}  # need the server up and answering
 
@@ -69,6 +72,7 @@ class Nemesis:
         self.rng = random.Random(seed)
         self.history = history
         self.max_active = max_active
+        self._weights = [WEIGHTS.get(kind, 1.0) for kind in kinds]
         self._active: dict[str, threading.Thread] = {}  # fault slot -> its thread
         self._mutex = threading.Lock()
         self._server_busy = False
@@ -81,7 +85,7 @@ class Nemesis:
             if now() + gap >= stop_at - 0.5:
                 break
             time.sleep(gap)
-            kind = self.rng.choice(self.kinds)
+            kind = self.rng.choices(self.kinds, self._weights)[0]
             slot, action = self._prepare(kind, stop_at)
             with self._mutex:
                 if slot in self._active or len(self._active) >= self.max_active:

@@ -233,14 +233,14 @@ def _drain(run_dir: Path, deadline: float) -> None:
     """Wait (until ``deadline``) for every published task to have run: a killed worker's
     reserved messages come back after the broker's visibility timeout."""
     while now() < deadline:
-        published, ran = set(), set()
+        published, ended = set(), set()
         for part in run_dir.glob("*.jsonl"):
             for record in read(part):
                 if record.get("op") == "apply" and record.get("result") == record.get("token"):
                     published.add(record["token"])
-                elif record.get("op") == "run-start":
-                    ran.add(record.get("id"))
-        if published <= ran:
+                elif record.get("op") in ("run-start", "failed"):
+                    ended.add(record.get("id"))  # ran, or failed before its body: done either way
+        if published <= ended:
             return
         time.sleep(0.5)
 
