@@ -424,11 +424,14 @@ def check_tasks(lines: Sequence[Line]) -> list[Violation]:
     unanswered: dict[str, int] = {}  # ids whose apply raised: maybe locked, never published
     answered: list[tuple[int, Record]] = []
     failures: dict[str, tuple[int, str]] = {}
+    deliveries: dict[str, tuple[int, str]] = {}  # the last delivery of each id, and to whom
     for line, record in lines:
         if record.get("kind") != "task":
             continue
         if record.get("op") == "failed":
             failures.setdefault(record["id"], (line, record.get("error", "?")))
+        elif record.get("op") == "delivered":
+            deliveries[record["id"]] = (line, record.get("worker", ""))
         if record.get("op") != "apply":
             continue
         if record.get("error"):
@@ -446,6 +449,15 @@ def check_tasks(lines: Sequence[Line]) -> list[Violation]:
             failed_at, error = failures[task_id]
             why = f": its worker failed it with {error} before its body ran"
             lost_at.append(failed_at)
+        elif task_id in deliveries:
+            delivered_at, worker = deliveries[task_id]
+            killed = any(name == worker for _, name in kills)
+            why = f": delivered to {worker}" + (
+                ", which was killed, and not delivered again" if killed else ", body never ran"
+            )
+            lost_at.append(delivered_at)
+        else:
+            why = ": never delivered"
         found.append(
             Violation("task-lost", f"task {task_id} was published but never ran{why}", (*lost_at,))
         )

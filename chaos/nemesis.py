@@ -81,7 +81,7 @@ class Nemesis:
         """Start faults until ``stop_at``, then wait for every one to be healed."""
         threads: list[threading.Thread] = []
         while True:
-            gap = self.rng.uniform(0.2, 1.5)
+            gap = self.rng.uniform(0.3, 2.0)
             if now() + gap >= stop_at - 0.5:
                 break
             time.sleep(gap)

@@ -51,7 +51,9 @@ def configure(broker: str, locks: str, prefix: str, socket_timeout: float) -> No
             "unacked_restore_throttle": 1,
         },
         result_expires=600,
-        task_acks_late=False,
+        # Acknowledged once run: a killed worker's task (running or reserved) is delivered
+        # again, and the library must keep the second delivery from running beside the first.
+        task_acks_late=True,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         unique_backend_url=locks,
@@ -114,6 +116,13 @@ def _lock_lost(sender: Any = None, task_id: str | None = None, **_: Any) -> None
     run = _runs.get(task_id or "")
     if run is not None:
         _mark("lock-lost", "", run, task_id or "")
+
+
+@signals.task_prerun.connect(weak=False, dispatch_uid="chaos.prerun")
+def _delivered(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    # Before the library's own start: a delivery that never reaches the body shows here.
+    if getattr(sender, "name", None) == work.name:
+        _mark("delivered", "", "", task_id or "")
 
 
 @signals.task_failure.connect(weak=False, dispatch_uid="chaos.failure")
