@@ -116,6 +116,9 @@ def run(options: Options) -> Path:
         _leftovers(server, prefix, gone, history)
     history.close()
     nemesis_history.close()
+    for stacks in run_dir.glob("stacks-*.txt"):
+        if not stacks.stat().st_size:
+            stacks.unlink()  # nobody was stuck
     parts = sorted(p for p in run_dir.glob("*.jsonl") if p.name != "history.jsonl")
     target_path = run_dir / "history.jsonl"
     merge(parts, target_path, header)
