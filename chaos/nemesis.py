@@ -31,6 +31,7 @@ KINDS = {
     "cut": "reset every client connection at the proxy",
     "blackhole": "the proxy swallows everything, never answers (connections reset after)",
     "slow": "the proxy delays every chunk, both ways, by 50-500 ms",
+    "chunk": "the proxy passes data on 1-7 bytes at a time, both ways, for 1-4 s",
     "flush": "SCRIPT FLUSH (the scripts must be loaded again: NOSCRIPT)",
     "clientkill": "CLIENT KILL TYPE normal (every client connection closed by Redis)",
     "clientpause": "CLIENT PAUSE 0.2-2.5 s (Redis holds every command)",
@@ -127,6 +128,9 @@ class Nemesis:
         if kind == "slow":
             seconds, latency = lasting(1.0, 5.0), round(rng.uniform(0.05, 0.5), 3)
             return "slow", lambda: self._slow(seconds, latency)
+        if kind == "chunk":
+            seconds, size = lasting(1.0, 4.0), rng.randint(1, 7)
+            return "chunk", lambda: self._chunk(seconds, size)
         if kind == "flush":
             return "flush", lambda: self._command("SCRIPT", "FLUSH")
         if kind == "clientkill":
@@ -193,6 +197,14 @@ class Nemesis:
         finally:
             self.target.proxy.latency = 0.0
         return {"seconds": seconds, "latency": latency}
+
+    def _chunk(self, seconds: float, size: int) -> dict[str, Any]:
+        self.target.proxy.chunk = size
+        try:
+            time.sleep(seconds)
+        finally:
+            self.target.proxy.chunk = 0
+        return {"seconds": seconds, "bytes": size}
 
     def _command(self, *args: str | int) -> dict[str, Any]:
         return {"result": self.target.server.command(*args)}

@@ -37,6 +37,7 @@ class FaultProxy:
 
         proxy = FaultProxy(("127.0.0.1", 6379)); proxy.start()
         proxy.latency = 0.2     # each chunk waits 200 ms, both ways
+        proxy.chunk = 3         # data goes on 3 bytes at a time
         proxy.blackhole = True  # connections are accepted, nothing is answered
         proxy.blackhole = False # (the connections that lost bytes are cut then)
         proxy.cut()             # reset every connection now
@@ -46,6 +47,7 @@ class FaultProxy:
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self.latency = 0.0
+        self.chunk = 0  # when set, pass data on this many bytes at a time (the parsers' turn)
         self._blackhole = False
         self.port = 0
         self._links: set[_Link] = set()
@@ -131,8 +133,12 @@ class FaultProxy:
                 continue  # swallowed
             if self.latency > 0:
                 await asyncio.sleep(self.latency)
-            target.write(data)
-            await target.drain()
+            step = self.chunk or len(data)
+            for start in range(0, len(data), step):
+                target.write(data[start : start + step])
+                await target.drain()
+                if step < len(data):
+                    await asyncio.sleep(0.001)  # separate reads on the other side
         target.close()
 
     def close(self) -> None:
