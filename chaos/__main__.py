@@ -41,6 +41,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sync", type=int, default=2, help="sync client processes (default 2)")
     p.add_argument("--async", dest="asyncs", type=int, default=2, help="async ones (default 2)")
     p.add_argument("--no-tasks", action="store_true", help="no Celery worker and task client")
+    p.add_argument(
+        "--volatile",
+        action="store_true",
+        help="Redis without persistence: a restart forgets every holder (only the fences, "
+        "seeded from Redis time, must still increase across it)",
+    )
     p.add_argument("--out", type=Path, default=Path("chaos-runs"), help="where runs are kept")
     p.add_argument(
         "--check", type=Path, metavar="HISTORY", help="only check a saved history.jsonl again"
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         sync=args.sync,
         asyncs=args.asyncs,
         tasks=not args.no_tasks,
+        persistent=not args.volatile,
     )
     history = run(options)
     print(f"chaos: ran in {time.monotonic() - started:.1f} s", flush=True)

@@ -125,10 +125,14 @@ def check(lines: Sequence[Line], bounds: Bounds) -> Report:
     violations += check_errors(lines)
     violations += check_deadlines(lines, bounds)
     explained: Counter[str] = Counter()
-    violations += check_holders(holds, explained)
+    # Without persistence a restart forgets every holder and bucket: what spans one is
+    # excused (the fences must still increase: they are seeded from Redis time).
+    header = lines[0][1] if lines else {}
+    forgets = [] if header.get("persistent", True) else _kills(lines)
+    violations += check_holders(holds, explained, forgets)
     violations += check_fences(holds)
-    violations += check_buckets(lines)
-    violations += check_tasks(lines)
+    violations += check_buckets(lines, forgets)
+    violations += check_tasks(lines, forgets)
     violations += check_processes(lines)
     violations += check_leftovers(lines)
     report.figures = figures(lines, holds, tell_counts, violations)
@@ -169,6 +173,17 @@ def _stops(lines: Iterable[Line]) -> dict[str, list[tuple[float, float]]]:
         if record.get("kind") == "fault" and record.get("op") == "stop-holder":
             stops[record["name"]].append((record["t0"], record.get("t1") or math.inf))
     return stops
+
+
+def _kills(lines: Iterable[Line]) -> list[float]:
+    """When the server was killed (its data lost, without persistence)."""
+    return sorted(
+        r["t0"] for _, r in lines if r.get("kind") == "fault" and r.get("op") == "restart"
+    )
+
+
+def _between(moments: Sequence[float], start: float, end: float) -> bool:
+    return any(start < moment <= end for moment in moments)
 
 
 def _frozen(record: Record, stops: dict[str, list[tuple[float, float]]]) -> bool:
@@ -264,7 +279,9 @@ def _by_name(holds: Iterable[Hold]) -> dict[tuple[str, str], list[Hold]]:
     return groups
 
 
-def check_holders(holds: Iterable[Hold], explained: Counter[str] | None = None) -> list[Violation]:
+def check_holders(
+    holds: Iterable[Hold], explained: Counter[str] | None = None, forgets: Sequence[float] = ()
+) -> list[Violation]:
     """At most ``limit`` holders of a name at once (a lock's limit is 1), beyond what expired
     leases explain; and a holder whose lease expired under another's feet was told.
 
@@ -284,7 +301,11 @@ def check_holders(holds: Iterable[Hold], explained: Counter[str] | None = None) 
                 continue  # its acquire took a whole ttl: its own lease may be over already
             if len(others) + 1 <= hold.limit:
                 continue
-            live = [g for g in others if g.lease_end > hold.start]
+            live = [
+                g
+                for g in others
+                if g.lease_end > hold.start and not _between(forgets, g.t0, hold.start)
+            ]
             what = "lock" if kind == "lock" else f"semaphore (limit {hold.limit})"
             if len(live) + 1 > hold.limit:
                 found.append(
@@ -353,7 +374,7 @@ def check_fences(holds: Iterable[Hold]) -> list[Violation]:
 # -- rate limits -----------------------------------------------------------------------------
 
 
-def check_buckets(lines: Iterable[Line]) -> list[Violation]:
+def check_buckets(lines: Iterable[Line], forgets: Sequence[float] = ()) -> list[Violation]:
     """A bucket never admits more than ``burst + rate x window`` in any window.
 
     Admitted hits i..j (by invocation) all took their token within ``[t0_i, max t1]``, so
@@ -378,7 +399,7 @@ def check_buckets(lines: Iterable[Line]) -> list[Violation]:
             latest = -math.inf
             for j in range(i, len(hits)):
                 latest = max(latest, hits[j][1])
-                if latest - hits[i][0] > WINDOW:
+                if latest - hits[i][0] > WINDOW or _between(forgets, hits[i][0], latest):
                     break
                 excess = (j - i + 1) - (burst + rate * (latest - hits[i][0]))
                 if excess > 1e-9 and (worst is None or excess > worst[0]):
@@ -400,7 +421,7 @@ def check_buckets(lines: Iterable[Line]) -> list[Violation]:
 # -- unique tasks ----------------------------------------------------------------------------
 
 
-def check_tasks(lines: Sequence[Line]) -> list[Violation]:
+def check_tasks(lines: Sequence[Line], forgets: Sequence[float] = ()) -> list[Violation]:
     """Unique tasks: never two runs of one key at once (unless the earlier run was told its
     key was lost, or its worker was killed before the later one began), and every applied id
     either ran or was answered with a holder's id that was itself applied."""
@@ -430,7 +451,8 @@ def check_tasks(lines: Sequence[Line]) -> list[Violation]:
     for key, group in by_key.items():
         group.sort(key=lambda run: run["start"])
         for a, b in itertools.pairwise(group):
-            if b["start"] < a["end"] and "lost" not in a:
+            forgot = _between(forgets, a["start"], b["start"])
+            if b["start"] < a["end"] and "lost" not in a and not forgot:
                 found.append(
                     Violation(
                         "task-overlap",

@@ -46,6 +46,8 @@ class Options:
     sync: int = 2
     asyncs: int = 2
     tasks: bool = True
+    #: Redis with an append-only file synced on every write: a restart loses nothing.
+    persistent: bool = True
     socket_timeout: float = 1.0
     #: Seconds past the end a client process may take to finish its last call.
     stuck_after: float = 15.0
@@ -67,12 +69,13 @@ def run(options: Options) -> Path:
         "faults": options.faults,
         "socket_timeout": options.socket_timeout,
         "prefix": prefix,
+        "persistent": options.persistent,
         **options.header,
     }
     history = History(run_dir / "runner.jsonl", "runner")
     nemesis_history = History(run_dir / "nemesis.jsonl", "nemesis")
     with ExitStack() as stack:
-        server = stack.enter_context(running_redis(config=PERSISTENT))
+        server = stack.enter_context(running_redis(config=PERSISTENT if options.persistent else ""))
         proxy = FaultProxy(server.address)
         proxy.start()
         stack.callback(proxy.close)

@@ -119,6 +119,35 @@ def test_fences_must_increase_in_real_time_order_only() -> None:
     assert set(found[0].lines) == {2, 4}
 
 
+def test_without_persistence_a_restart_excuses_what_it_forgot_but_not_the_fences() -> None:
+    restart: Record = {
+        "p": "nemesis",
+        "op": "restart",
+        "kind": "fault",
+        "name": "redis",
+        "t0": 0.2,
+        "t1": 0.4,
+    }
+
+    def history(b_fence: int) -> list[Record]:
+        return [
+            acquire("a", 0.0, 0.01, "t1", fence=10),
+            restart,
+            acquire("b", 0.5, 0.51, "t2", fence=b_fence),  # a's lease (until 1.0) forgotten
+            release("a", 0.8, 0.81, "t1", error="LockNotOwnedError", lib=True),
+            release("b", 0.9, 0.91, "t2"),
+        ]
+
+    def volatile(records: list[Record]) -> list[Violation]:
+        lines = numbered(*records)
+        lines[0] = (1, {**lines[0][1], "persistent": False})
+        return check(lines, BOUNDS).violations
+
+    assert [v.check for v in checks(*history(11))] == ["holders"]  # persistent: none forgotten
+    assert volatile(history(11)) == []
+    assert [v.check for v in volatile(history(9))] == ["fence"]
+
+
 def semaphore(p: str, t0: float, t1: float, token: str, op: str = "acquire") -> Record:
     record: Record = {"p": p, "op": op, "kind": "semaphore", "name": "S", "t0": t0, "t1": t1}
     record.update(result=True if op == "acquire" else None, token=token, ttl=1.0, limit=2)
