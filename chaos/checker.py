@@ -209,7 +209,8 @@ def check_deadlines(lines: Sequence[Line], bounds: Bounds) -> list[Violation]:
             Violation(
                 "deadline",
                 f"{record['p']}: {record['kind']}.{record['op']} {record.get('name', '')!r} "
-                f"took {took:.3f} s, past its {limit:.2f} s deadline ({outcome})",
+                f"took {took:.3f} s, {1000 * (took - limit):.0f} ms past its {limit:.3f} s "
+                f"deadline ({outcome})",
                 (line,),
             )
         )
