@@ -96,10 +96,11 @@ class Hold:
     end_line: int | None = None
     told: str | None = None  # how the holder learnt it lost the lease, if it did
     told_line: int | None = None
+    told_at: float = math.inf
 
-    def tell(self, how: str, line: int) -> None:
+    def tell(self, how: str, line: int, at: float) -> None:
         if self.told is None:
-            self.told, self.told_line = how, line
+            self.told, self.told_line, self.told_at = how, line, at
 
 
 @dataclass
@@ -129,7 +130,7 @@ def check(lines: Sequence[Line], bounds: Bounds) -> Report:
     # excused (the fences must still increase: they are seeded from Redis time).
     header = lines[0][1] if lines else {}
     forgets = [] if header.get("persistent", True) else _kills(lines)
-    violations += check_holders(holds, explained, forgets)
+    violations += check_holders(holds, explained, forgets, _stops(lines))
     violations += check_fences(holds)
     violations += check_buckets(lines, forgets)
     violations += check_tasks(lines, forgets)
@@ -166,9 +167,12 @@ def check_errors(lines: Iterable[Line]) -> list[Violation]:
     ]
 
 
-def _stops(lines: Iterable[Line]) -> dict[str, list[tuple[float, float]]]:
+Stops = dict[str, list[tuple[float, float]]]
+
+
+def _stops(lines: Iterable[Line]) -> Stops:
     """When each process was stopped by the nemesis (SIGSTOP .. SIGCONT)."""
-    stops: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    stops: Stops = defaultdict(list)
     for _, record in lines:
         if record.get("kind") == "fault" and record.get("op") == "stop-holder":
             stops[record["name"]].append((record["t0"], record.get("t1") or math.inf))
@@ -186,8 +190,12 @@ def _between(moments: Sequence[float], start: float, end: float) -> bool:
     return any(start < moment <= end for moment in moments)
 
 
-def _frozen(record: Record, stops: dict[str, list[tuple[float, float]]]) -> bool:
-    return any(s0 < record["t1"] and s1 > record["t0"] for s0, s1 in stops.get(record["p"], ()))
+def _frozen(record: Record, stops: Stops) -> bool:
+    return _frozen_during(stops, record["p"], record["t0"], record["t1"])
+
+
+def _frozen_during(stops: Stops, process: str, start: float, end: float) -> bool:
+    return any(s0 < end and s1 > start for s0, s1 in stops.get(process, ()))
 
 
 def check_deadlines(lines: Sequence[Line], bounds: Bounds) -> list[Violation]:
@@ -254,19 +262,19 @@ def collect_holds(lines: Iterable[Line]) -> tuple[list[Hold], Counter[str]]:
             if record.get("error") is None:
                 hold.lease_end = max(hold.lease_end, record["t0"] + float(record["ttl"]))
             elif record["error"] == NOT_OWNED:
-                hold.tell("extend said not owned", line)
+                hold.tell("extend said not owned", line, record["t0"])
         elif op == "lost":
-            hold.tell("on_lost", line)
+            hold.tell("on_lost", line, record["t0"])
         elif op == "release":
             hold.end, hold.end_line = record["t0"], line
             if record.get("error") == NOT_OWNED:
-                hold.tell("release said not owned", line)
+                hold.tell("release said not owned", line, record["t0"])
             elif record.get("lost"):
-                hold.tell("lock.lost", line)
+                hold.tell("lock.lost", line, record["t0"])
             elif record.get("error"):
                 # Redis did not answer the release: the holder could not learn either way.
                 # Not the library's fault; counted among the figures, not a violation.
-                hold.tell("release unanswered", line)
+                hold.tell("release unanswered", line, record["t0"])
     told = Counter(hold.told for hold in holds.values() if hold.told)
     return list(holds.values()), told
 
@@ -280,8 +288,28 @@ def _by_name(holds: Iterable[Hold]) -> dict[tuple[str, str], list[Hold]]:
     return groups
 
 
+def _told_in_time(earlier: Hold, later: Hold, stops: Stops, forgets: Sequence[float] = ()) -> bool:
+    """Whether ``earlier`` was told of its loss as promised. Renewal reports a loss before
+    the lease can end (docs/locks.md, "Renewal"), so a renewed holder whose process ran must
+    have heard (``on_lost``) before ``later`` took its place; a holder that renews nothing,
+    or that the nemesis froze, or whose lease a restart forgot, can only hear of it
+    afterwards, on its release or extend."""
+    if earlier.told is None:
+        return False
+    if (
+        not earlier.renew
+        or _frozen_during(stops, earlier.process, earlier.start, later.start)
+        or _between(forgets, earlier.t0, later.start)
+    ):
+        return True
+    return earlier.told == "on_lost" and earlier.told_at < later.start
+
+
 def check_holders(
-    holds: Iterable[Hold], explained: Counter[str] | None = None, forgets: Sequence[float] = ()
+    holds: Iterable[Hold],
+    explained: Counter[str] | None = None,
+    forgets: Sequence[float] = (),
+    stops: Stops | None = None,
 ) -> list[Violation]:
     """At most ``limit`` holders of a name at once (a lock's limit is 1), beyond what expired
     leases explain; and a holder whose lease expired under another's feet was told.
@@ -290,7 +318,8 @@ def check_holders(
     whose lease certainly lasted past that moment (``G.lease_end > H.start``) was live when
     Redis ran H's acquire: more than ``limit`` of those is a violation outright. An earlier
     holder whose lease may have expired explains the overlap only if it was told (its
-    ``on_lost`` ran, ``lock.lost`` was set, or its release or extend said not owned)."""
+    ``on_lost`` ran, ``lock.lost`` was set, or its release or extend said not owned), and a
+    renewed one whose process ran, in time (see :func:`_told_in_time`)."""
     found = []
     for (kind, name), group in _by_name(holds).items():
         active: list[Hold] = []
@@ -319,7 +348,11 @@ def check_holders(
                     )
                 )
                 continue
-            untold = [g for g in others if g not in live and g.told is None]
+            untold = [
+                g
+                for g in others
+                if g not in live and not _told_in_time(g, hold, stops or {}, forgets)
+            ]
             if len(live) + len(untold) + 1 <= hold.limit:
                 if explained is not None:  # an overlap the expired leases account for
                     explained.update(
@@ -330,10 +363,21 @@ def check_holders(
                     Violation(
                         "told",
                         f"{what} {name!r}: {hold.process} acquired after the lease of "
-                        + ", ".join(f"{g.process} (line {g.line})" for g in untold)
-                        + " expired mid-section, and that holder was never told "
-                        "(no on_lost, no lock.lost, no LockNotOwnedError)",
-                        (hold.line, *(g.line for g in untold)),
+                        + ", ".join(
+                            f"{g.process} (line {g.line})"
+                            + (
+                                " (never told: no on_lost, no lock.lost, no LockNotOwnedError)"
+                                if g.told is None
+                                else f" (renewed, running, told only at line {g.told_line})"
+                            )
+                            for g in untold
+                        )
+                        + " may have expired mid-section",
+                        (
+                            hold.line,
+                            *(g.line for g in untold),
+                            *(g.told_line for g in untold if g.told_line is not None),
+                        ),
                     )
                 )
     return found

@@ -98,14 +98,41 @@ def test_an_extend_moves_the_lease_and_a_renewed_holder_counts_on_lost() -> None
         release("b", 2.1, 2.11, "t2"),
     )
     assert [v.check for v in extended] == ["holders"]
-    renewed = checks(
-        acquire("a", 0.0, 0.01, "t1", fence=10, renew=True),
-        acquire("b", 1.5, 1.51, "t2", fence=11),
-        {"p": "a", "op": "lost", "kind": "lock", "name": "L", "t0": 1.6, "t1": 1.6, "token": "t1"},
-        release("a", 2.0, 2.01, "t1", error="LockNotOwnedError", lib=True),
-        release("b", 2.1, 2.11, "t2"),
-    )
-    assert renewed == []
+
+
+def test_a_renewed_holder_that_ran_hears_of_its_loss_before_a_successor_holds() -> None:
+    def renewed(lost_at: float, *more: Record) -> list[Violation]:
+        lost: Record = {
+            "p": "a",
+            "op": "lost",
+            "kind": "lock",
+            "name": "L",
+            "t0": lost_at,
+            "t1": lost_at,
+            "token": "t1",
+        }
+        return checks(
+            acquire("a", 0.0, 0.01, "t1", fence=10, renew=True),
+            lost,
+            acquire("b", 1.5, 1.51, "t2", fence=11),
+            release("a", 2.0, 2.01, "t1", error="LockNotOwnedError", lib=True),
+            release("b", 2.1, 2.11, "t2"),
+            *more,
+        )
+
+    assert renewed(1.4) == []
+    late = renewed(1.6)  # told after b held the lock, though a's process was running
+    assert [v.check for v in late] == ["told"]
+    assert set(late[0].lines) == {2, 4, 3}
+    frozen: Record = {
+        "p": "nemesis",
+        "op": "stop-holder",
+        "kind": "fault",
+        "name": "a",
+        "t0": 0.3,
+        "t1": 1.55,
+    }
+    assert renewed(1.6, frozen) == []  # frozen: it could only hear of it once woken
 
 
 def test_fences_must_increase_in_real_time_order_only() -> None:
