@@ -173,7 +173,8 @@ class Nemesis:
         return {"seconds": seconds}
 
     def _restart(self, seconds: float) -> dict[str, Any]:
-        self.target.server.kill()
+        if self.target.server.alive:  # (not after a start that failed: start it again)
+            self.target.server.kill()
         time.sleep(seconds)
         self.target.server.start()  # back once it answers PING (the AOF loaded)
         return {"seconds": seconds}

@@ -156,7 +156,10 @@ def _spawn_clients(
             socket_timeout=options.socket_timeout,
             broker=broker,
         )
-        process = context.Process(target=clients.main, args=(config,), name=config.name)
+        # Daemonic: should the runner fail, its clients go with it.
+        process = context.Process(
+            target=clients.main, args=(config,), name=config.name, daemon=True
+        )
         process.start()
         assert process.pid is not None
         t = now()
@@ -254,6 +257,8 @@ def _drain(run_dir: Path, deadline: float) -> None:
 def _leftovers(server: RedisServer, prefix: str, when: float, history: History) -> None:
     """Every key of the run must be gone once the longest ttl has passed."""
     time.sleep(max(0.0, when - now()))
+    if not server.alive:  # a restart the nemesis could not finish: its data is on disk
+        server.start()
     cursor = "0"
     while True:
         reply = server.command("SCAN", cursor, "MATCH", f"{prefix}*", "COUNT", 1000)
