@@ -509,13 +509,13 @@ def check_tasks(lines: Sequence[Line], forgets: Sequence[float] = ()) -> list[Vi
     applied: dict[str, int] = {}
     unanswered: dict[str, int] = {}  # ids whose apply raised: maybe locked, never published
     answered: list[tuple[int, Record]] = []
-    failures: dict[str, tuple[int, str]] = {}
+    failures: dict[str, tuple[int, str, float]] = {}  # id -> (line, error, when)
     deliveries: dict[str, tuple[int, str]] = {}  # the last delivery of each id, and to whom
     for line, record in lines:
         if record.get("kind") != "task":
             continue
         if record.get("op") == "failed":
-            failures.setdefault(record["id"], (line, record.get("error", "?")))
+            failures.setdefault(record["id"], (line, record.get("error", "?"), record["t0"]))
         elif record.get("op") == "delivered":
             deliveries[record["id"]] = (line, record.get("worker", ""))
         if record.get("op") != "apply":
@@ -532,8 +532,11 @@ def check_tasks(lines: Sequence[Line], forgets: Sequence[float] = ()) -> list[Vi
             continue
         why, lost_at = "", [line]
         if task_id in failures:
-            failed_at, error = failures[task_id]
-            why = f": its worker failed it with {error} before its body ran"
+            failed_at, error, _ = failures[task_id]
+            why = (
+                f": its worker failed it with {error} before its body ran (unique_fail_open="
+                "False: a missed run rather than a possible duplicate)"
+            )
             lost_at.append(failed_at)
         elif task_id in deliveries:
             delivered_at, worker = deliveries[task_id]
@@ -549,6 +552,18 @@ def check_tasks(lines: Sequence[Line], forgets: Sequence[float] = ()) -> list[Vi
         )
     for line, record in answered:
         holder = record.get("result")
+        if holder in failures and holder not in ran:
+            failed_at, error, when = failures[holder]
+            if when < record["t0"]:
+                found.append(
+                    Violation(
+                        "task-holder",
+                        f"apply of {record.get('name')!r} was answered with {holder!r}, which "
+                        f"had already failed ({error}) without running: its key outlived it",
+                        (line, failed_at),
+                    )
+                )
+                continue
         if holder in applied:
             continue
         why, where = "an id nobody published", [line]

@@ -276,6 +276,10 @@ def test_unique_tasks_never_run_twice_at_once_and_none_is_lost() -> None:
     assert [v.check for v in lost] == ["task-lost"]
     stranger = checks(*ran, task("apply", 0.0, t1=0.01, token="i3", result="zz"))
     assert [v.check for v in stranger] == ["task-holder"]
+    # A holder that failed before its body ran: duplicates answered with it after are lost.
+    failed = task("failed", 0.5, run="", id="i1", error="BackendUnavailable")
+    dead = checks(applied[0], failed, task("apply", 0.6, t1=0.61, token="i4", result="i1"))
+    assert sorted(v.check for v in dead) == ["task-holder", "task-lost"]
     # A run whose worker was killed ends there: a later run of its key is no overlap.
     killed = [
         task("run-start", 1.0, run="r1", id="i1", worker="w1"),
