@@ -15,9 +15,8 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from celery_unique.testing import RedisServer, running_redis
 
@@ -51,7 +50,6 @@ class Options:
     socket_timeout: float = 1.0
     #: Seconds past the end a client process may take to finish its last call.
     stuck_after: float = 15.0
-    header: dict[str, Any] = field(default_factory=dict)
 
 
 def run(options: Options) -> Path:
@@ -70,7 +68,6 @@ def run(options: Options) -> Path:
         "socket_timeout": options.socket_timeout,
         "prefix": prefix,
         "persistent": options.persistent,
-        **options.header,
     }
     history = History(run_dir / "runner.jsonl", "runner")
     nemesis_history = History(run_dir / "nemesis.jsonl", "nemesis")
