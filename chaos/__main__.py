@@ -47,6 +47,11 @@ def parser() -> argparse.ArgumentParser:
         help="Redis without persistence: a restart forgets every holder (only the fences, "
         "seeded from Redis time, must still increase across it)",
     )
+    p.add_argument(
+        "--monitor",
+        action="store_true",
+        help="log every command Redis runs (MONITOR) into the run's monitor.log: a diagnostic",
+    )
     p.add_argument("--out", type=Path, default=Path("chaos-runs"), help="where runs are kept")
     p.add_argument(
         "--check", type=Path, metavar="HISTORY", help="only check a saved history.jsonl again"
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncs=args.asyncs,
         tasks=not args.no_tasks,
         persistent=not args.volatile,
+        monitor=args.monitor,
     )
     history = run(options)
     print(f"chaos: ran in {time.monotonic() - started:.1f} s", flush=True)

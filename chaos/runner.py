@@ -10,10 +10,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,8 @@ class Options:
     socket_timeout: float = 1.0
     #: Seconds past the end a client process may take to finish its last call.
     stuck_after: float = 15.0
+    #: Log every command Redis runs (MONITOR) into monitor.log, with the history clock.
+    monitor: bool = False
 
 
 def run(options: Options) -> Path:
@@ -77,6 +81,8 @@ def run(options: Options) -> Path:
         proxy.start()
         stack.callback(proxy.close)
         target = Target(server, proxy)
+        if options.monitor:
+            stack.callback(_monitor(server, run_dir / "monitor.log"))
         workers: Workers | None = None
         broker = ""
         if options.tasks:
@@ -249,6 +255,40 @@ def _drain(run_dir: Path, deadline: float) -> None:
         if published <= ended:
             return
         time.sleep(0.5)
+
+
+def _monitor(server: RedisServer, path: Path) -> Callable[[], None]:
+    """Copy MONITOR's stream into ``path`` (each line prefixed with the history clock) until
+    the returned function is called; reconnects after a restart or CLIENT KILL. A diagnostic:
+    it shows the order in which Redis really ran the commands, scripts' own calls included."""
+    stop = threading.Event()
+
+    def follow() -> None:
+        with open(path, "a", encoding="utf-8") as out:
+            while not stop.is_set():
+                try:
+                    with socket.create_connection(server.address, timeout=0.5) as sock:
+                        sock.sendall(b"MONITOR\r\n")
+                        reader = sock.makefile("rb")
+                        while not stop.is_set():
+                            try:
+                                line = reader.readline()
+                            except TimeoutError:
+                                continue  # (paused, or quiet)
+                            if not line:
+                                break
+                            out.write(f"{now():.6f} {line.decode(errors='replace').rstrip()}\n")
+                except OSError:
+                    time.sleep(0.05)
+
+    thread = threading.Thread(target=follow, name="monitor", daemon=True)
+    thread.start()
+
+    def finish() -> None:
+        stop.set()
+        thread.join(5)
+
+    return finish
 
 
 def _leftovers(server: RedisServer, prefix: str, when: float, history: History) -> None:
