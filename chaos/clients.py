@@ -104,7 +104,11 @@ class Recorder:
         self, op: str, plan: Plan, t0: float, result: Any, exc: Exception | None, **fields: Any
     ) -> None:
         if exc is not None:
-            fields.update(error=type(exc).__name__, lib=isinstance(exc, CeleryUniqueError))
+            fields.update(
+                error=type(exc).__name__,
+                lib=isinstance(exc, CeleryUniqueError),
+                message=str(exc)[:300],  # what to change, by the library's own words
+            )
         else:
             fields["result"] = result
         if plan.kind == "rate":

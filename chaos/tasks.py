@@ -144,6 +144,10 @@ def run_client(history: History, seed: int, stop_at: float) -> None:
         try:
             fields["result"] = work.apply_async((key, seconds), task_id=task_id).id
         except Exception as exc:
-            fields.update(error=type(exc).__name__, lib=isinstance(exc, CeleryUniqueError))
+            fields.update(
+                error=type(exc).__name__,
+                lib=isinstance(exc, CeleryUniqueError),
+                message=str(exc)[:300],
+            )
         history.write("apply", "task", key, t0=t0, t1=now(), **fields)
         time.sleep(rng.uniform(0.05, 0.4))
