@@ -12,6 +12,7 @@ __all__ = [
     "DEFERRED_HEADER",
     "HOLD_HEADER",
     "KEY_HEADER",
+    "SLOT_HEADER",
     "STATE_HEADER",
     "WAITED_HEADER",
 ]
@@ -34,3 +35,7 @@ WAITED_HEADER = "celery_unique_waited"
 #: A copy whose rate-limit slot is booked: the retry count it was booked for (a retry of the
 #: run is a new request, which books its own slot).
 BOOKED_HEADER = "celery_unique_rate_booked"
+#: A copy whose rate-limit slot is booked: the slot's moment, epoch seconds (a float). A copy
+#: that reaches a worker before it waits, or goes back to the queue: a booked slot never runs
+#: early, whatever the transport did to the countdown.
+SLOT_HEADER = "celery_unique_rate_slot_at"
