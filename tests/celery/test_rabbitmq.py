@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import celery
 import pytest
 import redis
 from celery import Celery
@@ -144,6 +145,10 @@ def make_app(broker: str, redis_url: str, queue_type: str) -> Rabbit:
 
 @pytest.fixture(scope="module", params=["classic", "quorum"])
 def rabbit(request: pytest.FixtureRequest, rabbitmq_url: str, redis_url: str) -> Iterator[Rabbit]:
+    if request.param == "quorum" and tuple(celery.VERSION[:3]) < (5, 6, 3):
+        # Seen here on Celery 5.5.3: even a plain countdown=2 message never reaches the
+        # worker (celery#9912; fixed in 5.6.3 by celery#10095, dead-letter cycle detection).
+        pytest.skip("Celery's native delayed delivery loses delayed messages before 5.6.3")
     made = make_app(rabbitmq_url, redis_url, request.param)
     try:
         with start_worker(
