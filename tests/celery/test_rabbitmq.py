@@ -1,6 +1,7 @@
-"""Unique and rate-limited tasks through a real worker on a RabbitMQ broker (results and locks
-on the test Redis), with classic queues and with quorum queues, where Celery sends a
-countdown through RabbitMQ's native delayed delivery (whole seconds only).
+"""Unique and rate-limited tasks through a real worker (a subprocess, threads pool) on a
+RabbitMQ broker (results and locks on the test Redis), with classic queues and with quorum
+queues, where Celery sends a countdown through RabbitMQ's native delayed delivery (whole
+seconds only).
 
 Skipped without Debian's ``rabbitmq-server`` (``nox -s rabbitmq`` installs it);
 ``CELERY_UNIQUE_REQUIRE_RABBITMQ=1`` makes its absence an error.
@@ -10,32 +11,32 @@ from __future__ import annotations
 
 import gc
 import os
-import time
+import signal
+import sys
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from subprocess import STDOUT, Popen, TimeoutExpired
+from typing import IO, Any
 
 import celery
 import pytest
-import redis
-from celery import Celery
-from celery.contrib.testing.worker import start_worker
 
-from celery_unique import RateLimitedTask, UniqueTask
-from celery_unique import signals as unique_signals
 from celery_unique.celery.base import whole_seconds
 from celery_unique.celery.settings import backends
-from celery_unique.core.messages import SLOT_HEADER
 from celery_unique.testing import find_rabbitmq_server, running_rabbitmq
+from tests.celery.rabbit_app import ENV, Rabbit, make_app
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.rabbitmq
 
 #: Set to 1 (as ``nox -s rabbitmq`` does) to make a missing rabbitmq-server an error.
 REQUIRE = "CELERY_UNIQUE_REQUIRE_RABBITMQ"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -50,114 +51,24 @@ def rabbitmq_url() -> Iterator[str]:
         yield url
 
 
-@dataclass
-class Rabbit:
-    """An app on the broker, its tasks, and the Redis where they note what ran."""
-
-    queue_type: str
-    app: Celery
-    store: redis.Redis
-    slow: Any
-    limited: Any
-    one_at_a_time: Any
-    while_running: Any
-
-    def runs(self, tag: str) -> int:
-        return int(self.store.get(f"runs:{tag}") or 0)
-
-    def peak(self, tag: str) -> int:
-        return int(self.store.get(f"peak:{tag}") or 0)
-
-
-# Counts a run of KEYS[1]'s tag and the most of its runs at once (KEYS: running, runs, peak).
-_ENTER = """
-local now = redis.call('INCR', KEYS[1])
-redis.call('INCR', KEYS[2])
-if now > tonumber(redis.call('GET', KEYS[3]) or '0') then redis.call('SET', KEYS[3], now) end
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], 600) end
-return now
-"""
-
-
-def make_app(broker: str, redis_url: str, queue_type: str) -> Rabbit:
-    queue = f"{queue_type}-{uuid.uuid4().hex[:8]}"
-    app = Celery(f"rabbit-{queue}", set_as_current=False)
-    app.conf.update(
-        broker_url=broker,
-        result_backend=redis_url,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        result_expires=600,
-        task_default_queue=queue,
-        unique_key_prefix=f"cu-{queue}:",
-    )
-    if queue_type == "quorum":
-        # As Celery documents native delayed delivery: quorum queues on a topic exchange.
-        app.conf.update(
-            task_default_queue_type="quorum",
-            task_default_exchange_type="topic",
-            worker_detect_quorum_queues=True,
-        )
-    store = redis.Redis.from_url(redis_url)
-
-    @app.task(base=UniqueTask, name="r.slow", shared=False)
-    def slow(tag: str) -> str:
-        store.incr(f"runs:{tag}")
-        store.expire(f"runs:{tag}", 600)
-        time.sleep(0.2)
-        return tag
-
-    def run(tag: str, seconds: float) -> None:
-        store.eval(_ENTER, 3, f"running:{tag}", f"runs:{tag}", f"peak:{tag}")
-        try:
-            time.sleep(seconds)
-        finally:
-            store.decr(f"running:{tag}")
-
-    @app.task(
-        base=RateLimitedTask, name="r.limited", global_rate_limit="2/s", bind=True, shared=False
-    )
-    def limited(self: RateLimitedTask, tag: str, i: int) -> int:
-        # When it ran and the slot it was booked for (none: it ran at once), by this clock.
-        slot_at = getattr(self.request, SLOT_HEADER, None)
-        store.rpush(f"ran:{tag}", f"{time.time()!r} {slot_at!r}")
-        store.expire(f"ran:{tag}", 600)
-        run(tag, 0)
-        return i
-
-    @app.task(base=RateLimitedTask, name="r.one_at_a_time", concurrency_limit=1, shared=False)
-    def one_at_a_time(tag: str, i: int) -> int:
-        run(tag, 0.3)
-        return i
-
-    @app.task(
-        base=UniqueTask,
-        name="r.while_running",
-        unique_until="started",
-        unique_while_running=True,
-        shared=False,
-    )
-    def while_running(tag: str) -> None:
-        run(tag, 1.5)
-
-    return Rabbit(queue_type, app, store, slow, limited, one_at_a_time, while_running)
-
-
 @pytest.fixture(scope="module", params=["classic", "quorum"])
 def rabbit(request: pytest.FixtureRequest, rabbitmq_url: str, redis_url: str) -> Iterator[Rabbit]:
+    """An app on the broker with a worker (threads) of its own in a subprocess."""
     if request.param == "quorum" and tuple(celery.VERSION[:3]) < (5, 6, 3):
         # Seen here on Celery 5.5.3: even a plain countdown=2 message never reaches the
         # worker (celery#9912; fixed in 5.6.3 by celery#10095, dead-letter cycle detection).
         pytest.skip("Celery's native delayed delivery loses delayed messages before 5.6.3")
-    made = make_app(rabbitmq_url, redis_url, request.param)
+    queue = f"{request.param}-{uuid.uuid4().hex[:8]}"
+    made = make_app(rabbitmq_url, redis_url, request.param, queue)
+    values = {"broker": rabbitmq_url, "redis": redis_url, "queue_type": request.param}
+    env = {**os.environ, **{ENV[k]: v for k, v in values.items()}, ENV["queue"]: queue}
     try:
-        with start_worker(
-            made.app,
-            pool="threads",
-            concurrency=4,
-            perform_ping_check=False,
-            shutdown_timeout=30,
-        ):
+        with worker(env) as process:
+            ready = made.ping.delay()
+            try:
+                assert ready.get(timeout=60) == "pong"
+            except Exception:
+                raise RuntimeError(f"the worker did not start:\n{process.log()}") from None
             yield made
     finally:
         backends.close(made.app)
@@ -170,6 +81,40 @@ def rabbit(request: pytest.FixtureRequest, rabbitmq_url: str, redis_url: str) ->
             gc.collect()
 
 
+@dataclass
+class Worker:
+    process: Popen[bytes]
+    output: IO[bytes]
+
+    def log(self) -> str:
+        self.output.seek(0)
+        return self.output.read().decode(errors="replace")[-5000:]
+
+
+@contextmanager
+def worker(env: dict[str, str]) -> Iterator[Worker]:
+    """``celery -A tests.celery.rabbit_app worker`` (threads) in its own process group."""
+    command = [
+        sys.executable, "-m", "celery", "-A", "tests.celery.rabbit_app", "worker",
+        "--pool=threads", "--concurrency=4", "--without-gossip", "--without-mingle",
+        "--without-heartbeat", "-l", "warning",
+    ]  # fmt: skip
+    with tempfile.TemporaryFile() as output:
+        process = Popen(
+            command, env=env, cwd=ROOT, start_new_session=True, stdout=output, stderr=STDOUT
+        )
+        try:
+            yield Worker(process, output)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(20)
+                except TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
 def test_a_duplicate_applied_while_queued_gets_the_holders_id_and_it_runs_once(
     rabbit: Rabbit,
 ) -> None:
@@ -179,22 +124,6 @@ def test_a_duplicate_applied_while_queued_gets_the_holders_id_and_it_runs_once(
     assert again.id == first.id
     assert first.get(timeout=30) == tag
     assert rabbit.runs(tag) == 1
-
-
-@contextmanager
-def countdowns(task: str) -> Iterator[list[float]]:
-    """The countdowns of the deferrals of ``task`` (the in-process worker's signals)."""
-    seen: list[float] = []
-
-    def note(sender: Any = None, countdown: float = 0.0, **_: Any) -> None:
-        if getattr(sender, "name", None) == task:
-            seen.append(countdown)
-
-    unique_signals.task_deferred.connect(note, weak=False)
-    try:
-        yield seen
-    finally:
-        unique_signals.task_deferred.disconnect(note)
 
 
 def all_succeed(results: list[Any]) -> list[Any]:
@@ -213,29 +142,27 @@ def test_six_calls_over_a_rate_limit_of_two_per_second_all_succeed_none_early(
     rabbit: Rabbit,
 ) -> None:
     tag = uuid.uuid4().hex
-    with countdowns("r.limited") as deferred:
-        results = [rabbit.limited.delay(tag, i) for i in range(6)]
-        assert sorted(all_succeed(results)) == list(range(6))
+    results = [rabbit.limited.delay(tag, i) for i in range(6)]
+    assert sorted(all_succeed(results)) == list(range(6))
     assert rabbit.runs(tag) == 6
+    deferred = rabbit.deferred(tag)
     # Six at 2/s: the burst of two runs at once, the other four are booked a slot ahead.
     assert len(deferred) >= 4
     if rabbit.queue_type == "quorum":
         assert all(c == int(c) >= 1 for c in deferred), deferred  # whole seconds only
     else:
         assert any(c != int(c) for c in deferred), deferred  # the slots as booked
-    lines = rabbit.store.lrange(f"ran:{tag}", 0, -1)
-    ran = [(x.decode() if isinstance(x, bytes) else x).split() for x in lines]
-    booked = [(float(at), float(slot)) for at, slot in ran if slot != "None"]
+    booked = [(at, slot) for at, slot in rabbit.ran(tag) if slot is not None]
     assert len(booked) >= 4
     assert all(at >= slot for at, slot in booked), booked  # no booked slot ran early
 
 
 def test_a_concurrency_limit_of_one_defers_the_others_and_all_succeed(rabbit: Rabbit) -> None:
     tag = uuid.uuid4().hex
-    with countdowns("r.one_at_a_time") as deferred:
-        results = [rabbit.one_at_a_time.delay(tag, i) for i in range(3)]
-        assert sorted(all_succeed(results)) == list(range(3))
+    results = [rabbit.one_at_a_time.delay(tag, i) for i in range(3)]
+    assert sorted(all_succeed(results)) == list(range(3))
     assert rabbit.runs(tag) == 3 and rabbit.peak(tag) == 1
+    deferred = rabbit.deferred(tag)
     assert deferred  # four threads got them at once: some waited their turn
     if rabbit.queue_type == "quorum":
         assert all(c == int(c) >= 1 for c in deferred), deferred
@@ -243,13 +170,13 @@ def test_a_concurrency_limit_of_one_defers_the_others_and_all_succeed(rabbit: Ra
 
 def test_a_queued_instance_waits_while_one_runs_and_both_succeed(rabbit: Rabbit) -> None:
     tag = uuid.uuid4().hex
-    with countdowns("r.while_running") as deferred:
-        first = rabbit.while_running.delay(tag)
-        wait_until(lambda: rabbit.runs(tag) == 1)  # it runs (and has freed the queued key)
-        second = rabbit.while_running.delay(tag)
-        assert second.id != first.id
-        all_succeed([first, second])
+    first = rabbit.while_running.delay(tag)
+    wait_until(lambda: rabbit.runs(tag) == 1)  # it runs (and has freed the queued key)
+    second = rabbit.while_running.delay(tag)
+    assert second.id != first.id
+    all_succeed([first, second])
     assert rabbit.runs(tag) == 2 and rabbit.peak(tag) == 1
+    deferred = rabbit.deferred(tag)
     assert deferred  # the second came while the first ran: it waited
     if rabbit.queue_type == "quorum":
         assert all(c == int(c) >= 1 for c in deferred), deferred
