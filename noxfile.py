@@ -89,8 +89,15 @@ def _debian_rabbitmq(session: nox.Session) -> None:
     env = {"DEBIAN_FRONTEND": "noninteractive"}
     session.run("apt-get", "update", "-q", external=True, env=env)
     session.run("apt-get", "install", "-y", "-q", "rabbitmq-server", external=True, env=env)
-    if shutil.which("service"):  # a container's policy-rc.d usually kept it from starting
-        session.run("service", "rabbitmq-server", "stop", external=True, success_codes=[0, 1])
+    # A container's policy-rc.d usually keeps it from starting; if it did start (a node runs
+    # as the rabbitmq user), stop it: its ports are not ours. Only then: the service script
+    # asks through rabbitmqctl, which starts an epmd of its own when none runs.
+    running = subprocess.run(["pgrep", "-u", "rabbitmq", "beam"], capture_output=True, check=False)
+    if running.returncode == 0 and shutil.which("service"):
+        stopped = subprocess.run(
+            ["service", "rabbitmq-server", "stop"], capture_output=True, text=True, check=False
+        )
+        session.log(f"service rabbitmq-server stop: exit {stopped.returncode}")
 
 
 @nox.session
