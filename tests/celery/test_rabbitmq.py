@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import socket
 import sys
 import tempfile
 import uuid
@@ -180,3 +181,27 @@ def test_a_queued_instance_waits_while_one_runs_and_both_succeed(rabbit: Rabbit)
     assert deferred  # the second came while the first ran: it waited
     if rabbit.queue_type == "quorum":
         assert all(c == int(c) >= 1 for c in deferred), deferred
+
+
+def _erlang_processes() -> set[int]:
+    """Pids of the Erlang VMs and epmds running now (any user's)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            name = (entry / "comm").read_text().strip()
+        except (OSError, ValueError):
+            continue  # not a process, or it ended meanwhile
+        if name in ("beam.smp", "epmd"):
+            found.add(int(entry.name))
+    return found
+
+
+def test_the_broker_stops_its_node_and_its_epmd_and_frees_its_port(rabbitmq_url: str) -> None:
+    before = _erlang_processes()
+    with running_rabbitmq() as url:
+        during = _erlang_processes() - before
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+    assert len(during) == 2  # its node and its epmd, nothing else
+    assert not during & _erlang_processes()  # both gone, by their pids
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
+        pass
