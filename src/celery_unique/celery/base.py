@@ -13,11 +13,12 @@ from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 
 from .. import signals
 from ..backends import RedisBackend
+from ..core import admission
 from ..core.arguments import ArgumentKey, UniqueOn
 from ..core.lifecycle import Deferral, Event, Expired, LostChild, Revoked, TimeLimit
 from .settings import backend_for
 
-__all__ = ["RedisTask", "arguments_key", "defer", "delay_of"]
+__all__ = ["RedisTask", "arguments_key", "defer", "delay_of", "whole_seconds"]
 
 logger = logging.getLogger("celery_unique")
 
@@ -63,10 +64,26 @@ def delay_of(app: Celery, options: Mapping[str, Any]) -> float:
     return max(0.0, seconds)
 
 
+def whole_seconds(app: Celery) -> bool:
+    """Whether a countdown ``app`` publishes goes through RabbitMQ's native delayed delivery,
+    which counts whole seconds only. Celery's own test (``Celery.send_task``, and the
+    worker's ``DelayedDelivery`` step): an AMQP broker and a quorum queue among the app's
+    queues (``task_default_queue_type="quorum"``, or a queue's ``x-queue-type`` argument)."""
+    queues = app.amqp.queues
+    if not any((q.queue_arguments or {}).get("x-queue-type") == "quorum" for q in queues.values()):
+        return False
+    # No network: the connection is never opened, its transport class is all we read.
+    with app.connection_for_write() as connection:
+        return bool(connection.transport.driver_type == "amqp")
+
+
 def defer(task: Task, deferral: Deferral) -> NoReturn:
     """Put the running instance back in the queue for ``deferral.countdown`` seconds and stop
     this run, as the core decided (:mod:`~celery_unique.core.lifecycle`,
-    :mod:`~celery_unique.core.admission`).
+    :mod:`~celery_unique.core.admission`), in a countdown the transport can carry
+    (:func:`~celery_unique.core.admission.fit`: whole seconds, rounded up, where
+    :func:`whole_seconds`). The unique key's TTL covers it: ``apply_async`` adds the
+    countdown.
 
     Same task id, same retry count (a deferral is not a retry: it uses none of
     ``max_retries`` up), options untouched, the deferral's headers added. Published through
@@ -76,6 +93,7 @@ def defer(task: Task, deferral: Deferral) -> NoReturn:
     run's state, its success included.
     """
     request = task.request
+    deferral = admission.fit(deferral, whole_seconds(task.app))
     countdown, reason = deferral.countdown, deferral.kind.value
     logger.info("%s[%s] deferred by %.2f s: %s", task.name, request.id, countdown, deferral.why)
     signals.task_deferred.send(sender=task, task_id=request.id, reason=reason, countdown=countdown)

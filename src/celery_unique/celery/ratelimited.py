@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -11,7 +12,7 @@ from typing import Any, ClassVar
 from ..backends import RedisBackend
 from ..core import admission
 from ..core.lifecycle import Event
-from ..core.messages import BOOKED_HEADER
+from ..core.messages import BOOKED_HEADER, SLOT_HEADER
 from ..core.rates import RateLimit, as_limits
 from ..errors import BackendError, LockNotOwnedError
 from ..limiters import RateLimiter
@@ -79,7 +80,10 @@ class RateLimitedTask(RedisTask):
     then. A deferral keeps the task id, the retry count (it uses none of ``max_retries`` up)
     and the options; with :class:`UniqueTask` (``class T(UniqueTask, RateLimitedTask)``) it
     keeps the unique lock. A booked slot whose instance is revoked meanwhile is spent.
-    Booked runs start at their slot by the workers' clocks: keep them in sync (NTP).
+    Booked runs start at their slot by the workers' clocks: keep them in sync (NTP); a copy
+    that arrives before its slot waits for it, or is deferred again, never runs early (on
+    RabbitMQ with quorum queues a deferral is rounded up to whole seconds: see
+    :func:`~celery_unique.celery.base.whole_seconds`).
     """
 
     global_rate_limit: ClassVar[Any] = None
@@ -108,9 +112,13 @@ class RateLimitedTask(RedisTask):
         # while a slot refused costs no rate-limit token.
         running = self._take_run_slot(args, kwargs)
         try:
-            # A copy carrying its booking runs: its slot was taken when it was deferred, and a
-            # broker's redelivery of that copy must not book (or be refused) a second time.
-            if not admission.booked(getattr(request, BOOKED_HEADER, None), request.retries):
+            # A copy carrying its booking runs at its slot: the slot was taken when it was
+            # deferred, and a broker's redelivery of that copy must not book (or be refused)
+            # a second time.
+            booking = getattr(request, BOOKED_HEADER, None)
+            if admission.booked(booking, request.retries):
+                self._await_slot(booking)
+            else:
                 self._take_slot(args, kwargs)
             return super().__call__(*args, **kwargs)
         finally:
@@ -157,6 +165,15 @@ class RateLimitedTask(RedisTask):
                 self.name, self.request.id, slot.ttl, exc_info=True,
             )  # fmt: skip
 
+    def _await_slot(self, booking: Any) -> None:
+        """A booked copy that came before its slot (the transport rounded its countdown, a
+        clock drifted): wait if the slot is near, else defer to it (raises Retry)."""
+        early = admission.arrived(getattr(self.request, SLOT_HEADER, None), booking, time.time())
+        if isinstance(early, admission.Wait):
+            time.sleep(early.seconds)
+        elif early is not None:
+            defer(self, early)
+
     def _take_slot(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Book this run's slot: return if it is now, else defer the instance (raises Retry)."""
         rated = self.rate_config
@@ -165,7 +182,7 @@ class RateLimitedTask(RedisTask):
             return
         horizon = rated.max_wait
         slot = rated.limiter(limits).reserve(rated.key(args, kwargs), max_wait=horizon)
-        deferral = admission.rate(slot, horizon, self.request.retries)
+        deferral = admission.rate(slot, horizon, self.request.retries, time.time())
         if deferral is not None:
             defer(self, deferral)
 

