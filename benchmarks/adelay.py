@@ -28,7 +28,7 @@ from celery import Celery
 
 from benchmarks import _harness as h
 from celery_unique import UniqueTask
-from celery_unique.celery.settings import backends
+from celery_unique.celery.store import backends
 
 FULL, QUICK = (0.5, 7), (0.15, 3)
 TASKS = (64, 1)

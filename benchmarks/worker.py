@@ -57,7 +57,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 from benchmarks import _harness as h
 from benchmarks import worker_tasks as wt
-from celery_unique.celery.settings import backends
+from celery_unique.celery.store import backends
 
 FULL, QUICK = (300, 15), (60, 3)  # (tasks per run, repetitions)
 UNIT = "tasks"  # what the first number of FULL and QUICK counts

@@ -50,7 +50,7 @@ MakeApp = Callable[..., Celery]
 @pytest.fixture
 def make_app() -> Iterator[MakeApp]:
     """Throwaway Celery apps, closed afterwards with their lock backends (no stray sockets)."""
-    from celery_unique.celery.settings import backends
+    from celery_unique.celery.store import backends
 
     made: list[Celery] = []
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from celery_unique import RateLimit, RateLimitedTask, RedisBackend, UniqueTask
-from celery_unique.celery.settings import async_backend_for, backend_for, backends
+from celery_unique.celery.store import async_backend_for, backend_for, backends
 from celery_unique.compat.singleton import singleton_backend
 from celery_unique.testing import SentinelServers, TLSFiles, redis_sentinel, running_redis
 from tests.celery.conftest import MakeApp

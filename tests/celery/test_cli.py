@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from celery_unique import RateLimit
-from celery_unique.celery.settings import backend_for
+from celery_unique.celery.store import backend_for
 from tests.celery import app as t
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from celery_unique.celery.settings import backends
+from celery_unique.celery.store import backends
 from celery_unique.core.keys import KeySpace
 from celery_unique.testing import ClusterServers, running_cluster
 from tests.celery import app as t

@@ -305,7 +305,7 @@ def test_singleton_and_unique_tasks_keep_their_own_asyncio_backends(
     make_app: MakeApp, redis_url: str
 ) -> None:
     from celery_unique.celery import async_backend_for
-    from celery_unique.celery.settings import backends
+    from celery_unique.celery.store import backends
 
     app = make_app(broker_url=redis_url, singleton_backend_url=redis_url)
 

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from celery_unique import RedisBackend
-from celery_unique.celery.settings import backend_for
+from celery_unique.celery.store import backend_for
 from tests.celery import app as t
 
 pytestmark = pytest.mark.usefixtures("worker")

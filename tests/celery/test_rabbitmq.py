@@ -28,7 +28,7 @@ import celery
 import pytest
 
 from celery_unique.celery.base import whole_seconds
-from celery_unique.celery.settings import backends
+from celery_unique.celery.store import backends
 from celery_unique.testing import find_rabbitmq_server, running_rabbitmq
 from tests.celery.rabbit_app import ENV, Rabbit, make_app
 from tests.helpers import wait_until

@@ -15,7 +15,7 @@ from celery.result import AsyncResult
 
 from celery_unique import ConfigurationError, RateLimit, RateLimitedTask
 from celery_unique.celery.ratelimited import RateConfig
-from celery_unique.celery.settings import backend_for
+from celery_unique.celery.store import backend_for
 from celery_unique.core.messages import BOOKED_HEADER
 from tests.celery import app as t
 from tests.celery.observe import admissions, assert_within_the_limit, deferrals, span

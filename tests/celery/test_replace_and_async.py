@@ -14,7 +14,7 @@ import redis
 
 from celery_unique import UniqueTask
 from celery_unique.celery import publishers
-from celery_unique.celery.settings import backends
+from celery_unique.celery.store import backends
 from tests.celery import app as t
 from tests.celery.conftest import MakeApp
 from tests.conftest import lock_owner

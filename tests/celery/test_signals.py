@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from celery_unique import DuplicateTaskError, signals
-from celery_unique.celery.settings import backend_for
+from celery_unique.celery.store import backend_for
 from tests.celery import app as t
 from tests.conftest import lock_key
 from tests.helpers import wait_until

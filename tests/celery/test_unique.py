@@ -337,7 +337,7 @@ def test_fail_open_publishes_without_the_lock_and_warns(
 def test_the_backend_defaults_to_the_redis_result_backend_then_the_broker(
     redis_url: str, make_app: MakeApp
 ) -> None:
-    from celery_unique.celery.settings import backend_for
+    from celery_unique.celery.store import backend_for
 
     assert "127.0.0.1" in repr(
         backend_for(make_app(result_backend=redis_url, broker_url="memory://"))

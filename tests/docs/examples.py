@@ -183,7 +183,7 @@ def _close(namespace: dict[str, Any]) -> Any:
     from celery import Celery
 
     from celery_unique import AsyncRedisBackend, RedisBackend
-    from celery_unique.celery.settings import backends
+    from celery_unique.celery.store import backends
 
     async def close() -> None:
         for value in list(namespace.values()):

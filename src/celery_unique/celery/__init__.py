@@ -23,15 +23,8 @@ from __future__ import annotations
 from .admin import force_release, holder_id, unlink_locks
 from .base import RedisTask, arguments_key
 from .ratelimited import RateLimitedTask
-from .settings import (
-    Setting,
-    StoreSettings,
-    async_backend_for,
-    backend_for,
-    conf_setting,
-    from_task,
-    key_prefix,
-)
+from .settings import Setting, conf_setting, from_task
+from .store import StoreSettings, async_backend_for, backend_for, key_prefix
 from .unique import UniqueTask
 
 __all__ = [

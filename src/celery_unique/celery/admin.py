@@ -17,7 +17,7 @@ from ..core import buckets, locks, semaphores
 from ..core.keys import ParsedKey, task_lock_start, task_of_lock
 from ..core.lifecycle import RUN_SEPARATOR, holder_id
 from ..core.rates import RateLimit
-from .settings import backend_for
+from .store import backend_for
 
 if TYPE_CHECKING:
     from .unique import UniqueTask

@@ -16,7 +16,7 @@ from ..backends import RedisBackend
 from ..core import admission
 from ..core.arguments import ArgumentKey, UniqueOn
 from ..core.lifecycle import Deferral, Event, Expired, LostChild, Revoked, TimeLimit
-from .settings import backend_for
+from .store import backend_for
 
 __all__ = ["RedisTask", "arguments_key", "defer", "delay_of", "whole_seconds"]
 
@@ -28,7 +28,7 @@ class RedisTask(Task):  # type: ignore[misc]
 
     def redis_backend(self) -> RedisBackend:
         """The backend this task's locks and limits live in: the app's (see
-        :func:`~.settings.backend_for`). Override to use another Redis."""
+        :func:`~.store.backend_for`). Override to use another Redis."""
         return backend_for(self.app)
 
     def free_ended_instance(

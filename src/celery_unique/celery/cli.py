@@ -21,7 +21,7 @@ import click
 from ..backends import RedisBackend
 from ..errors import CeleryUniqueError
 from .admin import held_locks, limits_in_use, unlink_locks
-from .settings import backend_for
+from .store import backend_for
 
 __all__ = ["unique"]
 

@@ -30,13 +30,13 @@ from .settings import (
     DEFAULT_LEASE,
     DEFAULT_TTL,
     Setting,
-    async_backend_for,
     check_choice,
     check_encoder,
     check_flag,
     check_seconds,
     from_task,
 )
+from .store import async_backend_for
 
 __all__ = ["RUN_SEPARATOR", "UniqueConfig", "UniqueTask", "clear_locks"]
 
