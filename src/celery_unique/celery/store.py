@@ -22,6 +22,7 @@ from celery import Celery
 from ..backends import AsyncRedisBackend, RedisBackend
 from ..core.keys import DEFAULT_PREFIX
 from ..errors import ConfigurationError
+from ..executors.aio import running_loop
 from .settings import conf_setting
 
 __all__ = [
@@ -146,7 +147,7 @@ class _Backends:
     async def aclose(self, app: Celery) -> None:
         """Close and forget ``app``'s asyncio backends on the running loop (an app serving
         an event loop that ends may call this; others are closed with their process)."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         with self._lock:
             made = self._async.get(app, weakref.WeakKeyDictionary()).pop(loop, {})
         for backend in made.values():
@@ -257,5 +258,5 @@ def backend_for(
 def async_backend_for(app: Celery, names: StoreSettings = UNIQUE_STORE) -> AsyncRedisBackend:
     """The asyncio twin of :func:`backend_for` for the running event loop (an asyncio client
     belongs to one loop): one per app, lock store and loop, built on first use."""
-    loop = asyncio.get_running_loop()
+    loop = running_loop()
     return backends.get_async(app, loop, names.name, lambda: lock_store(app, names).aconnect())

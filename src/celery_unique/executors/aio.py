@@ -19,18 +19,32 @@ import redis.exceptions as rex
 
 from ..core.native import PROBE_KEY
 from ..core.steps import WITHDRAWN, Call, Eval, Flow, Op, Sleep, Step
-from ..errors import BackendError, BackendUnavailable
+from ..errors import BackendError, BackendUnavailable, ConfigurationError
 from .batching import Batcher, Request
 from .connections import aclose_client, deadline_of, direct_pool
 from .errors import backend_error, native_refusal
 from .policy import EvictionCheck, NativeCommands
 from .sender import BatchSender
 
-__all__ = ["AsyncRedisExecutor"]
+__all__ = ["AsyncRedisExecutor", "running_loop"]
 
 T = TypeVar("T")
 # Executors alive in this process, for the fork hook below.
 _live: weakref.WeakSet[AsyncRedisExecutor] = weakref.WeakSet()
+
+
+def running_loop() -> asyncio.AbstractEventLoop:
+    """The running asyncio event loop; a :class:`ConfigurationError` that says what to do
+    when the caller runs under another event loop (trio) or none."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise ConfigurationError(
+            "celery_unique's async objects run on asyncio (through redis.asyncio), and this "
+            "call came from outside an asyncio event loop (under trio, say): run it under "
+            "asyncio (anyio.run(..., backend='asyncio')), or call the sync RedisBackend from a "
+            "worker thread (anyio.to_thread.run_sync)"
+        ) from None
 
 
 class AsyncRedisExecutor:
@@ -72,6 +86,7 @@ class AsyncRedisExecutor:
 
     async def execute(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
+        running_loop()  # a clear error under another event loop, before anything starts
         step = op.step
         if self._eviction.pending or self._native.pending or self._native.pick(step):
             return op.parse(await self._send_any(step))
@@ -148,6 +163,7 @@ class AsyncRedisExecutor:
         ``on_cancelled``, and is raised then: the caller learns what the command did, and
         nothing it sends next can overtake it.
         """
+        running_loop()  # a clear error under another event loop, before anything starts
         try:
             step: Step = next(flow)
             while True:
