@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lenient-deadlines",
         action="store_true",
-        help="allow one more socket timeout per call (a known defect being fixed)",
+        help="allow one more socket timeout per call (to compare with versions whose "
+        "deadlines did not cover connecting)",
     )
     return p
 
