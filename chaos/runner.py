@@ -116,7 +116,10 @@ def run(options: Options) -> Path:
         if workers is not None:
             from .tasks import TASK_LEASE, TASK_TTL, VISIBILITY
 
-            _drain(run_dir, now() + VISIBILITY + 10.0)
+            # A killed worker's message comes back after the visibility timeout (and a sweep
+            # a second); a delivery put back while the lock store was down waits up to
+            # 30 s (x 1.25, lifecycle.UNREACHABLE_MAX) before it runs.
+            _drain(run_dir, now() + VISIBILITY + 40.0 + 10.0)
             workers.stop()
             gone = max(gone, stop_at + TASK_TTL + 1.0, now() + TASK_LEASE + 1.0)
         _leftovers(server, prefix, gone, history)

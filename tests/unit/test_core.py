@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 
 from celery_unique import Acquisition, BackendUnavailable, ConfigurationError
-from celery_unique.core.holding import ATTEMPT_FLOOR, BACKOFF_MAX, loss_margin, stamped
+from celery_unique.core.holding import (
+    ATTEMPT_FLOOR,
+    BACKOFF_MAX,
+    CLEANUP_FIRST,
+    loss_margin,
+    stamped,
+)
 from celery_unique.core.keys import KeySpace
 from celery_unique.core.locks import (
     acquire,
@@ -293,7 +299,7 @@ def test_an_unanswered_acquire_is_released_eventually_or_left_to_expire() -> Non
     flow = release_eventually(KEYS, "tok", 10.0, clock=clock)
     assert next(flow) == Eval(RELEASE, ("p:lock:{job}",), ("tok",))
     step = flow.throw(BackendUnavailable("down"))
-    assert isinstance(step, Sleep) and step.seconds <= BACKOFF_MAX
+    assert isinstance(step, Sleep) and step.seconds <= CLEANUP_FIRST
     clock.now += step.seconds
     assert isinstance(flow.send(None), Eval)  # tried again
     assert finish(flow, 1) is True

@@ -32,6 +32,9 @@ BACKOFF_MAX = 0.25
 #: the rest of the promised 0.5 s is left for raising the error (a floor of the whole 0.5 s
 #: overshot it by a few ms, as the chaos suite found).
 ATTEMPT_FLOOR = 0.4
+#: Seconds between the tries of a clean-up after an unanswered acquire: the first, then
+#: doubling to the last.
+CLEANUP_FIRST, CLEANUP_MAX = 0.05, 1.0
 
 
 class Attempt(Protocol):
@@ -193,7 +196,9 @@ def release_eventually(release: Eval | Call, ttl: float, *, clock: Clock) -> Flo
     has expired by then). Returns whether something was released.
     """
     give_up = clock() + ttl
-    backoff = BACKOFF_MAX
+    # Soon, and often: until it is answered, the key may answer other callers with a holder
+    # that will never run (an apply whose reply was lost). One call a second at most.
+    backoff = CLEANUP_FIRST
     while True:
         try:
             return flag((yield release))
@@ -202,4 +207,4 @@ def release_eventually(release: Eval | Call, ttl: float, *, clock: Clock) -> Flo
             if left <= 0:
                 return False
             yield Sleep(min(backoff * (0.5 + random.random() / 2), left))
-            backoff = min(backoff * 2, 4.0)
+            backoff = min(backoff * 2, CLEANUP_MAX)
