@@ -355,3 +355,18 @@ def test_a_delivery_that_finds_redis_unreachable_is_put_back_unchanged() -> None
     started = lc.Policy(ttl=60.0, lease=30.0, until="started")  # its release at the start
     _, transition = step(S.QUEUED, lc.Start("r1"), lost, started)
     assert isinstance(transition.outcome, lc.Deferral) and transition.outcome.bypass
+
+
+def test_a_holder_this_process_never_published_is_taken_over() -> None:
+    """An earlier call's take ran but its answer was lost (it raised, publishing nothing): the
+    key names a holder that will never run, and this process knows it."""
+    answers = [got("phantom"), got(ID, acquired=True)]
+    event = lc.Apply(60.0, phantoms=frozenset({"phantom"}))
+    actions, transition = steps(S.NEW, event, answers)
+    assert actions == [lc.Take(ID, 60.0), lc.Take(ID, 60.0, "phantom")]
+    assert transition == Transition(S.QUEUED, lc.Publish())  # nothing to mark replaced
+    running = lc.run_token("phantom", "r")  # it ran after all (a retry of that very call)
+    _, transition = steps(S.NEW, event, [got(running, ttl=20.0)])
+    assert transition.outcome == lc.Duplicate("phantom", 20.0, queued=False)
+    _, transition = steps(S.NEW, event, [got("other", ttl=9.0)])  # not one of ours
+    assert transition.outcome == lc.Duplicate("other", 9.0, queued=True)

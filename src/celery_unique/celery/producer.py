@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,38 @@ logger = logging.getLogger("celery_unique")
 
 #: Celery's own ``Task.apply_async`` (the next class's in the MRO), which publishes.
 Publisher = Callable[..., AsyncResult]
+
+
+class _Phantoms:
+    """Ids of this process's calls whose take Redis never answered and which raised,
+    publishing nothing, per key, until their TTL is over. Such an id may hold the key (the
+    take ran, its answer was lost) and will never run: a later call of this process that
+    finds it there takes its place instead of answering with it. (Its clean-up frees it
+    too, but the next call may come first.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids: dict[str, dict[str, float]] = {}
+
+    def add(self, key: str, task_id: str, ttl: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for known in list(self._ids):
+                alive = {t: end for t, end in self._ids[known].items() if end > now}
+                if alive:
+                    self._ids[known] = alive
+                else:
+                    del self._ids[known]
+            self._ids.setdefault(key, {})[task_id] = now + ttl
+
+    def of(self, key: str) -> frozenset[str]:
+        if not self._ids:  # the common case, without the lock
+            return frozenset()
+        with self._lock:
+            return frozenset(self._ids.get(key, ()))
+
+
+_phantoms = _Phantoms()
 
 
 @dataclass(slots=True)
@@ -96,7 +129,8 @@ def prepare(
             held = Held(lc.Instance(task_id, config.policy, lc.KeyState.QUEUED), key)
         event = lc.Republish(ttl)
     else:
-        held, event = Held(lc.Instance(task_id, config.policy), key), lc.Apply(ttl)
+        held = Held(lc.Instance(task_id, config.policy), key)
+        event = lc.Apply(ttl, phantoms=_phantoms.of(key))
     return Call(held, event, ttl, args, kwargs, headers, options)
 
 
@@ -167,6 +201,8 @@ def answer(task: UniqueTask, call: Call, outcome: lc.Outcome) -> AsyncResult | N
         lock = config.backend.lock(call.held.key, ttl=config.policy.ttl, token=call.task_id)
         lock.release_in_background()
     if isinstance(outcome, lc.Fail):
+        if outcome.free_later:
+            _phantoms.add(call.held.key, call.task_id, call.held.instance.policy.ttl)
         raise outcome.error
     if isinstance(outcome, lc.Publish) and not outcome.locked:
         logger.warning(

@@ -157,9 +157,12 @@ class Policy:
 @dataclass(frozen=True, slots=True)
 class Apply:
     """``apply_async`` from outside a run: take the key for ``ttl`` seconds (queue time
-    included) or learn its holder."""
+    included) or learn its holder. ``phantoms``: ids of this process's own earlier calls
+    whose take Redis never answered and whose message was never published: found holding
+    the key, such a holder will never run, and the call takes its place."""
 
     ttl: float
+    phantoms: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,12 +474,13 @@ def _apply(it: Instance, event: Apply) -> Flow:
         got = yield Take(it.task_id, event.ttl)
         if not got.acquired:
             found = _duplicate(got)
-            if it.policy.on_duplicate != "replace" or not found.queued:
+            phantom = found.queued and found.holder in event.phantoms
+            if not phantom and (it.policy.on_duplicate != "replace" or not found.queued):
                 return found
-            # Take a queued holder's place: only from that very token, so a holder that
-            # started meanwhile (its token is a run's now) is not displaced.
-            holder = found.holder
-            got = yield Take(it.task_id, event.ttl, holder)
+            # Take a queued holder's place (a replace, or a holder never published): only
+            # from that very token, so a holder that started meanwhile is not displaced.
+            holder = None if phantom else found.holder
+            got = yield Take(it.task_id, event.ttl, found.holder)
             if not got.acquired:
                 return _duplicate(got)
     except BackendUnavailable as error:
