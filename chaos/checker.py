@@ -52,8 +52,9 @@ class Violation:
 class Bounds:
     """The deadlines the library promises (README and DESIGN.md: "Behaviour users can count
     on"): a single call ends within the client's socket timeout, ``acquire(timeout=T)`` within
-    T; each plus ``margin``. ``lenient`` adds one more socket timeout to each, for a library
-    with the known defect of a second full timeout after a dropped connection."""
+    T; each plus ``margin``. ``lenient`` adds one more socket timeout to each, for versions
+    whose deadlines did not cover connecting (a second full timeout after a dropped
+    connection)."""
 
     socket_timeout: float = 1.0
     margin: float = 0.5
