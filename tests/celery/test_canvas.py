@@ -7,10 +7,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import redis
 from celery import chord, group
 
 from tests.celery import app as t
 from tests.celery.observe import publishes
+from tests.conftest import lock_key
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -62,3 +64,18 @@ def test_a_plain_duplicate_still_gets_the_holders_result_and_publishes_nothing(t
     with publishes("celery_unique.follow", holder.id) as followers:
         assert t.slow.apply_async((tag, 0.3)).id == holder.id
     assert followers == []
+
+
+def test_an_applied_instance_that_lost_its_key_follows_the_holder(
+    tag: str, client: redis.Redis
+) -> None:
+    """Its key went to another instance before it started (its queued key expired, or its
+    worker died after the take-over): callers were answered with its id, so it yields the
+    holder's result instead of none, and the work still runs once."""
+    key = lock_key("cut:", t.by_name_slow.unique_key((), {}))
+    late = t.by_name_slow.apply_async(kwargs={"tag": tag, "seconds": 0.1}, countdown=1.0)
+    client.delete(key)  # as if it had expired
+    holder = t.by_name_slow.apply_async(kwargs={"tag": tag, "seconds": 3.0})  # runs 3 s
+    assert holder.id != late.id
+    assert late.get(timeout=30) == holder.get(timeout=30) == tag
+    assert t.runs(tag) == 1

@@ -370,3 +370,10 @@ def test_a_holder_this_process_never_published_is_taken_over() -> None:
     assert transition.outcome == lc.Duplicate("phantom", 20.0, queued=False)
     _, transition = steps(S.NEW, event, [got("other", ttl=9.0)])  # not one of ours
     assert transition.outcome == lc.Duplicate("other", 9.0, queued=True)
+
+
+def test_a_skipped_instance_that_was_applied_follows_its_holder() -> None:
+    _, transition = step(S.QUEUED, lc.Start("r1", applied=True), got("task-2"))
+    assert transition == Transition(S.RELEASED, lc.Skip("task-2", follow=True))
+    _, transition = step(S.QUEUED, lc.Start("r1"), got("task-2"))  # sent around apply_async
+    assert transition.outcome == lc.Skip("task-2", follow=False)

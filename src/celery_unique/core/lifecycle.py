@@ -180,13 +180,17 @@ class Start:
     """A worker starts a delivery of the instance. ``ttl_left``: seconds until the
     instance's TTL ends, when that counts (:attr:`Policy.tracks_ttl_end`); ``deferred``: this
     copy was deferred because another delivery ran; ``waited``: how many times this instance
-    was deferred already because another instance was running (``Policy.while_running``)."""
+    was deferred already because another instance was running (``Policy.while_running``);
+    ``unreachable``: how often it found the lock store unreachable as it started;
+    ``applied``: it was published by ``apply_async`` (not sent around it, by ``send_task`` or
+    beat), so callers may wait on its id."""
 
     run_id: str
     ttl_left: float | None = None
     deferred: bool = False
     waited: int = 0
     unreachable: int = 0
+    applied: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,9 +387,12 @@ class Run:
 
 @dataclass(frozen=True, slots=True)
 class Skip:
-    """Do not run: the key is held by another instance ``holder``, which does the work."""
+    """Do not run: the key is held by another instance ``holder``, which does the work.
+    ``follow``: this instance was applied (its id answered callers, duplicates included), so
+    it yields the holder's result under its own id instead of none."""
 
     holder: str
+    follow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,7 +576,7 @@ def _start(it: Instance, event: Start) -> Flow:
         )
     if holder != it.task_id:
         it.state = KeyState.RELEASED
-        return Skip(holder)
+        return Skip(holder, follow=event.applied)
     # Another delivery of this very instance runs (a broker redelivery), or died less than a
     # lease ago: never run beside it, come back when its lease is over. Ignored, not a retry:
     # its RETRY could land over that run's SUCCESS, and a later copy would run it again.
