@@ -511,12 +511,15 @@ def check_tasks(lines: Sequence[Line], forgets: Sequence[float] = ()) -> list[Vi
     unanswered: dict[str, int] = {}  # ids whose apply raised: maybe locked, never published
     answered: list[tuple[int, Record]] = []
     failures: dict[str, tuple[int, str, float]] = {}  # id -> (line, error, when)
+    followed: dict[str, tuple[int, str]] = {}  # id -> (line, the holder it followed)
     deliveries: dict[str, tuple[int, str]] = {}  # the last delivery of each id, and to whom
     for line, record in lines:
         if record.get("kind") != "task":
             continue
         if record.get("op") == "failed":
             failures.setdefault(record["id"], (line, record.get("error", "?"), record["t0"]))
+        elif record.get("op") == "followed":
+            followed[record["id"]] = (line, record.get("holder", ""))
         elif record.get("op") == "delivered":
             deliveries[record["id"]] = (line, record.get("worker", ""))
         if record.get("op") != "apply":
@@ -532,7 +535,15 @@ def check_tasks(lines: Sequence[Line], forgets: Sequence[float] = ()) -> list[Vi
         if task_id in ran:
             continue
         why, lost_at = "", [line]
-        if task_id in failures:
+        if task_id in followed:
+            # It found its key held by another instance and yielded that one's outcome: it is
+            # answered with the holder, which must have run.
+            followed_at, leader = followed[task_id]
+            if leader in ran:
+                continue
+            why = f": it followed {leader}, which never ran either"
+            lost_at.append(followed_at)
+        elif task_id in failures:
             failed_at, error, _ = failures[task_id]
             why = (
                 f": its worker failed it with {error} before its body ran (unique_fail_open="

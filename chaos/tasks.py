@@ -49,6 +49,9 @@ def configure(broker: str, locks: str, prefix: str, socket_timeout: float) -> No
             "visibility_timeout": VISIBILITY,
             "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
+            # The sweep's mutex outlives a worker killed while holding it (5 min by default):
+            # no message would come back for that long.
+            "unacked_mutex_expire": 5,
         },
         result_expires=600,
         # Acknowledged once run: a killed worker's task (running or reserved) is delivered
@@ -123,6 +126,16 @@ def _delivered(sender: Any = None, task_id: str | None = None, **_: Any) -> None
     # Before the library's own start: a delivery that never reaches the body shows here.
     if getattr(sender, "name", None) == work.name:
         _mark("delivered", "", "", task_id or "")
+
+
+@signals.task_postrun.connect(weak=False, dispatch_uid="chaos.followed")
+def _followed(
+    sender: Any = None, task_id: str | None = None, args: Any = (), state: Any = None, **_: Any
+) -> None:
+    # A delivery that found its key held by another instance follows it (the library's
+    # follower task, under the same id): its outcome is the holder's.
+    if getattr(sender, "name", None) == "celery_unique.follow" and args:
+        _mark("followed", "", "", task_id or "", holder=str(args[0]), state=str(state))
 
 
 @signals.task_failure.connect(weak=False, dispatch_uid="chaos.failure")

@@ -300,3 +300,14 @@ def test_check_replays_a_saved_history(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "FIGURE violations: 1" in out
     assert "VIOLATION holders" in out and "history lines 2, 3" in out
+
+
+def test_an_applied_task_that_followed_a_holder_which_ran_is_answered() -> None:
+    applied = task("apply", 0.0, t1=0.01, token="i1", result="i1")
+    other = task("apply", 0.5, t1=0.51, token="i2", result="i2")
+    ran = task("run-start", 1.0, run="r2", id="i2", worker="w1")
+    followed = task("followed", 2.0, run="", id="i1", holder="i2", state="SUCCESS")
+    assert checks(applied, other, ran, followed) == []
+    unran = task("followed", 2.0, run="", id="i1", holder="i9", state="FAILURE")
+    lost = checks(applied, other, ran, unran)
+    assert [v.check for v in lost] == ["task-lost"] and "i9" in lost[0].message
