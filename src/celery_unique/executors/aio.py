@@ -18,7 +18,7 @@ import anyio
 import redis.exceptions as rex
 
 from ..core.native import PROBE_KEY
-from ..core.steps import WITHDRAWN, Call, Eval, Flow, Op, Sleep, Step
+from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
 from ..errors import BackendError, BackendUnavailable, ConfigurationError
 from .batching import Batcher, Request
 from .connections import aclose_client, deadline_of, direct_pool
@@ -100,8 +100,6 @@ class AsyncRedisExecutor:
                 got: Any = await self._one(replace(alternative.call, gate=step.gate))
             except BackendError as exc:
                 got = exc
-            if got is WITHDRAWN:
-                return got
             answer = self._native.settle(alternative, got)
             if answer is not None:
                 return answer

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..core import native
 from ..core.eviction import POLICY_CHECK, eviction_warning
-from ..core.steps import Call, Eval, Native
+from ..core.steps import WITHDRAWN, Call, Eval, Native
 
 __all__ = ["Budget", "EvictionCheck", "FirstUse", "NativeCommands"]
 
@@ -169,7 +169,10 @@ class NativeCommands(FirstUse):
 
     def settle(self, alternative: Native, got: Any) -> Any:
         """The script's reply from what ``alternative`` ``got`` (its reply, or the error it
-        raised), or ``None``: send the script, whose answer or error is the caller's."""
+        raised), or ``None``: send the script, whose answer or error is the caller's. A gated
+        step withdrawn before it was written stays withdrawn (no script either)."""
+        if got is WITHDRAWN:
+            return got
         if not isinstance(got, BaseException):
             return alternative.reply(got)
         missing = self._refusal(got)

@@ -237,8 +237,6 @@ class RedisExecutor:
                 got: Any = self._send(alternative.call, step.gate)
             except BackendError as exc:
                 got = exc
-            if got is WITHDRAWN:
-                return got
             answer = self._native.settle(alternative, got)
             if answer is not None:
                 return answer
