@@ -28,6 +28,7 @@ from celery_unique.core.locks import (
 )
 from celery_unique.core.scripts import ACQUIRE, EXTEND, RELEASE
 from celery_unique.core.steps import Call, Eval, Flow, Sleep, to_ms
+from celery_unique.executors.policy import Budget
 
 KEYS = KeySpace("p:").lock("job")
 
@@ -318,3 +319,15 @@ def test_an_unanswered_acquire_is_released_eventually_or_left_to_expire() -> Non
         waited += step.seconds
         flow.send(None)
     assert waited == pytest.approx(10.0)  # gives up once the lock would have expired anyway
+
+
+def test_a_resend_that_cannot_connect_leaves_the_first_sends_outcome_unknown() -> None:
+    budget = Budget(0.0, 2.0)
+    assert budget.resend(0.5, sent=True, connection_lost=True, idempotent=True)
+    # The resend's checkout then fails: nothing was sent this time, but the first send may
+    # have run (a take: the key may be held), so the caller must clean up.
+    assert budget.outcome_unknown()
+    fresh = Budget(0.0, 2.0)
+    assert fresh.resend(0.5, sent=False, connection_lost=True, idempotent=False)
+    assert not fresh.outcome_unknown()
+    assert not budget.outcome_unknown(refused_by_replica=True)

@@ -45,13 +45,16 @@ class Budget:
     ``sooner``: the deadlines its steps ask for (``None`` for the executor's).
     """
 
-    __slots__ = ("deadline", "resend_left", "started", "total")
+    __slots__ = ("deadline", "resend_left", "sent_before", "started", "total")
 
     def __init__(self, now: float, timeout: float, sooner: Iterable[float | None] = ()) -> None:
         self.started = now
         self.total = min([timeout, *(s for s in sooner if s is not None)])
         self.deadline = now + self.total
         self.resend_left = True
+        #: An earlier attempt had written the command: whatever the next attempt meets, the
+        #: command may have run (a resend that cannot even connect leaves that so).
+        self.sent_before = False
 
     def left(self, now: float) -> float:
         """Seconds left of the budget (negative once it is spent)."""
@@ -76,12 +79,13 @@ class Budget:
         if sent and not (connection_lost and idempotent):
             return False
         self.resend_left = False
+        self.sent_before = self.sent_before or sent
         return True
 
-    @staticmethod
-    def outcome_unknown(*, sent: bool, refused_by_replica: bool) -> bool:
-        """Whether a failed command may have run: it was sent, and no replica refused it."""
-        return sent and not refused_by_replica
+    def outcome_unknown(self, *, sent: bool = False, refused_by_replica: bool = False) -> bool:
+        """Whether a failed command may have run: this attempt or an earlier one sent it, and
+        no replica refused it."""
+        return (sent or self.sent_before) and not refused_by_replica
 
 
 class FirstUse:

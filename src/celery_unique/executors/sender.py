@@ -77,10 +77,14 @@ class BatchSender:
                 async with _timeout(budget.left(loop.time())):
                     connection = await checkout_async(self._pool)
             except (rex.RedisError, TimeoutError) as exc:
-                raise backend_error(exc, waited=budget.waited(loop.time())) from exc
-            except CLOSED_UNDER_US as exc:
+                unknown = budget.outcome_unknown()  # an earlier attempt's may have run
                 waited = budget.waited(loop.time())
-                raise backend_error(closed_under_us(exc), waited=waited) from exc
+                raise backend_error(exc, outcome_unknown=unknown, waited=waited) from exc
+            except CLOSED_UNDER_US as exc:
+                waited, unknown = budget.waited(loop.time()), budget.outcome_unknown()
+                raise backend_error(
+                    closed_under_us(exc), outcome_unknown=unknown, waited=waited
+                ) from exc
             # Waiting for a free connection takes time: drop who gave up meanwhile, and what
             # was withdrawn (no await from here to the write: it stays so).
             replies: list[Any] = [None] * len(batch)

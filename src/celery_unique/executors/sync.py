@@ -262,14 +262,22 @@ class RedisExecutor:
                 connection = self._take(self._pool, budget)
             except rex.RedisError as exc:
                 # Nothing was sent. redis-py's own retry policy already covered the connect.
-                raise backend_error(exc, waited=budget.waited(clock())) from exc
+                unknown = budget.outcome_unknown()  # an earlier attempt's may have run
+                raise backend_error(
+                    exc, outcome_unknown=unknown, waited=budget.waited(clock())
+                ) from exc
             except CLOSED_UNDER_US as exc:  # its health check met a socket closed meanwhile
                 waited = budget.waited(clock())
-                raise backend_error(closed_under_us(exc), waited=waited) from exc
+                unknown = budget.outcome_unknown()
+                raise backend_error(
+                    closed_under_us(exc), outcome_unknown=unknown, waited=waited
+                ) from exc
             if budget.spent(clock()):  # the wait for a free connection used it up
                 self._pool.release(connection)
                 raise backend_error(
-                    rex.TimeoutError("no pooled connection in time"), waited=budget.waited(clock())
+                    rex.TimeoutError("no pooled connection in time"),
+                    outcome_unknown=budget.outcome_unknown(),
+                    waited=budget.waited(clock()),
                 )
             checking = self._eviction.claim()
             probing = self._native.claim()
