@@ -16,6 +16,7 @@ pays nothing for the batching. What a batch does on the wire is the sender's bus
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,11 +35,14 @@ class Request:
     learn what it did (see :meth:`Batcher.outcome`): the reply is kept as ``answer``.
     """
 
-    __slots__ = ("answer", "answered", "future", "late", "sent", "step")
+    __slots__ = ("answer", "answered", "future", "late", "sent", "since", "step")
 
     def __init__(self, step: Eval | Call, future: asyncio.Future[Any] | None = None) -> None:
         self.step = step
         self.future = future
+        # When its caller asked (the loop's clock): its deadline runs from here, the wait
+        # for a batch to leave included.
+        self.since = time.monotonic()
         self.sent = False
         self.answered = False
         self.answer: Any = None

@@ -69,7 +69,10 @@ class BatchSender:
     async def __call__(self, batch: list[Request]) -> list[Any]:
         steps = [request.step for request in batch]
         loop = asyncio.get_running_loop()
-        budget = Budget(loop.time(), self.timeout, (s.timeout for s in steps))
+        # From the earliest caller's ask: a request that waited for a batch to leave has
+        # spent that much of its deadline already.
+        since = min(request.since for request in batch)
+        budget = Budget(min(since, loop.time()), self.timeout, (s.timeout for s in steps))
         if self._pool is None:
             return await self._through_client(steps, budget.total)
         while True:
