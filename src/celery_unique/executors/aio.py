@@ -8,6 +8,7 @@ the core's flows over them. Every operation ends within its deadline, as the syn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -231,6 +232,10 @@ class AsyncRedisExecutor:
         # closed, open it afresh and leave it open.
         await self._batcher.drain()
         await aclose_client(self.client, self._sender.nodes_seen.values())
+        # And any connection of ours the pool no longer lists (one it let go in a failover).
+        for connection in list(self._sender.used):
+            with contextlib.suppress(rex.RedisError, OSError):
+                await connection.disconnect()
 
 
 def _after_fork_in_child() -> None:

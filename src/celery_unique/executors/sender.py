@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -62,6 +63,9 @@ class BatchSender:
         #: The cluster nodes this sender has seen the client route to (closed at the end),
         #: by identity: redis-py 5.0's nodes compare equal but cannot be hashed.
         self.nodes_seen: dict[int, Any] = {}
+        #: Every pooled connection this sender used: closed at the end whatever the pool's
+        #: own bookkeeping did with it (a failover's pool may let one go without closing).
+        self.used: weakref.WeakSet[Any] = weakref.WeakSet()
         if self._pool is not None:
             self._packer = packer(self._pool)
             self._decode = decoder(self._pool)
@@ -79,6 +83,7 @@ class BatchSender:
             try:
                 async with _timeout(budget.left(loop.time())):
                     connection = await checkout_async(self._pool)
+                self.used.add(connection)
             except (rex.RedisError, TimeoutError) as exc:
                 unknown = budget.outcome_unknown()  # an earlier attempt's may have run
                 waited = budget.waited(loop.time())
@@ -151,6 +156,8 @@ class BatchSender:
         # fork is kept alive for the child's lifetime (a few objects, once per fork).
         with contextlib.suppress(TypeError):  # a pool without a __dict__: nothing to keep
             _INHERITED.append(list(vars(self._pool).values()))
+        _INHERITED.append(list(self.used))  # nor closed at the child's end
+        self.used = weakref.WeakSet()
         self._pool.reset()
 
     async def _drop(self, connection: Any) -> None:
