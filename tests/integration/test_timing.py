@@ -95,6 +95,36 @@ async def test_the_resend_after_a_broken_connection_stays_within_the_deadline(
     assert outcome["took"] <= 1.0 + SLACK, outcome["took"]
 
 
+@pytest.mark.parametrize("flavour", ["async"])  # the sync executor's deadline never cancels
+async def test_a_deadline_holds_when_redis_py_swallows_its_cancellation(
+    make_backend: MakeBackend, proxy: Proxy
+) -> None:
+    """Python 3.11's ``asyncio.wait_for``, which redis-py writes with, swallows a
+    cancellation that lands as the write completes: the deadline's one cancellation is then
+    lost, and a read of a server that never answers must not wait on regardless."""
+    swallowed: list[float] = []
+
+    class Swallowing(redis.asyncio.Connection):
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            await super().send_packed_command(command, check_health)
+            if ACQUIRE.sha.encode() in _joined(command):
+                try:
+                    await anyio.sleep(5)  # a write that completes just as the deadline lands
+                except BaseException:
+                    swallowed.append(time.monotonic())  # and whose cancellation is lost
+
+    backend = make_backend(proxy.url, socket_timeout=1.0, connection_class=Swallowing)
+    await backend.lock("warm", ttl=5).owner()
+    proxy.hold = True  # and nothing is answered any more
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable) as raised:
+        await backend.lock("job", ttl=5).acquire(blocking=False)
+    took = time.monotonic() - started
+    assert swallowed, "the deadline's cancellation never reached the write"
+    assert took <= 1.0 + SLACK, took
+    assert _waited(raised.value) <= took + 0.01
+
+
 Written = list[bytes]
 
 
@@ -103,24 +133,26 @@ def _scripts(written: Written) -> list[bytes]:
     return b"".join(written).split(b"$7\r\nEVALSHA\r\n")[1:]
 
 
+def _joined(command: Any) -> bytes:
+    """What ``send_packed_command`` was given, as the bytes written."""
+    return command if isinstance(command, bytes) else b"".join(command)
+
+
 def _recording(flavour: str, written: Written) -> type[Any]:
     """A redis-py connection class that notes every write, in the order they happen."""
-
-    def joined(command: Any) -> bytes:
-        return command if isinstance(command, bytes) else b"".join(command)
 
     if flavour == "sync":
 
         class Recording(redis.Connection):
             def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-                written.append(joined(command))
+                written.append(_joined(command))
                 super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call, unused-ignore]
 
         return Recording
 
     class AsyncRecording(redis.asyncio.Connection):
         async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            written.append(joined(command))
+            written.append(_joined(command))
             await super().send_packed_command(command, check_health)
 
     return AsyncRecording

@@ -84,6 +84,9 @@ class BatchSender:
                 async with _timeout(budget.left(loop.time())):
                     connection = await checkout_async(self._pool)
                 self.used.add(connection)
+                if budget.spent(loop.time()):  # the deadline's cancellation was swallowed
+                    await self._pool.release(connection)
+                    raise TimeoutError
             except (rex.RedisError, TimeoutError) as exc:
                 unknown = budget.outcome_unknown()  # an earlier attempt's may have run
                 waited = budget.waited(loop.time())
@@ -114,8 +117,11 @@ class BatchSender:
                             b"".join(self._pack(steps[i]) for i in live)
                         )
                         sent = True
+                        _check(budget, loop)
                         answers = await self._read(connection, len(live))
-                        await self._reload_missing(connection, [steps[i] for i in live], answers)
+                        await self._reload_missing(
+                            connection, [steps[i] for i in live], answers, budget
+                        )
                     for i, answer in zip(live, answers, strict=True):
                         replies[i] = answer
             except _FAILED as caught:
@@ -171,7 +177,7 @@ class BatchSender:
         return self._packer.command(step.args)
 
     async def _reload_missing(
-        self, connection: Any, steps: list[Eval | Call], answers: list[Any]
+        self, connection: Any, steps: list[Eval | Call], answers: list[Any], budget: Budget
     ) -> None:
         """Load the scripts answered NOSCRIPT and send those steps again, in one round trip."""
         missing = [i for i, answer in enumerate(answers) if isinstance(answer, rex.NoScriptError)]
@@ -186,6 +192,7 @@ class BatchSender:
         await connection.send_packed_command(
             b"".join(loads + [self._pack(steps[i]) for i in missing])
         )
+        _check(budget, asyncio.get_running_loop())
         again = await self._read(connection, len(loads) + len(missing))
         for i, answer in zip(missing, again[len(loads) :], strict=True):
             answers[i] = answer
@@ -249,6 +256,15 @@ class BatchSender:
             raise backend_error(exc) from exc
         except CLOSED_UNDER_US as exc:
             raise backend_error(closed_under_us(exc), outcome_unknown=True) from exc
+
+
+def _check(budget: Budget, loop: asyncio.AbstractEventLoop) -> None:
+    """Raise the deadline's ``TimeoutError`` if it has passed. Python 3.11's
+    ``asyncio.wait_for``, which redis-py writes with, swallows a cancellation that lands as
+    the write completes: the deadline's ``asyncio.timeout`` then fired for nothing, and the
+    read after it would wait a whole socket timeout more."""
+    if budget.spent(loop.time()):
+        raise TimeoutError
 
 
 def _withdrawn(step: Eval | Call) -> bool:
