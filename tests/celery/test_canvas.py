@@ -79,3 +79,28 @@ def test_an_applied_instance_that_lost_its_key_follows_the_holder(
     assert holder.id != late.id
     assert late.get(timeout=30) == holder.get(timeout=30) == tag
     assert t.runs(tag) == 1
+
+
+def test_an_applied_instance_whose_holder_never_runs_runs_the_work_itself(
+    tag: str, client: redis.Redis
+) -> None:
+    """The holder it found was never published (a producer whose take Redis answered too
+    late told its caller so, and its clean-up freed the key later): once that holder holds
+    no key and has no result, the follower applies the work under its own id."""
+    key = lock_key("cut:", t.by_name_slow.unique_key((), {}))
+    late = t.by_name_slow.apply_async(kwargs={"tag": tag, "seconds": 0.1}, countdown=1.0)
+    phantom = uuid.uuid4().hex
+    client.set(key, f"1:{phantom}", px=3000)  # as if a phantom's take replaced its expired key
+    assert late.get(timeout=30) == tag  # the work ran under the follower's (its own) id
+    assert t.runs(tag) == 1
+    assert client.get(key) is None  # and the run freed its key
+
+
+def test_a_follower_waits_for_a_retrying_holder(tag: str) -> None:
+    """A holder in RETRY runs again: its follower waits for that run, not fails."""
+    holder = t.retrying.apply_async((tag, 2, 0.5))
+    wait_until(lambda: t.runs(tag) >= 1)  # it has run once, and retries
+    duplicate = t.retrying.apply_async((tag, 2, 0.5), link=t.called_back.s(tag))
+    assert duplicate.id != holder.id  # a follower, for the callback
+    assert duplicate.get(timeout=30) == holder.get(timeout=30)
+    wait_until(lambda: t.calls(tag) == [holder.get(timeout=1)])

@@ -377,3 +377,16 @@ def test_a_skipped_instance_that_was_applied_follows_its_holder() -> None:
     assert transition == Transition(S.RELEASED, lc.Skip("task-2", follow=True))
     _, transition = step(S.QUEUED, lc.Start("r1"), got("task-2"))  # sent around apply_async
     assert transition.outcome == lc.Skip("task-2", follow=False)
+
+
+def test_a_follower_waits_while_its_holder_holds_its_key() -> None:
+    assert lc.follower_takes_over(True, None, 100.0) == (False, None)
+    assert lc.follower_takes_over(True, 90.0, 100.0) == (False, None)  # seen again: forget
+
+
+def test_a_follower_takes_over_from_a_holder_missing_for_the_result_grace() -> None:
+    # Not at once: a holder frees its key a moment before its result is stored.
+    assert lc.follower_takes_over(False, None, 100.0) == (False, 100.0)
+    almost = 100.0 + lc.RESULT_GRACE - 0.1
+    assert lc.follower_takes_over(False, 100.0, almost) == (False, 100.0)
+    assert lc.follower_takes_over(False, 100.0, 100.0 + lc.RESULT_GRACE) == (True, 100.0)

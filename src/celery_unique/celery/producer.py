@@ -30,7 +30,7 @@ from ..core.plans import plain, through
 from ..errors import BackendError
 from . import publishers, runs
 from .base import delay_of
-from .follow import FOLLOW_TASK, follows
+from .follow import FOLLOW_TASK, follows, work_of
 from .plans import Held, perform, quietly
 
 if TYPE_CHECKING:
@@ -231,8 +231,14 @@ def publish(
         policy = call.held.instance.policy
         follower = task.app.tasks[FOLLOW_TASK]
         until = time.time() + policy.ttl + policy.lease
+        work = work_of(task, call.held.key, call.args, call.kwargs)
+        options = {"serializer": task.serializer, **call.options}  # the work's arguments
         result: AsyncResult = follower.apply_async(
-            (outcome.holder, until), task_id=call.task_id, headers=call.headers, **call.options
+            (outcome.holder, until),
+            {"work": work},
+            task_id=call.task_id,
+            headers=call.headers,
+            **options,
         )
         return result
     instance = call.held.instance

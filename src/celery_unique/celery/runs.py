@@ -32,18 +32,16 @@ from ..core.messages import (
     WAITED_HEADER,
 )
 from .base import defer
-from .follow import FOLLOW_TASK
+from .follow import FOLLOW_TASK, work_of
 from .plans import Held, perform, quietly
 
 if TYPE_CHECKING:
     from .unique import UniqueTask
 
-__all__ = ["DONE_GRACE", "current", "free_ended", "run"]
+__all__ = ["current", "free_ended", "run"]
 
 logger = logging.getLogger("celery_unique")
 
-#: Seconds a copy deferred for another delivery waits for that delivery's result to be final.
-DONE_GRACE = 2.0
 # The request context's attribute that holds the delivery under way.
 _HELD = "celery_unique_held"
 # The states a message can say its instance is in as it reaches a worker.
@@ -92,8 +90,11 @@ def run(
         if outcome.follow and not _revoked(task, request.id):
             policy = config.policy
             follower = task.app.tasks[FOLLOW_TASK].s(
-                outcome.holder, time.time() + policy.ttl + policy.lease
+                outcome.holder,
+                time.time() + policy.ttl + policy.lease,
+                work=work_of(task, held.key, args, kwargs),
             )
+            follower.set(serializer=task.serializer)  # the work's arguments, as they came
             logger.info("%s follows %s, which holds its unique key", name, outcome.holder)
             return task.replace(follower)
         return task.skipped_result(outcome.holder)
@@ -173,8 +174,8 @@ def _arriving_state(request: Any, deferred: bool) -> lc.KeyState:
 def _ran_elsewhere(task: UniqueTask, task_id: str) -> bool:
     """Whether the delivery this copy waited for ran the instance to success. It frees the
     key a moment before Celery stores its result: a result not final yet is waited for
-    (:data:`DONE_GRACE` at most; a delivery that died leaves none)."""
-    deadline = time.monotonic() + DONE_GRACE
+    (``RESULT_GRACE`` at most; a delivery that died leaves none)."""
+    deadline = time.monotonic() + lc.RESULT_GRACE
     while True:
         try:
             state = task.AsyncResult(task_id).state

@@ -37,6 +37,7 @@ from .messages import DEFERRED_HEADER, UNREACHABLE_HEADER, WAITED_HEADER
 from .results import Acquisition
 
 __all__ = [
+    "RESULT_GRACE",
     "RUN_SEPARATOR",
     "TRANSITIONS",
     "Apply",
@@ -76,6 +77,7 @@ __all__ = [
     "Take",
     "TakeOver",
     "TimeLimit",
+    "follower_takes_over",
     "holder_id",
     "run_token",
 ]
@@ -393,6 +395,28 @@ class Skip:
 
     holder: str
     follow: bool = False
+
+
+#: Seconds an instance that freed its key may take to store its result: Celery stores it a
+#: moment after the run ends (a copy waiting on it, a follower of it, wait this long).
+RESULT_GRACE = 2.0
+
+
+def follower_takes_over(
+    holds_key: bool, unseen_since: float | None, now: float
+) -> tuple[bool, float | None]:
+    """Whether the follower of a holder with no result yet runs the work itself, and since
+    when the holder has been missing (``unseen_since``, to carry to the next look).
+
+    A holder that holds its key (queued or running) is on its way; one that holds none and
+    has no result for :data:`RESULT_GRACE` never will have one (it was never published: its
+    producer's take was answered too late, or its message was lost), and the callers of the
+    follower's id must not wait for ever."""
+    if holds_key:
+        return False, None
+    if unseen_since is None:
+        return False, now
+    return now - unseen_since >= RESULT_GRACE, unseen_since
 
 
 @dataclass(frozen=True, slots=True)
