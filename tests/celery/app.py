@@ -54,6 +54,13 @@ if os.environ.get("CELERY_UNIQUE_TEST_CLUSTER_URL"):
         unique_backend_options={"cluster": True},
     )
 
+if os.environ.get("CELERY_UNIQUE_TEST_MARK_REVOKES"):
+    # A worker that marks revoked ids as Celery before 5.6.2 needs celery_unique to, whatever
+    # the Celery installed (test_revoke.py).
+    from celery_unique.celery import revokes
+
+    revokes.install(force=True)
+
 _clients: dict[str, redis.Redis] = {}
 
 _ENTER = """
