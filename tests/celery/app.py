@@ -54,6 +54,13 @@ if os.environ.get("CELERY_UNIQUE_TEST_CLUSTER_URL"):
         unique_backend_options={"cluster": True},
     )
 
+if os.environ.get("CELERY_UNIQUE_TEST_MARK_REVOKES"):
+    # A worker that marks revoked ids as Celery before 5.6.2 needs celery_unique to, whatever
+    # the Celery installed (test_revoke.py).
+    from celery_unique.celery import revokes
+
+    revokes.install(force=True)
+
 _clients: dict[str, redis.Redis] = {}
 
 _ENTER = """
@@ -531,3 +538,47 @@ def by_name_slow(*results: Any, tag: str = "", seconds: float = 0.5) -> str:
     with Run(tag):
         time.sleep(seconds)
     return tag
+
+
+# -- beat (test_beat.py) ------------------------------------------------------------------------
+
+
+def beat_setting(tag: str, queue: str, seconds: float) -> str:
+    """The ``CELERY_UNIQUE_TEST_BEAT`` value of a beat that fires ``slow(tag, seconds)`` every
+    second, to ``queue``."""
+    return json.dumps({"tag": tag, "queue": queue, "seconds": seconds})
+
+
+def beat_fired(tag: str) -> tuple[int, int]:
+    """What the firings of that beat did: how many published a message, how many were
+    answered as duplicates (counted in the beat process)."""
+    published, duplicates = store().mget([f"beat-published:{tag}", f"beat-duplicates:{tag}"])
+    return int(published or 0), int(duplicates or 0)
+
+
+if os.environ.get("CELERY_UNIQUE_TEST_BEAT"):
+    _beat = json.loads(os.environ["CELERY_UNIQUE_TEST_BEAT"])
+    app.conf.beat_schedule = {
+        "unique-every-second": {
+            "task": "t.slow",
+            "schedule": 1.0,
+            "args": (_beat["tag"], _beat["seconds"]),
+            "options": {"queue": _beat["queue"]},
+        }
+    }
+
+    def _beat_count(what: str) -> None:
+        counter = f"beat-{what}:{_beat['tag']}"
+        store().incr(counter)
+        store().expire(counter, 600)
+
+    # This process fires nothing else: every publish or duplicate of t.slow is the schedule's.
+    @signals.after_task_publish.connect(weak=False, dispatch_uid="tests.beat.published")
+    def _beat_published(sender: Any = None, **_: Any) -> None:
+        if sender == "t.slow":
+            _beat_count("published")
+
+    @unique_signals.task_duplicate.connect(weak=False, dispatch_uid="tests.beat.duplicate")
+    def _beat_duplicate(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "name", None) == "t.slow":
+            _beat_count("duplicates")

@@ -95,6 +95,40 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
+def celery_process(
+    redis_url: str, *args: str, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[Popen[bytes], Callable[[], str]]]:
+    """``celery -A tests.celery.app <args>`` (a worker, beat) in a subprocess on the test
+    Redis, in a process group of its own; yields it and a function that returns the end of
+    its log. When the block ends, that group alone is stopped (SIGTERM, then SIGKILL)."""
+    env = {**os.environ, "CELERY_UNIQUE_TEST_REDIS_URL": redis_url, **(env or {})}
+    with tempfile.TemporaryFile() as log:
+
+        def tail() -> str:
+            log.seek(0)
+            return log.read().decode(errors="replace")[-3000:]
+
+        process = Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.celery.app", *args],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=log,
+            stderr=STDOUT,
+        )
+        try:
+            yield process, tail
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(15)
+                except TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
+@contextmanager
 def worker_process(
     redis_url: str,
     *,
@@ -105,47 +139,24 @@ def worker_process(
     """A worker (prefork unless ``pool`` says otherwise) in a subprocess (its own process
     group) on a queue of its own."""
     queue = f"q-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "CELERY_UNIQUE_TEST_REDIS_URL": redis_url, **(env or {})}
-    with tempfile.TemporaryFile() as log:
-        process = Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tests.celery.app",
-                "worker",
-                f"--pool={pool}",
-                f"--concurrency={concurrency}",
-                "-Q",
-                queue,
-                "-n",
-                f"{queue}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-l",
-                "warning",
-            ],
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-            stdout=log,
-            stderr=STDOUT,
-        )
+    args = [
+        "worker",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        "-Q",
+        queue,
+        "-n",
+        f"{queue}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-l",
+        "warning",
+    ]
+    with celery_process(redis_url, *args, env=env) as (process, tail):
+        ready = test_app.slow.apply_async((uuid.uuid4().hex, 0.0), queue=queue)
         try:
-            ready = test_app.slow.apply_async((uuid.uuid4().hex, 0.0), queue=queue)
-            try:
-                ready.get(timeout=60)
-            except Exception:
-                log.seek(0)
-                raise RuntimeError(f"worker did not start: {log.read().decode()[-3000:]}") from None
-            yield process, queue
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(15)
-                except TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+            ready.get(timeout=60)
+        except Exception:
+            raise RuntimeError(f"worker did not start: {tail()}") from None
+        yield process, queue

@@ -15,6 +15,7 @@ import redis
 
 from celery_unique import RateLimit
 from celery_unique.celery.store import backend_for
+from celery_unique.core.lifecycle import run_token
 from tests.celery import app as t
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +78,41 @@ def test_clear_refuses_without_yes_then_says_how_many(
     count = int(done.stdout.split()[1])
     assert count >= 2 and f"deleted {count} locks" in done.stdout
     assert listed(redis_url, "--task", "t.slow") == []
+
+
+def test_clear_holder_frees_only_the_key_that_task_id_holds(
+    redis_url: str, held: tuple[str, list[str]]
+) -> None:
+    secret, ids = held
+    done = celery(redis_url, "clear", "--holder", ids[0], "--json")  # no --yes: one named key
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)
+    assert row["holder"] == ids[0] and row["task"] == "t.slow" and row["state"] == "queued"
+    assert set(row) == {"task", "holder", "state", "ttl", "lock"}  # list's fields
+    holders = {row["holder"] for row in listed(redis_url, "--task", "t.slow")}
+    assert ids[0] not in holders and ids[1] in holders  # the other holder's key stays
+    table = celery(redis_url, "clear", "--holder", ids[1])
+    assert table.returncode == 0
+    assert f"freed 1 lock held by {ids[1]}" in table.stdout and "queued" in table.stdout
+    assert secret not in done.stdout + table.stdout
+    again = celery(redis_url, "clear", "--holder", ids[1])
+    assert again.returncode == 0 and f"no lock held by {ids[1]}" in again.stdout
+    assert json.loads(celery(redis_url, "clear", "--holder", ids[1], "--json").stdout) == []
+
+
+def test_clear_holder_frees_a_running_instances_key_and_json_needs_it(redis_url: str) -> None:
+    task_id, name = uuid.uuid4().hex, t.slow.unique_key((uuid.uuid4().hex, 0.0))
+    backend = backend_for(t.app)  # a run's key, as a worker holds it: the id and a run id
+    assert backend.acquire_or_owner(name, run_token(task_id, "r1"), 60).acquired
+    done = celery(redis_url, "clear", "--holder", task_id, "--task", "t.slow", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [(row["holder"], row["state"]) for row in json.loads(done.stdout)] == [
+        (task_id, "running")
+    ]
+    assert backend.acquire_or_owner(name, "next", 60).acquired  # free again
+    backend.release(name, "next")
+    refused = celery(redis_url, "clear", "--json", "--yes")
+    assert refused.returncode != 0 and "--holder" in refused.stderr
 
 
 def test_limits_shows_rate_buckets_and_concurrency_slots_in_use(

@@ -79,6 +79,35 @@ def test_a_duplicate_says_whether_its_holder_is_still_queued() -> None:
     assert transition.outcome == lc.Duplicate("other", 9.5, queued=True)
 
 
+def test_a_duplicate_asks_whether_a_queued_holder_was_revoked_where_results_tell() -> None:
+    sees = lc.Apply(3600.0, sees_revokes=True)
+    _, transition = step(S.NEW, sees, got("other", ttl=9.5))
+    assert transition == Transition(S.NEW, lc.Duplicate("other", 9.5, True, unless_revoked=True))
+    # A running holder is not asked about: a revoke without terminate leaves its run be.
+    _, transition = step(S.NEW, sees, got(lc.run_token("other", "r"), ttl=9.5))
+    assert transition.outcome == lc.Duplicate("other", 9.5)
+    # Without a result backend all can read, nothing to ask: one round trip, as before.
+    _, transition = step(S.NEW, lc.Apply(3600.0), got("other", ttl=9.5))
+    assert transition.outcome == lc.Duplicate("other", 9.5, queued=True)
+
+
+def test_a_call_takes_the_place_of_a_revoked_holder_from_its_token_only() -> None:
+    event = lc.HolderRevoked("other", 3600.0)
+    action, transition = step(S.NEW, event, got(ID, acquired=True))
+    assert action == lc.Take(ID, 3600.0, "other")
+    assert transition == Transition(S.QUEUED, lc.Publish(succeeds="other"))
+    # Its run started meanwhile (the revoke came too late for the worker): a duplicate of it,
+    # not asked about again.
+    _, transition = step(S.NEW, event, got(lc.run_token("other", "r"), ttl=30.0))
+    assert transition == Transition(S.NEW, lc.Duplicate("other", 30.0))
+    # Another call took its place first: a duplicate of that one.
+    _, transition = step(S.NEW, event, got("third", ttl=3599.0))
+    assert transition == Transition(S.NEW, lc.Duplicate("third", 3599.0, queued=True))
+    lost = BackendUnavailable("down", outcome_unknown=True)
+    _, transition = step(S.NEW, event, lost)
+    assert transition == Transition(S.NEW, lc.Fail(lost, free_later=True))
+
+
 REPLACE = lc.Policy(ttl=3600.0, lease=30.0, on_duplicate="replace")
 
 

@@ -6,7 +6,7 @@ an argument value: lock names carry only their digest.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "LimitInUse",
     "clear_locks",
     "force_release",
+    "free_holder",
     "held_locks",
     "holder_id",
     "limits_in_use",
@@ -78,8 +79,31 @@ def _keys(backend: RedisBackend, kind: str) -> Iterator[tuple[str, ParsedKey]]:
 
 def held_locks(backend: RedisBackend, task: str | None = None) -> list[HeldLock]:
     """Every lock held under ``backend``'s prefix (only ``task``'s, if given)."""
+    return _in_order(held for _, held in _held(backend, task))
+
+
+def free_holder(backend: RedisBackend, task_id: str, task: str | None = None) -> list[HeldLock]:
+    """Free every unique-task lock that instance ``task_id`` holds (queued or running; only
+    ``task``'s, if given), owner-checked: a lock another instance took meanwhile stays.
+    Returns those freed. The instance itself is not revoked: queued, it takes its key again
+    when a worker starts it."""
+    freed = []
+    for key, held in _held(backend, task):
+        if held.task is None or held.holder != task_id:
+            continue
+        release = locks.release(key, task_id, task_id + RUN_SEPARATOR)
+        if backend.executor.execute(release):
+            freed.append(held)
+    return _in_order(freed)
+
+
+def _in_order(found: Iterable[HeldLock]) -> list[HeldLock]:
+    return sorted(found, key=lambda held: (held.task or "", held.lock, held.state))
+
+
+def _held(backend: RedisBackend, task: str | None) -> Iterator[tuple[str, HeldLock]]:
+    """Each lock held now (only ``task``'s, if given), with its Redis key."""
     execute = backend.executor.execute
-    found = []
     for key, parsed in _keys(backend, "lock"):
         name = task_of_lock(parsed.name)
         if task is not None and name != task:
@@ -94,8 +118,7 @@ def held_locks(backend: RedisBackend, task: str | None = None) -> list[HeldLock]
             running = parsed.part == "running" or RUN_SEPARATOR in owner
             state = "running" if running else "queued"
         holder = holder_id(owner) if name is not None else owner
-        found.append(HeldLock(name, holder, state, ttl, parsed.name))
-    return sorted(found, key=lambda held: (held.task or "", held.lock, held.state))
+        yield key, HeldLock(name, holder, state, ttl, parsed.name)
 
 
 def limits_in_use(backend: RedisBackend) -> list[LimitInUse]:

@@ -9,16 +9,28 @@ from typing import Any, NoReturn
 
 from celery import Celery, Task
 from celery import signals as celery_signals
+from celery.backends.base import DisabledBackend
+from celery.backends.rpc import RPCBackend
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
+from celery.states import REVOKED
 
 from .. import signals
 from ..backends import RedisBackend
 from ..core import admission
 from ..core.arguments import ArgumentKey, UniqueOn
 from ..core.lifecycle import Deferral, Event, Expired, LostChild, Revoked, TimeLimit
+from . import revokes
 from .store import backend_for
 
-__all__ = ["RedisTask", "arguments_key", "defer", "delay_of", "whole_seconds"]
+__all__ = [
+    "RedisTask",
+    "arguments_key",
+    "defer",
+    "delay_of",
+    "results_shared",
+    "revoked",
+    "whole_seconds",
+]
 
 logger = logging.getLogger("celery_unique")
 
@@ -46,6 +58,24 @@ def arguments_key(
     ``on`` names, as ``unique_on`` takes them), bound to its signature so that ``f(1)`` and
     ``f(x=1)`` give one name; no argument value appears in it."""
     return ArgumentKey(task.name, task.run, on)
+
+
+def results_shared(task: Task) -> bool:
+    """Whether any process can read ``task``'s results, a revoke's ``REVOKED`` included: it
+    has a result backend, and not ``rpc://`` (whose results only their caller sees), outside
+    ``task_always_eager`` (whose results are not stored)."""
+    if task.app.conf.task_always_eager:
+        return False
+    return not isinstance(task.backend, DisabledBackend | RPCBackend)
+
+
+def revoked(task: Task, task_id: str) -> bool:
+    """Whether instance ``task_id``'s result says it was revoked (or replaced); ``False``
+    without a result backend (nothing to learn it from)."""
+    try:
+        return bool(task.backend.get_state(task_id) == REVOKED)
+    except NotImplementedError:
+        return False
 
 
 def delay_of(app: Celery, options: Mapping[str, Any]) -> float:
@@ -148,3 +178,7 @@ def _on_failure(
         return
     request = sender.request if sender.request.id == task_id else None
     sender.free_ended_instance(task_id, request, args, kwargs, event)
+
+
+# A revoke must show in the result at once (see .revokes): workers of an older Celery learn to.
+revokes.install()

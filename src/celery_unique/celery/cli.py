@@ -8,6 +8,7 @@ Redis Cluster (every primary), and never prints an argument value.
 
     celery -A proj unique list [--task NAME] [--json]   # held keys: task, holder, state, ttl
     celery -A proj unique clear [--task NAME] --yes     # delete them; says how many
+    celery -A proj unique clear --holder ID [--json]    # free the key(s) one task id holds
     celery -A proj unique limits [--json]               # rate buckets and concurrency in use
 """
 
@@ -20,10 +21,13 @@ import click
 
 from ..backends import RedisBackend
 from ..errors import CeleryUniqueError
-from .admin import held_locks, limits_in_use, unlink_locks
+from .admin import free_holder, held_locks, limits_in_use, unlink_locks
 from .store import backend_for
 
-__all__ = ["unique"]
+__all__ = ["LOCK_COLUMNS", "unique"]
+
+#: The columns of a held lock, as ``list`` and ``clear --holder`` print them.
+LOCK_COLUMNS = ["task", "holder", "state", "ttl", "lock"]
 
 
 def _backend(ctx: click.Context) -> RedisBackend:
@@ -90,15 +94,36 @@ def list_locks(ctx: click.Context, task_name: str | None, as_json: bool) -> None
         rows = [held.as_dict() for held in held_locks(_backend(ctx), task_name)]
     except CeleryUniqueError as exc:
         raise _fail(exc) from exc
-    _show(rows, ["task", "holder", "state", "ttl", "lock"], as_json, "no locks held")
+    _show(rows, LOCK_COLUMNS, as_json, "no locks held")
 
 
 @unique.command()
 @click.option("--task", "task_name", default=None, help="Only the locks of this task.")
+@click.option(
+    "--holder",
+    default=None,
+    metavar="ID",
+    help="Only the lock(s) this task id holds (needs no --yes): frees its key, owner-checked.",
+)
+@click.option("--json", "as_json", is_flag=True, help="With --holder: the freed locks, as list.")
 @click.option("--yes", is_flag=True, help="Really delete them.")
 @click.pass_context
-def clear(ctx: click.Context, task_name: str | None, yes: bool) -> None:
-    """Delete unique-task locks (all, or one task's): queued instances then run as new."""
+def clear(
+    ctx: click.Context, task_name: str | None, holder: str | None, as_json: bool, yes: bool
+) -> None:
+    """Delete unique-task locks (all, one task's, or the one a task id holds): queued
+    instances then run as new (``--holder`` does not revoke it: revoke it too to stop it)."""
+    if holder is not None:
+        try:
+            freed = [held.as_dict() for held in free_holder(_backend(ctx), holder, task_name)]
+        except CeleryUniqueError as exc:
+            raise _fail(exc) from exc
+        if freed and not as_json:
+            click.echo(f"freed {len(freed)} lock{'' if len(freed) == 1 else 's'} held by {holder}:")
+        _show(freed, LOCK_COLUMNS, as_json, f"no lock held by {holder}")
+        return
+    if as_json:
+        raise click.UsageError("--json goes with --holder (clear alone says how many it deleted)")
     what = f"the locks of task {task_name!r}" if task_name else "every unique-task lock"
     if not yes:
         raise click.UsageError(f"this would delete {what}; add --yes to do it")

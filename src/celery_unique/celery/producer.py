@@ -3,9 +3,12 @@
 :func:`prepare` turns a call into its lifecycle event (``Apply`` from outside a run; from
 inside its own delivery, ``Retry`` or ``Republish``: a retry or a deferral hands the key
 back); the core decides what the answer means (publish, a duplicate, a replace, fail or fail
-open); :func:`answer` and :func:`publish` carry that out. The sync path drives the lifecycle
-with :func:`~.plans.perform`, the async one with :func:`~celery_unique.core.plans.through`
-on the running loop's backend, so a duplicate touches neither the broker nor a thread.
+open); :func:`answer` and :func:`publish` carry that out. A duplicate of a queued holder
+may first ask whether that holder was revoked (one read of its result): if so, the call
+takes its place (``HolderRevoked``), so a revoke frees the key at once for the next call.
+The sync path drives the lifecycle with :func:`~.plans.perform`, the async one with
+:func:`~celery_unique.core.plans.through` on the running loop's backend, so a duplicate
+touches neither the broker nor a thread (but for that one read, where it is asked for).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..core.messages import HOLD_HEADER, KEY_HEADER, STATE_HEADER
 from ..core.plans import plain, through
 from ..errors import BackendError
 from . import publishers, runs
-from .base import delay_of
+from .base import delay_of, results_shared, revoked
 from .follow import FOLLOW_TASK, follows, work_of
 from .plans import Held, perform, quietly
 
@@ -130,7 +133,7 @@ def prepare(
         event = lc.Republish(ttl)
     else:
         held = Held(lc.Instance(task_id, config.policy), key)
-        event = lc.Apply(ttl, phantoms=_phantoms.of(key))
+        event = lc.Apply(ttl, phantoms=_phantoms.of(key), sees_revokes=results_shared(task))
     return Call(held, event, ttl, args, kwargs, headers, options)
 
 
@@ -146,7 +149,11 @@ def _request_of(task: UniqueTask) -> Any:
 
 def apply(task: UniqueTask, call: Call, publisher: Publisher) -> AsyncResult:
     """Take the key in one Redis call, then publish (or answer the duplicate)."""
-    outcome = perform(task.unique_config.backend, call.held, call.event)
+    backend = task.unique_config.backend
+    outcome = perform(backend, call.held, call.event)
+    holder = _asks_revoked(outcome)
+    if holder is not None and _holder_revoked(task, holder):
+        outcome = perform(backend, call.held, lc.HolderRevoked(holder, call.ttl))
     answered = answer(task, call, outcome)
     if answered is not None:
         return answered
@@ -159,7 +166,11 @@ async def aapply(
 ) -> AsyncResult:
     """:func:`apply` from async code: the key is taken on ``backend`` (a call cancelled
     meanwhile frees what it took), the message published from a publisher thread."""
-    outcome = await _adecide(backend, call)
+    outcome = await _adecide(backend, call, call.event)
+    holder = _asks_revoked(outcome)
+    # Celery reads results synchronously only: off the loop, on this path alone.
+    if holder is not None and await anyio.to_thread.run_sync(_holder_revoked, task, holder):
+        outcome = await _adecide(backend, call, lc.HolderRevoked(holder, call.ttl))
     answered = answer(task, call, outcome)
     if answered is not None:
         return answered
@@ -169,9 +180,26 @@ async def aapply(
     return await publishers.run_in_publisher(lambda: publish(task, call, outcome, publisher))
 
 
-async def _adecide(backend: AsyncRedisBackend, call: Call) -> lc.Outcome:
+def _asks_revoked(outcome: lc.Outcome) -> str | None:
+    """The holder whose result the core asks about before it answers a duplicate, if any."""
+    if isinstance(outcome, lc.Duplicate) and outcome.unless_revoked:
+        return outcome.holder
+    return None
+
+
+def _holder_revoked(task: UniqueTask, holder: str) -> bool:
+    """Whether the queued ``holder``'s result says ``REVOKED``; a result backend that fails
+    to answer leaves the duplicate answered as before (the holder's key expires or frees)."""
+    try:
+        return revoked(task, holder)
+    except Exception:
+        logger.warning("could not read the state of %s[%s]", task.name, holder, exc_info=True)
+        return False
+
+
+async def _adecide(backend: AsyncRedisBackend, call: Call, event: lc.Event) -> lc.Outcome:
     key, keys = call.held.key, backend.keys
-    flow = through(call.held.instance.handle(call.event), plain(keys, key))
+    flow = through(call.held.instance.handle(event), plain(keys, key))
     decided = asyncio.get_running_loop().create_task(backend.executor.run(flow))
     try:
         return await asyncio.shield(decided)
@@ -257,6 +285,8 @@ def publish(
         raise
     if outcome.replaces is not None:
         _replaced(task, outcome.replaces, call.task_id)
+    if outcome.succeeds is not None:
+        logger.info("%s[%s] took the key of %s, revoked", task.name, call.task_id, outcome.succeeds)
     if isinstance(result, EagerResult) and instance.state is lc.KeyState.QUEUED:
         quietly(backend, call.held, lc.EagerDone(), what)
     return result

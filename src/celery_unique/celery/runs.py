@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, Reject, Retry
-from celery.states import READY_STATES, REVOKED, SUCCESS
+from celery.states import READY_STATES, SUCCESS
 
 from .. import signals
 from ..core import lifecycle as lc
@@ -31,7 +31,7 @@ from ..core.messages import (
     UNREACHABLE_HEADER,
     WAITED_HEADER,
 )
-from .base import defer
+from .base import defer, revoked
 from .follow import FOLLOW_TASK, work_of
 from .plans import Held, perform, quietly
 
@@ -87,7 +87,7 @@ def run(
     if isinstance(outcome, lc.Skip):
         # Its callers wait on its id: it yields the holder's result; unless its callers were
         # told it is over (REVOKED: revoked, or replaced by a newer call).
-        if outcome.follow and not _revoked(task, request.id):
+        if outcome.follow and not revoked(task, request.id):
             policy = config.policy
             follower = task.app.tasks[FOLLOW_TASK].s(
                 outcome.holder,
@@ -184,14 +184,6 @@ def _ran_elsewhere(task: UniqueTask, task_id: str) -> bool:
         if state in READY_STATES or time.monotonic() >= deadline:
             return bool(state == SUCCESS)
         time.sleep(0.05)
-
-
-def _revoked(task: UniqueTask, task_id: str) -> bool:
-    """Whether the instance's result says it was revoked (or replaced): read on a skip only."""
-    try:
-        return bool(task.AsyncResult(task_id).state == REVOKED)
-    except NotImplementedError:  # no result backend: nothing to tell its callers either
-        return False
 
 
 def _lease_lost(task: UniqueTask, held: Held) -> None:

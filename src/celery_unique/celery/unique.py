@@ -246,9 +246,10 @@ class UniqueTask(RedisTask):
     ) -> AsyncResult:
         """``apply_async`` for async code: the key is taken through the running loop's
         :class:`~celery_unique.AsyncRedisBackend` (a duplicate touches neither the broker nor
-        a thread), and a new instance is published from a publisher thread (one of a few kept
-        for the process: :mod:`.publishers`), so the event loop never blocks. Cancelled
-        before the publish, it frees the key it took.
+        a thread, but for one of a queued holder, whose result it reads in a thread to learn
+        whether it was revoked), and a new instance is published from a publisher thread (one
+        of a few kept for the process: :mod:`.publishers`), so the event loop never blocks.
+        Cancelled before the publish, it frees the key it took.
         """
         # enabled: see unique_setting("enabled")
         backend = self.async_redis_backend() if self._unique_enabled() else None

@@ -18,10 +18,13 @@ to carry out (:class:`Take`, :class:`TakeOver`, :class:`HandOver`, :class:`Relea
 :class:`ReleaseAny`), is sent each answer (or thrown the :class:`BackendUnavailable` it met),
 moves the instance to its next state, and returns what the caller gets (:class:`Publish`, a
 :class:`Duplicate`, :class:`Run`, :class:`Skip`, a :class:`Deferral`, :class:`Done`, or
-:class:`Fail`). Everything that shapes a decision is the :class:`Policy`'s or the event's:
-``on_duplicate`` (a replace is the machine's second take), fail-open, what an unanswered take
-leaves behind, the kind of a deferral and the headers its copy carries. The Celery layer
-translates hooks into events and carries the actions out; it decides nothing.
+:class:`Fail`). What only Celery knows (whether a result says ``REVOKED``, or ``SUCCESS``)
+the outcome asks for (``Duplicate.unless_revoked``, ``Run.unless_done``), and the answer
+comes back as the next event (:class:`HolderRevoked`, :class:`RanElsewhere`). Everything
+that shapes a decision is the :class:`Policy`'s or the event's: ``on_duplicate`` (a replace
+is the machine's second take), fail-open, what an unanswered take leaves behind, the kind of
+a deferral and the headers its copy carries. The Celery layer translates hooks into events
+and carries the actions out; it decides nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ __all__ = [
     "Fail",
     "Failure",
     "HandOver",
+    "HolderRevoked",
     "Ignored",
     "IllegalTransition",
     "Instance",
@@ -161,10 +165,23 @@ class Apply:
     """``apply_async`` from outside a run: take the key for ``ttl`` seconds (queue time
     included) or learn its holder. ``phantoms``: ids of this process's own earlier calls
     whose take Redis never answered and whose message was never published: found holding
-    the key, such a holder will never run, and the call takes its place."""
+    the key, such a holder will never run, and the call takes its place. ``sees_revokes``:
+    a revoke shows in the holder's result (``REVOKED``, in a result backend this process
+    reads), so a duplicate of a queued holder asks for it (``Duplicate.unless_revoked``)."""
 
     ttl: float
     phantoms: frozenset[str] = frozenset()
+    sees_revokes: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HolderRevoked:
+    """A call answered as a duplicate of a queued ``holder`` learnt that the holder was
+    revoked (its result says ``REVOKED``): it will never run, so the call takes its place,
+    for ``ttl`` seconds, from that very token only."""
+
+    holder: str
+    ttl: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +297,7 @@ class LeaseLost:
 
 Event = (
     Apply
+    | HolderRevoked
     | PublishFailed
     | EagerDone
     | Start
@@ -357,22 +375,28 @@ LockAction = Take | TakeOver | HandOver | Release | ReleaseAny
 @dataclass(frozen=True, slots=True)
 class Publish:
     """Publish the message: the key is the instance's (or, ``locked=False``, it goes without
-    it); ``replaces``: the queued instance it took the place of; ``free_later``: a take that
-    Redis never answered may hold the key, so free it off the caller's path."""
+    it); ``replaces``: the queued instance it took the place of (to be marked revoked);
+    ``succeeds``: the revoked queued instance it took the key from (marked already);
+    ``free_later``: a take that Redis never answered may hold the key, so free it off the
+    caller's path."""
 
     locked: bool = True
     replaces: str | None = None
+    succeeds: str | None = None
     free_later: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Duplicate:
     """Another instance holds the key: do not publish; ``holder`` is its task id, ``queued``
-    whether it is still waiting for a worker (it holds the key with its task id)."""
+    whether it is still waiting for a worker (it holds the key with its task id).
+    ``unless_revoked``: first read the holder's result; if it says ``REVOKED``, the holder
+    will never run: that is :class:`HolderRevoked`."""
 
     holder: str
     ttl: float | None
     queued: bool = False
+    unless_revoked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,9 +511,12 @@ class Instance:
 # -- the rules -----------------------------------------------------------------------------------
 
 
-def _duplicate(got: Acquisition) -> Duplicate:
+def _duplicate(got: Acquisition, sees_revokes: bool = False) -> Duplicate:
     holder = holder_id(got.owner)
-    return Duplicate(holder, got.ttl, queued=got.owner == holder)
+    queued = got.owner == holder
+    # Only a queued holder is asked about: a revoke without terminate leaves a run be, and
+    # its key with it.
+    return Duplicate(holder, got.ttl, queued=queued, unless_revoked=queued and sees_revokes)
 
 
 def _unreachable(it: Instance, error: BackendUnavailable, fallback: Publish | Run) -> Outcome:
@@ -507,7 +534,7 @@ def _apply(it: Instance, event: Apply) -> Flow:
             found = _duplicate(got)
             phantom = found.queued and found.holder in event.phantoms
             if not phantom and (it.policy.on_duplicate != "replace" or not found.queued):
-                return found
+                return _duplicate(got, event.sees_revokes)
             # Take a queued holder's place (a replace, or a holder never published): only
             # from that very token, so a holder that started meanwhile is not displaced.
             holder = None if phantom else found.holder
@@ -519,6 +546,19 @@ def _apply(it: Instance, event: Apply) -> Flow:
         return _unreachable(it, error, free)
     it.state = KeyState.QUEUED
     return Publish(replaces=holder)
+
+
+def _succeed(it: Instance, event: HolderRevoked) -> Flow:
+    # From the revoked token only: if its run started meanwhile (a revoke that came too late
+    # for the worker), or another call took its place first, this call is their duplicate.
+    try:
+        got = yield Take(it.task_id, event.ttl, event.holder)
+    except BackendUnavailable as error:
+        return _unreachable(it, error, Publish(locked=False, free_later=error.outcome_unknown))
+    if not got.acquired:
+        return _duplicate(got)
+    it.state = KeyState.QUEUED
+    return Publish(succeeds=event.holder)
 
 
 def _republished(it: Instance, got: Acquisition) -> Outcome:
@@ -663,6 +703,7 @@ HANDED_BACK, RELEASED = KeyState.HANDED_BACK, KeyState.RELEASED
 #: Every legal (state, event) pair and the rule it follows (docs/lifecycle.md, row by row).
 TRANSITIONS: dict[tuple[KeyState, type[Any]], _Rule] = {
     (NEW, Apply): _apply,
+    (NEW, HolderRevoked): _succeed,
     (QUEUED, PublishFailed): _free_any,
     (HANDED_BACK, PublishFailed): _free_any,
     (QUEUED, EagerDone): _free_any,
