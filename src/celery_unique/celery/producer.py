@@ -79,6 +79,34 @@ class _Phantoms:
 _phantoms = _Phantoms()
 
 
+class _NotRevoked:
+    """Queued holders whose result this process read lately and found not revoked: their
+    duplicates are answered without reading it again for :data:`RECHECK` seconds, so a
+    burst of duplicates of one holder costs one read, and a revoke still frees the key for
+    the next call within that long (plus the read)."""
+
+    #: Seconds a "not revoked" is believed.
+    RECHECK = 0.25
+    _MOST = 4096  # holders remembered; past that the memory starts afresh
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+
+    def recently(self, holder: str) -> bool:
+        """Whether ``holder`` was found not revoked within the last :data:`RECHECK` s."""
+        seen = self._seen.get(holder)
+        return seen is not None and time.monotonic() - seen < self.RECHECK
+
+    def found(self, holder: str) -> None:
+        """``holder``'s result was just read and it is not revoked."""
+        if len(self._seen) >= self._MOST:
+            self._seen = {}
+        self._seen[holder] = time.monotonic()
+
+
+_not_revoked = _NotRevoked()
+
+
 @dataclass(slots=True)
 class Call:
     """One ``apply_async`` call, prepared: its instance and event, and what publishing
@@ -181,9 +209,11 @@ async def aapply(
 
 
 def _asks_revoked(outcome: lc.Outcome) -> str | None:
-    """The holder whose result the core asks about before it answers a duplicate, if any."""
+    """The holder whose result the core asks about before it answers a duplicate, if any
+    (and not read lately: see :class:`_NotRevoked`)."""
     if isinstance(outcome, lc.Duplicate) and outcome.unless_revoked:
-        return outcome.holder
+        if not _not_revoked.recently(outcome.holder):
+            return outcome.holder
     return None
 
 
@@ -191,7 +221,10 @@ def _holder_revoked(task: UniqueTask, holder: str) -> bool:
     """Whether the queued ``holder``'s result says ``REVOKED``; a result backend that fails
     to answer leaves the duplicate answered as before (the holder's key expires or frees)."""
     try:
-        return revoked(task, holder)
+        if revoked(task, holder):
+            return True
+        _not_revoked.found(holder)
+        return False
     except Exception:
         logger.warning("could not read the state of %s[%s]", task.name, holder, exc_info=True)
         return False
