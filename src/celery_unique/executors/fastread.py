@@ -1,19 +1,24 @@
-"""The fast read: a whole batch's replies parsed straight off redis-py's asyncio stream.
+"""The fast paths: a batch written and its replies parsed straight on redis-py's asyncio
+streams, and a connection kept between batches.
 
-What it touches: ``connection._reader``, the private :class:`asyncio.StreamReader` of a
-``redis.asyncio.Connection``, read directly, and the connection's ``next_health_check``, set
-as redis-py's own ``read_response`` sets it. This is the one place that reads redis-py's
-private stream.
+What it touches: ``connection._reader`` and ``connection._writer``, the private
+:class:`asyncio.StreamReader` and :class:`asyncio.StreamWriter` of a
+``redis.asyncio.Connection``, and the connection's ``next_health_check``, set as redis-py's
+own ``read_response`` sets it. This is the one place that touches redis-py's private streams.
 
 Why: at a few dozen concurrent callers, redis-py's per-reply timeout and parser pass were most
 of the client's CPU time. Reading the stream's buffer in large chunks and parsing every reply of
-a batch with :class:`~.wire.Reader` costs a fraction of that.
+a batch with :class:`~.wire.Reader` costs a fraction of that. A lone caller pays for the rest:
+``send_packed_command`` starts a task for its ``wait_for`` on every write, and the pool's
+checkout and release (a lock, a health look, metrics) cost about as much as the round trip's
+own work on the client; :func:`write_batch` and :func:`sound` spare both.
 
-How it falls back: :func:`read_batch` reads nothing and answers ``None`` unless the connection
-speaks RESP2 (RESP3's out-of-band pushes must reach redis-py's push handler) and its
-``_reader`` is there and an ``asyncio.StreamReader``: other transports, or a redis-py that
-changed its insides, are then read one reply at a time with redis-py's public
-``read_response``, by the caller.
+How it falls back: :func:`read_batch` reads nothing and answers ``None``, :func:`write_batch`
+writes nothing and answers ``False``, and :func:`sound` answers ``False`` (the connection goes
+back to the pool, whose checkout looks at it), unless the connection speaks RESP2 (RESP3's
+out-of-band pushes must reach redis-py's push handler) and its streams are there and asyncio's
+own: other transports, or a redis-py that changed its insides, go through redis-py's public
+``send_packed_command``, ``read_response`` and pool, by the caller.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import redis.exceptions as rex
 
 from .wire import INCOMPLETE, Reader
 
-__all__ = ["read_batch"]
+__all__ = ["read_batch", "sound", "write_batch"]
 
 _READ_SIZE = 65536  # bytes per read of a batch's replies
 
@@ -37,6 +42,38 @@ def _stream_of(connection: Any) -> asyncio.StreamReader | None:
         return None
     reader = getattr(connection, "_reader", None)  # redis-py's own, checked before use
     return reader if isinstance(reader, asyncio.StreamReader) else None
+
+
+def _writer_of(connection: Any) -> asyncio.StreamWriter | None:
+    """The connection's writer, when a batch can be written straight onto it: RESP2, and no
+    health check due on use (``health_check_interval``: redis-py's write would PING first)."""
+    if _stream_of(connection) is None:
+        return None
+    if getattr(connection, "health_check_interval", None):
+        return None
+    writer = getattr(connection, "_writer", None)  # redis-py's own, checked before use
+    return writer if isinstance(writer, asyncio.StreamWriter) else None
+
+
+async def write_batch(connection: Any, data: bytes) -> bool:
+    """Write ``data`` onto ``connection``'s stream at once; ``False``, with nothing written,
+    where it cannot be written so (see the module docstring)."""
+    writer = _writer_of(connection)
+    if writer is None or writer.transport.is_closing():
+        return False
+    writer.write(data)
+    if writer.transport.get_write_buffer_size():  # the socket took less than all: wait
+        await writer.drain()
+    return True
+
+
+def sound(connection: Any) -> bool:
+    """Whether a connection kept since its last batch (whose replies were all read) can take
+    the next one as it is: connected, its stream neither ended nor failed."""
+    stream = _stream_of(connection)
+    if stream is None or _writer_of(connection) is None:
+        return False
+    return not stream.at_eof() and stream.exception() is None
 
 
 async def read_batch(

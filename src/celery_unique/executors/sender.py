@@ -66,6 +66,9 @@ class BatchSender:
         #: Every pooled connection this sender used: closed at the end whatever the pool's
         #: own bookkeeping did with it (a failover's pool may let one go without closing).
         self.used: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: One connection kept from the last batch, with its event loop: the next batch
+        #: takes it without the pool's checkout and release (see :mod:`.fastread`).
+        self._kept: tuple[asyncio.AbstractEventLoop, Any] | None = None
         if self._pool is not None:
             self._packer = packer(self._pool)
             self._decode = decoder(self._pool)
@@ -81,12 +84,14 @@ class BatchSender:
             return await self._through_client(steps, budget.total)
         while True:
             try:
-                async with _timeout(budget.left(loop.time())):
-                    connection = await checkout_async(self._pool)
-                self.used.add(connection)
-                if budget.spent(loop.time()):  # the deadline's cancellation was swallowed
-                    await self._pool.release(connection)
-                    raise TimeoutError
+                connection = await self._kept_one(loop)
+                if connection is None:
+                    async with _timeout(budget.left(loop.time())):
+                        connection = await checkout_async(self._pool)
+                    self.used.add(connection)
+                    if budget.spent(loop.time()):  # the deadline's cancellation was swallowed
+                        await self._pool.release(connection)
+                        raise TimeoutError
             except (rex.RedisError, TimeoutError) as exc:
                 unknown = budget.outcome_unknown()  # an earlier attempt's may have run
                 waited = budget.waited(loop.time())
@@ -113,9 +118,7 @@ class BatchSender:
             try:
                 if live:
                     async with _timeout(budget.left(loop.time())):
-                        await connection.send_packed_command(
-                            b"".join(self._pack(steps[i]) for i in live)
-                        )
+                        await self._write(connection, b"".join(self._pack(steps[i]) for i in live))
                         sent = True
                         _check(budget, loop)
                         answers = await self._read(connection, len(live))
@@ -145,9 +148,30 @@ class BatchSender:
                 raise
             if any(map(refused_by_replica, replies)):
                 await self._drop(connection)  # an old master: reconnect to the current one
+            elif self._kept is None and self.read_streams and fastread.sound(connection):
+                self._kept = (loop, connection)
             else:
                 await self._pool.release(connection)
             return [_as_error(reply) for reply in replies]
+
+    async def _kept_one(self, loop: asyncio.AbstractEventLoop) -> Any | None:
+        """The kept connection, if it is this loop's and still sound; else ``None`` (one the
+        server closed meanwhile is dropped, another loop's goes back to the pool)."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        kept_loop, connection = kept
+        if kept_loop is not loop:
+            await self._pool.release(connection)  # type: ignore[union-attr]  # only when pooled
+            return None
+        if not fastread.sound(connection):
+            await self._drop(connection)
+            return None
+        return connection
+
+    async def _write(self, connection: Any, data: bytes) -> None:
+        if not (self.read_streams and await fastread.write_batch(connection, data)):
+            await connection.send_packed_command(data)
 
     def forget_connections(self) -> None:
         """Forget the pool's connections without closing them: in a forked child they are
@@ -164,6 +188,7 @@ class BatchSender:
             _INHERITED.append(list(vars(self._pool).values()))
         _INHERITED.append(list(self.used))  # nor closed at the child's end
         self.used = weakref.WeakSet()
+        self._kept = None
         self._pool.reset()
 
     async def _drop(self, connection: Any) -> None:
@@ -189,9 +214,7 @@ class BatchSender:
             return
         scripts = {steps[i].script: None for i in missing}  # type: ignore[union-attr]
         loads = [self._packer.command(("SCRIPT", "LOAD", script.source)) for script in scripts]
-        await connection.send_packed_command(
-            b"".join(loads + [self._pack(steps[i]) for i in missing])
-        )
+        await self._write(connection, b"".join(loads + [self._pack(steps[i]) for i in missing]))
         _check(budget, asyncio.get_running_loop())
         again = await self._read(connection, len(loads) + len(missing))
         for i, answer in zip(missing, again[len(loads) :], strict=True):
