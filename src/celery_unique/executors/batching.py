@@ -158,11 +158,13 @@ class Batcher:
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
-        self._in_flight -= 1
 
     async def _settle(self, batch: list[Request]) -> None:
         """Send ``batch`` and give each caller its reply or error."""
         size = len(batch)
+        # Counted done before its callers wake: a caller's next command then goes straight
+        # out when nothing else is under way, instead of in a batch of its own.
+        done = False
         try:
             batch = [request for request in batch if not request.cancelled()]  # gave up already
             if not batch:
@@ -170,15 +172,23 @@ class Batcher:
             try:
                 replies = await self._send(batch)
             except BaseException as exc:
+                done = self._done(size)
                 for request in batch:
                     _settle(request, exc)
                 if not isinstance(exc, Exception):
                     raise
                 return
+            done = self._done(size)
             for request, reply in zip(batch, replies, strict=True):
                 _settle(request, reply)
         finally:
-            self._waiting -= size
+            if not done:
+                self._done(size)
+
+    def _done(self, size: int) -> bool:
+        self._in_flight -= 1
+        self._waiting -= size
+        return True
 
 
 def _settle(request: Request, reply: Any) -> None:
