@@ -113,7 +113,8 @@ def report(variants: list[h.Variant]) -> h.Section:
     for group in h.groups_of(variants):
         delay, adelay = group[0], group[1]
         callers = f"{delay.concurrency} caller{'s' if delay.concurrency > 1 else ''}"
-        section.targets.append(h.Target(f"adelay / delay, {callers}", h.ratio(adelay, delay)))
+        lone = 0.9 if delay.concurrency == 1 else None  # the lone caller's target
+        section.targets.append(h.Target(f"adelay / delay, {callers}", h.ratio(adelay, delay), lone))
     section.data["results"] = results
     return section
 

@@ -166,6 +166,12 @@ def report(variants: list[h.Variant]) -> h.Section:
         h.Target("sync Lock pair / raw redis-py EVALSHA pair", h.ratio(lock, raw), 1.3),
         h.Target("sync Lock pair / redis-py redis.lock.Lock", h.ratio(lock, redis_py), 1.3),
     ]
+    lone, lone_raw = _find(variants, ALOCK, "async x1"), _find(variants, RAW, "async x1")
+    section.targets.append(
+        h.Target(
+            "lone AsyncLock pair / raw redis.asyncio EVALSHA pair", h.ratio(lone, lone_raw), 0.95
+        )
+    )
     for concurrency in (16, 64):
         group_name = f"async x{concurrency}"
         alock = _find(variants, ALOCK, group_name)
