@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -85,6 +86,29 @@ async def test_cancelling_acquire_mid_flight_never_leaves_the_lock_behind(
     await asyncio.wait([task])
     assert task.cancelled()
     assert lock_owner(client, prefix, "job") is None  # freed before the cancel completed
+    await backend.aclose()
+
+
+async def test_a_lone_acquire_cancelled_with_its_reply_lost_returns_in_time_and_cleans_up(
+    proxy: Proxy, prefix: str, client: redis.Redis
+) -> None:
+    """The lone caller's command goes out from its own task; cancelled while its reply is
+    held back for good, the reply is waited for off its path only until the deadline, and
+    the lock it may hold is freed once Redis answers again."""
+    backend = AsyncRedisBackend.from_url(proxy.url, key_prefix=prefix, socket_timeout=1.0)
+    await backend.acquire_or_owner("warm-up", "x", 1)  # connected: the acquire is one trip
+    lock = backend.lock("job", ttl=60)
+    proxy.hold_replies()
+    task = asyncio.get_running_loop().create_task(lock.acquire())
+    await async_wait_until(lambda: lock_owner(client, prefix, "job") == lock.token)
+    started = time.monotonic()
+    task.cancel()
+    await asyncio.wait([task])
+    assert task.cancelled()
+    assert time.monotonic() - started <= 1.0 + 0.5  # the deadline, not the lost reply's
+    proxy.pass_replies()
+    await async_wait_until(lambda: lock_owner(client, prefix, "job") is None)  # cleaned up
+    assert await backend.lock("other", ttl=5).owner() is None  # and the pool is in order
     await backend.aclose()
 
 

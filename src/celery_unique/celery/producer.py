@@ -30,7 +30,7 @@ from ..backends import AsyncRedisBackend
 from ..core import lifecycle as lc
 from ..core.messages import HOLD_HEADER, KEY_HEADER, STATE_HEADER
 from ..core.plans import plain, through
-from ..errors import BackendError
+from ..errors import BackendError, LockNotOwnedError
 from . import publishers, runs
 from .base import delay_of, results_shared, revoked
 from .follow import FOLLOW_TASK, follows, work_of
@@ -233,22 +233,28 @@ def _holder_revoked(task: UniqueTask, holder: str) -> bool:
 async def _adecide(backend: AsyncRedisBackend, call: Call, event: lc.Event) -> lc.Outcome:
     key, keys = call.held.key, backend.keys
     flow = through(call.held.instance.handle(event), plain(keys, key))
-    decided = asyncio.get_running_loop().create_task(backend.executor.run(flow))
+    in_flight: list[Any] = []  # what a command cut short by a cancellation got
     try:
-        return await asyncio.shield(decided)
+        return await backend.executor.run(flow, on_cancelled=in_flight.append)
     except asyncio.CancelledError:
-        with anyio.CancelScope(shield=True):
-            await asyncio.wait([decided])
-            taken = not decided.cancelled() and decided.exception() is None
-            outcome = decided.result() if taken else None
-            if isinstance(outcome, lc.Publish) and outcome.locked:
-                # Taken, and never to be published: the core frees it.
-                failed = call.held.instance.handle(lc.PublishFailed())
-                freeing = through(failed, plain(keys, key))
-                try:
-                    await backend.executor.run(freeing)
-                except BackendError:
-                    logger.warning("could not free the key of a cancelled call", exc_info=True)
+        # Cut short, the take may have run. Its reply is in (the executor saw the command
+        # through), so a release sent now cannot overtake it: a release with this call's own
+        # id frees the key if the take got it and does nothing if not. With no reply (Redis
+        # did not answer), the release goes on off this path, as for any unanswered take.
+        if in_flight:
+            ttl = call.held.instance.policy.ttl
+            lock = backend.lock(key, ttl=ttl, token=call.task_id)
+            with anyio.CancelScope(shield=True):
+                if isinstance(in_flight[-1], BaseException):
+                    await lock.release_in_background()
+                    _phantoms.add(key, call.task_id, ttl)
+                else:
+                    try:
+                        await lock.release()
+                    except LockNotOwnedError:
+                        pass  # not taken: a duplicate, say
+                    except BackendError:
+                        logger.warning("could not free the key of a cancelled call", exc_info=True)
         raise
 
 

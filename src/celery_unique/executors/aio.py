@@ -194,6 +194,8 @@ class AsyncRedisExecutor:
         # turn and split the next batch); once cancelled, the batcher hands what the command
         # got to ``outcome``, if it was sent.
         pending = self._eviction.pending or self._native.pending
+        if not pending and self._native.pick(step) is None and self._batcher.idle():
+            return await self._lone_seen_through(step, report)
         request = self._with_checks(step) if pending else self._batcher.request(step)
         assert request.future is not None
         try:
@@ -206,6 +208,22 @@ class AsyncRedisExecutor:
                 if not outcome.cancelled():
                     error = outcome.exception()
                     report(outcome.result() if error is None else error)
+            raise
+
+    async def _lone_seen_through(self, step: Eval | Call, report: Callable[[Any], object]) -> Any:
+        # Nothing else under way: sent from the caller's own task, no task of its own. Cut
+        # short once on the wire, the sender reads the reply off this path (Request.salvage)
+        # and the cancellation is raised once it is in, as on the batched path.
+        request = Request(step, salvage=True)
+        try:
+            return await self._batcher.inline(request)
+        except asyncio.CancelledError:
+            late = request.late
+            if late is not None:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([late])
+                error = late.exception()
+                report(late.result() if error is None else error)
             raise
 
     async def scan(self, match: str, count: int = 1000) -> AsyncIterator[str]:

@@ -33,13 +33,23 @@ class Request:
 
     ``sent`` is set once the step is on the wire. A caller that gave up after that may still
     learn what it did (see :meth:`Batcher.outcome`): the reply is kept as ``answer``.
+    ``salvage``: sent from its caller's own task (:meth:`Batcher.inline`), by a caller that,
+    cancelled mid-command, still wants the reply: the sender then reads it off the caller's
+    path and hands it to ``late``.
     """
 
-    __slots__ = ("answer", "answered", "future", "late", "sent", "since", "step")
+    __slots__ = ("answer", "answered", "future", "late", "salvage", "sent", "since", "step")
 
-    def __init__(self, step: Eval | Call, future: asyncio.Future[Any] | None = None) -> None:
+    def __init__(
+        self,
+        step: Eval | Call,
+        future: asyncio.Future[Any] | None = None,
+        *,
+        salvage: bool = False,
+    ) -> None:
         self.step = step
         self.future = future
+        self.salvage = salvage
         # When its caller asked (the loop's clock): its deadline runs from here, the wait
         # for a batch to leave included.
         self.since = time.monotonic()
@@ -73,9 +83,18 @@ class Batcher:
         """The reply to ``step``: sent at once when nothing else is under way, else batched."""
         if self._in_flight or self._pending:
             return await self.submit(step)
+        return await self.inline(Request(step))
+
+    def idle(self) -> bool:
+        """Whether nothing is under way or waiting: a command may go straight out."""
+        return not (self._in_flight or self._pending)
+
+    async def inline(self, request: Request) -> Any:
+        """The reply to ``request``, sent at once from the caller's own task (no batch, no
+        task, no loop turn): for when :meth:`idle`."""
         self._in_flight += 1
         try:
-            (reply,) = await self._send([Request(step)])
+            (reply,) = await self._send([request])
         finally:
             self._in_flight -= 1
         if isinstance(reply, BaseException):

@@ -31,7 +31,7 @@ import redis.exceptions as rex
 
 from .wire import INCOMPLETE, Reader
 
-__all__ = ["read_batch", "sound", "write_batch"]
+__all__ = ["Progress", "read_batch", "sound", "write_batch"]
 
 _READ_SIZE = 65536  # bytes per read of a batch's replies
 
@@ -76,17 +76,33 @@ def sound(connection: Any) -> bool:
     return not stream.at_eof() and stream.exception() is None
 
 
+class Progress:
+    """What a batch's read has got so far (the parser and the replies it gave), kept by the
+    caller so that a read cut short (its caller cancelled) can be carried on elsewhere."""
+
+    __slots__ = ("answers", "parser")
+
+    def __init__(self, decode: Callable[[bytes], str] | None) -> None:
+        self.parser = Reader(decode)
+        self.answers: list[Any] = []
+
+
 async def read_batch(
-    connection: Any, count: int, decode: Callable[[bytes], str] | None
+    connection: Any,
+    count: int,
+    decode: Callable[[bytes], str] | None,
+    progress: Progress | None = None,
 ) -> list[Any] | None:
     """``count`` replies read off ``connection``'s stream, error replies in place as redis-py
     exceptions (``decode``: how bulk strings are decoded, ``None`` to keep bytes); ``None``,
-    with nothing read, where the stream cannot be read so (see the module docstring)."""
+    with nothing read, where the stream cannot be read so (see the module docstring).
+    ``progress``: where the read keeps what it got (and goes on from)."""
     stream = _stream_of(connection)
     if stream is None:
         return None
-    parser = Reader(decode)
-    answers: list[Any] = []
+    if progress is None:
+        progress = Progress(decode)
+    parser, answers = progress.parser, progress.answers
     while len(answers) < count:
         data = await stream.read(_READ_SIZE)
         if not data:

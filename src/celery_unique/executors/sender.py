@@ -69,6 +69,8 @@ class BatchSender:
         #: One connection kept from the last batch, with its event loop: the next batch
         #: takes it without the pool's checkout and release (see :mod:`.fastread`).
         self._kept: tuple[asyncio.AbstractEventLoop, Any] | None = None
+        #: Reads carried on for callers cancelled mid-command (strong references).
+        self._salvaging: set[asyncio.Task[None]] = set()
         if self._pool is not None:
             self._packer = packer(self._pool)
             self._decode = decoder(self._pool)
@@ -115,13 +117,16 @@ class BatchSender:
             for i in live:
                 batch[i].sent = True  # from here Redis may run it, read or not
             sent = False
+            # Until the replies are in, what the read got (resumable where it is ours).
+            progress = self._progress(connection) if any(r.salvage for r in batch) else None
             try:
                 if live:
                     async with _timeout(budget.left(loop.time())):
                         await self._write(connection, b"".join(self._pack(steps[i]) for i in live))
                         sent = True
                         _check(budget, loop)
-                        answers = await self._read(connection, len(live))
+                        answers = await self._read(connection, len(live), progress)
+                        progress = None
                         await self._reload_missing(
                             connection, [steps[i] for i in live], answers, budget
                         )
@@ -143,16 +148,88 @@ class BatchSender:
                     outcome_unknown=budget.outcome_unknown(sent=sent, refused_by_replica=replica),
                     waited=budget.waited(loop.time()),
                 ) from caught
-            except BaseException:
-                await self._drop(connection)
+            except BaseException as exc:
+                sought = [batch[i] for i in live if batch[i].sent and batch[i].salvage]
+                if sought and isinstance(exc, asyncio.CancelledError):
+                    # Its caller was cancelled mid-command and still wants the reply: it is
+                    # read off the caller's path (see Request.salvage).
+                    await self._salvage(connection, sought, progress, budget)
+                else:
+                    await self._drop(connection)
                 raise
-            if any(map(refused_by_replica, replies)):
-                await self._drop(connection)  # an old master: reconnect to the current one
-            elif self._kept is None and self.read_streams and fastread.sound(connection):
-                self._kept = (loop, connection)
-            else:
-                await self._pool.release(connection)
+            await self._put_back(connection, replies, loop)
             return [_as_error(reply) for reply in replies]
+
+    async def _put_back(
+        self, connection: Any, replies: list[Any], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Done with ``connection``: kept for the next batch, back to the pool, or dropped."""
+        if any(map(refused_by_replica, replies)):
+            await self._drop(connection)  # an old master: reconnect to the current one
+        elif self._kept is None and self.read_streams and fastread.sound(connection):
+            self._kept = (loop, connection)
+        else:
+            await self._pool.release(connection)  # type: ignore[union-attr]  # only when pooled
+
+    def _progress(self, connection: Any) -> fastread.Progress | None:
+        """A resumable read's progress, where the replies are read by :mod:`.fastread`."""
+        if self.read_streams and fastread.sound(connection):
+            return fastread.Progress(self._decode)
+        return None
+
+    async def _salvage(
+        self,
+        connection: Any,
+        requests: list[Request],
+        progress: fastread.Progress | None,
+        budget: Budget,
+    ) -> None:
+        """Hand ``requests`` (sent, their caller cancelled) a future of their replies each
+        (``late``): read by a task within the budget where the read can go on (``progress``),
+        else, the connection dropped, the error of a command whose outcome is unknown."""
+        loop = asyncio.get_running_loop()
+        for request in requests:
+            request.late = loop.create_future()
+        if progress is None:  # cut short where the stream is not ours to go on reading
+            await self._drop(connection)
+            error = backend_error(
+                rex.ConnectionError("the call was cancelled before its reply was read"),
+                outcome_unknown=True,
+                waited=budget.waited(loop.time()),
+            )
+            for request in requests:
+                _settle_late(request, error)
+            return
+        task = loop.create_task(self._read_on(connection, requests, progress, budget))
+        self._salvaging.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._salvaging.discard)
+
+    async def _read_on(
+        self,
+        connection: Any,
+        requests: list[Request],
+        progress: fastread.Progress,
+        budget: Budget,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        steps = [request.step for request in requests]
+        try:
+            async with _timeout(budget.left(loop.time())):
+                answers = await self._read(connection, len(requests), progress)
+                await self._reload_missing(connection, steps, answers, budget)
+        except BaseException as exc:
+            await self._drop(connection)
+            broken = exc if isinstance(exc, _BROKEN_OR_LATE) else closed_under_us(exc)
+            error = backend_error(broken, outcome_unknown=True, waited=budget.waited(loop.time()))
+            error.__cause__ = exc
+            for request in requests:
+                _settle_late(request, error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        await self._put_back(connection, answers, loop)
+        for request, answer in zip(requests, answers, strict=True):
+            _settle_late(request, _as_error(answer))
 
     async def _kept_one(self, loop: asyncio.AbstractEventLoop) -> Any | None:
         """The kept connection, if it is this loop's and still sound; else ``None`` (one the
@@ -220,10 +297,12 @@ class BatchSender:
         for i, answer in zip(missing, again[len(loads) :], strict=True):
             answers[i] = answer
 
-    async def _read(self, connection: Any, count: int) -> list[Any]:
+    async def _read(
+        self, connection: Any, count: int, progress: fastread.Progress | None = None
+    ) -> list[Any]:
         """``count`` replies, error replies in place as redis-py exceptions."""
         if self.read_streams:
-            answers = await fastread.read_batch(connection, count, self._decode)
+            answers = await fastread.read_batch(connection, count, self._decode, progress)
             if answers is not None:
                 return answers
         return [await _reply_or_error(connection) for _ in range(count)]
@@ -302,6 +381,16 @@ async def _reply_or_error(connection: Any) -> Any:
         return await connection.read_response()
     except rex.ResponseError as exc:  # an error reply, read whole: the stream is in step
         return exc
+
+
+def _settle_late(request: Request, reply: Any) -> None:
+    late = request.late
+    if late is None or late.done():
+        return
+    if isinstance(reply, BaseException):
+        late.set_exception(reply)
+    else:
+        late.set_result(reply)
 
 
 def _as_error(reply: Any) -> Any:
