@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from celery_unique import Acquisition, BackendUnavailable, ConfigurationError
+from celery_unique.core import holding
 from celery_unique.core.holding import (
     ATTEMPT_FLOOR,
     BACKOFF_MAX,
@@ -23,14 +25,26 @@ from celery_unique.core.locks import (
     parse_acquire,
     parse_owner,
     release,
-    release_eventually,
-    renew,
 )
 from celery_unique.core.scripts import ACQUIRE, EXTEND, RELEASE
 from celery_unique.core.steps import Call, Eval, Flow, Sleep, to_ms
 from celery_unique.executors.policy import Budget
 
 KEYS = KeySpace("p:").lock("job")
+
+
+def renew(key: str, token: str, ttl: float, **options: Any) -> Flow[str]:
+    """A lock's renewal, as a lease builds it: its extend, answered within the lease."""
+
+    def extend_step(span: float, within: float) -> Eval | Call:
+        return replace(extend(key, token, span).step, timeout=within)
+
+    return holding.renew(extend_step, ttl, **options)
+
+
+def release_eventually(key: str, token: str, ttl: float, *, clock: FakeClock) -> Flow[bool]:
+    """The clean-up of a lock an unanswered acquire may hold."""
+    return holding.release_eventually(release(key, token).step, ttl, clock=clock)
 
 
 class FakeClock:

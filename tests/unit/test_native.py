@@ -7,11 +7,13 @@ import pytest
 import redis.exceptions as rex
 
 from celery_unique.core import locks, native
+from celery_unique.core.results import Acquisition
 from celery_unique.core.scripts import EXTEND, RELEASE
 from celery_unique.core.steps import Call, Eval, is_idempotent
 from celery_unique.errors import BackendError
 from celery_unique.executors.errors import backend_error, native_refusal
 from celery_unique.executors.policy import NativeCommands
+from celery_unique.leases import Lease, LockKind
 
 KEY = "p:lock:{job}"
 UNKNOWN = rex.ResponseError("unknown command 'DELEX', with args beginning with: 'p:probe'")
@@ -56,14 +58,18 @@ def test_a_yes_is_the_scripts_yes_and_a_no_leaves_the_decision_to_the_script() -
 
 def test_renewal_extends_natively_within_each_steps_deadline() -> None:
     now = [1000.0]
-    flow = locks.renew(KEY, "tok", 3.0, clock=lambda: now[0], fence=17)
+    lease = Lease(LockKind(KEY), "job", 3.0, face=None, token="tok", clock=lambda: now[0])
+    lease.record(Acquisition(True, "tok", 3.0, fence=17))
+    flow = lease.start_renewal(since=now[0]).flow
     next(flow)  # the first sleep
     now[0] += 1.0
     step = flow.send(None)
     assert isinstance(step, Eval) and step.timeout is not None
     (set_ifeq,) = step.natives
-    assert set_ifeq.call.timeout == step.timeout
-    assert set_ifeq.call.args == ("SET", KEY, "17:tok", "IFEQ", "17:tok", "PX", 3000)
+    sent = NativeCommands.command(step, set_ifeq)  # as an executor sends it
+    assert sent.timeout == step.timeout  # answered within what is left of the lease
+    assert sent.gate is step.gate is not None  # and never written once release began
+    assert sent.args == ("SET", KEY, "17:tok", "IFEQ", "17:tok", "PX", 3000)
 
 
 @pytest.mark.parametrize(

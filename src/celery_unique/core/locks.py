@@ -8,7 +8,6 @@ alternatives to their scripts (:mod:`.native`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from . import holding, native
@@ -25,8 +24,6 @@ __all__ = [
     "parse_acquire",
     "parse_owner",
     "release",
-    "release_eventually",
-    "renew",
     "ttl",
 ]
 
@@ -100,29 +97,16 @@ def release(
     return Op(Eval(RELEASE, (key,), (token,), natives=alternatives), flag)
 
 
-def release_eventually(key: str, token: str, ttl: float, *, clock: Clock) -> Flow[bool]:
-    """Release a lock an unanswered acquire may have taken; see
-    :func:`.holding.release_eventually`."""
-    return holding.release_eventually(release(key, token).step, ttl, clock=clock)
-
-
-def _extend_step(
-    key: str, token: str, ttl_ms: int, fence: int | None, timeout: float | None = None
-) -> Eval:
-    alternatives = (
-        ()
-        if fence is None
-        else native.extend(key, native.held_value(fence, token), ttl_ms, timeout)
-    )
-    return Eval(EXTEND, (key,), (token, ttl_ms), timeout, alternatives)
-
-
 def extend(key: str, token: str, ttl: float, *, fence: int | None = None) -> Op[bool]:
     """Set the lock's TTL to ``ttl`` from now if ``token`` owns it; ``True`` if it did.
 
     ``fence``: as for :func:`release`.
     """
-    return Op(_extend_step(key, token, to_ms(ttl), fence), flag)
+    ttl_ms = to_ms(ttl)
+    alternatives = (
+        () if fence is None else native.extend(key, native.held_value(fence, token), ttl_ms)
+    )
+    return Op(Eval(EXTEND, (key,), (token, ttl_ms), natives=alternatives), flag)
 
 
 def owner(key: str) -> Op[str | None]:
@@ -133,25 +117,3 @@ def owner(key: str) -> Op[str | None]:
 def ttl(key: str) -> Op[float | None]:
     """Seconds the lock has left, or ``None`` when it is free."""
     return Op(Call(("PTTL", key)), lambda reply: _seconds(int(reply)))
-
-
-def renew(
-    key: str,
-    token: str,
-    ttl: float,
-    *,
-    clock: Clock,
-    until: float | None = None,
-    since: float | None = None,
-    stopped: Callable[[], bool] = lambda: False,
-    fence: int | None = None,
-) -> Flow[str]:
-    """Keep a held lock alive; see :func:`.holding.renew` (``fence`` as for :func:`release`)."""
-    return holding.renew(
-        lambda span, within: _extend_step(key, token, to_ms(span), fence, within),
-        ttl,
-        clock=clock,
-        until=until,
-        since=since,
-        stopped=stopped,
-    )

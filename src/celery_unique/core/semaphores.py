@@ -7,7 +7,7 @@ lease. Each function returns an :class:`~.steps.Op` or a flow; none does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -24,9 +24,7 @@ __all__ = [
     "holders",
     "parse_slot",
     "release",
-    "release_eventually",
     "release_held",
-    "renew",
 ]
 
 
@@ -88,12 +86,6 @@ def release_held(keys: Sequence[str], token: str, held: float) -> Op[bool]:
     return Op(Eval(SEMAPHORE_RELEASE, (keys[0], keys[2]), args), flag)
 
 
-def release_eventually(key: str, token: str, ttl: float, *, clock: Clock) -> Flow[bool]:
-    """Give up a slot an unanswered acquire may have taken; see
-    :func:`.holding.release_eventually`."""
-    return holding.release_eventually(release(key, token).step, ttl, clock=clock)
-
-
 def extend(key: str, token: str, ttl: float) -> Op[bool]:
     """Renew ``token``'s lease to ``ttl`` from now if its slot is live; ``True`` if it was."""
     return Op(Eval(SEMAPHORE_EXTEND, (key,), (token, to_ms(ttl))), flag)
@@ -102,24 +94,3 @@ def extend(key: str, token: str, ttl: float) -> Op[bool]:
 def holders(key: str) -> Op[int]:
     """How many live holders the semaphore has."""
     return Op(Eval(SEMAPHORE_HOLDERS, (key,), ()), int)
-
-
-def renew(
-    key: str,
-    token: str,
-    ttl: float,
-    *,
-    clock: Clock,
-    until: float | None = None,
-    since: float | None = None,
-    stopped: Callable[[], bool] = lambda: False,
-) -> Flow[str]:
-    """Keep a held slot alive; see :func:`.holding.renew`."""
-    return holding.renew(
-        lambda span, within: Eval(SEMAPHORE_EXTEND, (key,), (token, to_ms(span)), within),
-        ttl,
-        clock=clock,
-        until=until,
-        since=since,
-        stopped=stopped,
-    )

@@ -12,7 +12,6 @@ import contextlib
 import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import anyio
@@ -98,7 +97,7 @@ class AsyncRedisExecutor:
         alternative = self._native.pick(step)
         if alternative is not None:
             try:
-                got: Any = await self._one(replace(alternative.call, gate=step.gate))
+                got: Any = await self._one(self._native.command(step, alternative))
             except BackendError as exc:
                 got = exc
             answer = self._native.settle(alternative, got)

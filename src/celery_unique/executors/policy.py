@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ..core import native
@@ -170,6 +171,13 @@ class NativeCommands(FirstUse):
             if alternative.needs in self.found:
                 return alternative
         return None
+
+    @staticmethod
+    def command(step: Eval | Call, alternative: Native) -> Call:
+        """``alternative``'s command as it is sent for ``step``: under the step's deadline
+        (a renewal's extend must be answered within what is left of the lease) and gate."""
+        timeout = alternative.call.timeout if step.timeout is None else step.timeout
+        return replace(alternative.call, timeout=timeout, gate=step.gate)
 
     def settle(self, alternative: Native, got: Any) -> Any:
         """The script's reply from what ``alternative`` ``got`` (its reply, or the error it

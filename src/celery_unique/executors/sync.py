@@ -234,7 +234,7 @@ class RedisExecutor:
         alternative = self._native.pick(step)
         if alternative is not None:
             try:
-                got: Any = self._send(alternative.call, step.gate)
+                got: Any = self._send(self._native.command(step, alternative))
             except BackendError as exc:
                 got = exc
             answer = self._native.settle(alternative, got)
@@ -242,10 +242,10 @@ class RedisExecutor:
                 return answer
         return self._send(step)
 
-    def _send(self, step: Eval | Call, gate: Gate | None = None) -> Any:
-        """``step``'s reply, under the send policy; ``gate`` (else ``step.gate``): written
-        only while it is open (see :class:`~celery_unique.core.steps.Gate`)."""
-        gate = gate or step.gate
+    def _send(self, step: Eval | Call) -> Any:
+        """``step``'s reply, under the send policy; a gated step is written only while its
+        gate is open (see :class:`~celery_unique.core.steps.Gate`)."""
+        gate = step.gate
         if self._pool is None:
             # A cluster's client writes and reads in one call: the gate is looked at just
             # before (holding it to the answer would make a release wait for the extend).
