@@ -164,8 +164,8 @@ def _recording_stream_writes(monkeypatch: pytest.MonkeyPatch, written: Written) 
     """Note the async executor's own writes onto redis-py's streams too (its fast path)."""
     write_batch = fastread.write_batch
 
-    async def recorded(connection: Any, data: bytes) -> bool:
-        wrote = await write_batch(connection, data)
+    async def recorded(found: fastread.Streams, data: bytes) -> bool:
+        wrote = await write_batch(found, data)
         if wrote:
             written.append(data)
         return wrote

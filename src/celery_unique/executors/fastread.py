@@ -25,55 +25,63 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.exceptions as rex
 
 from .wire import INCOMPLETE, Reader
 
-__all__ = ["Progress", "read_batch", "sound", "write_batch"]
+__all__ = ["Progress", "Streams", "read_batch", "sound", "streams", "write_batch"]
 
 _READ_SIZE = 65536  # bytes per read of a batch's replies
 
 
 def _stream_of(connection: Any) -> asyncio.StreamReader | None:
     """The connection's stream, when a batch's replies can be parsed straight off it."""
-    if str(getattr(connection, "protocol", 2)) != "2":
+    protocol = getattr(connection, "protocol", 2)
+    if protocol != 2 and protocol != "2":
         return None
     reader = getattr(connection, "_reader", None)  # redis-py's own, checked before use
     return reader if isinstance(reader, asyncio.StreamReader) else None
 
 
-def _writer_of(connection: Any) -> asyncio.StreamWriter | None:
-    """The connection's writer, when a batch can be written straight onto it: RESP2, and no
-    health check due on use (``health_check_interval``: redis-py's write would PING first)."""
-    if _stream_of(connection) is None:
-        return None
-    if getattr(connection, "health_check_interval", None):
+class Streams(NamedTuple):
+    """A connection's two streams, found once for a batch by :func:`streams`."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+def streams(connection: Any) -> Streams | None:
+    """The connection's streams, when a batch can be written straight onto it and its
+    replies read off it: RESP2, asyncio's own streams, and no health check due on use
+    (``health_check_interval``: redis-py's write would PING first); else ``None``."""
+    reader = _stream_of(connection)
+    if reader is None or getattr(connection, "health_check_interval", None):
         return None
     writer = getattr(connection, "_writer", None)  # redis-py's own, checked before use
-    return writer if isinstance(writer, asyncio.StreamWriter) else None
+    return Streams(reader, writer) if isinstance(writer, asyncio.StreamWriter) else None
 
 
-async def write_batch(connection: Any, data: bytes) -> bool:
-    """Write ``data`` onto ``connection``'s stream at once; ``False``, with nothing written,
-    where it cannot be written so (see the module docstring)."""
-    writer = _writer_of(connection)
-    if writer is None or writer.transport.is_closing():
+async def write_batch(found: Streams, data: bytes) -> bool:
+    """Write ``data`` onto the stream at once; ``False``, with nothing written, when its
+    transport is closing (the connection is going)."""
+    transport = found.writer.transport
+    if transport.is_closing():
         return False
-    writer.write(data)
-    if writer.transport.get_write_buffer_size():  # the socket took less than all: wait
-        await writer.drain()
+    found.writer.write(data)
+    if transport.get_write_buffer_size():  # the socket took less than all: wait
+        await found.writer.drain()
     return True
 
 
-def sound(connection: Any) -> bool:
-    """Whether a connection kept since its last batch (whose replies were all read) can take
-    the next one as it is: connected, its stream neither ended nor failed."""
-    stream = _stream_of(connection)
-    if stream is None or _writer_of(connection) is None:
+def sound(found: Streams | None) -> bool:
+    """Whether a connection whose last batch's replies were all read can take the next one
+    as it is: its streams (see :func:`streams`) neither ended nor failed nor closing."""
+    if found is None:
         return False
-    return not stream.at_eof() and stream.exception() is None
+    reader = found.reader
+    return not (reader.at_eof() or reader.exception() or found.writer.transport.is_closing())
 
 
 class Progress:

@@ -68,7 +68,7 @@ class BatchSender:
         self.used: weakref.WeakSet[Any] = weakref.WeakSet()
         #: One connection kept from the last batch, with its event loop: the next batch
         #: takes it without the pool's checkout and release (see :mod:`.fastread`).
-        self._kept: tuple[asyncio.AbstractEventLoop, Any] | None = None
+        self._kept: tuple[asyncio.AbstractEventLoop, Any, fastread.Streams] | None = None
         #: Reads carried on for callers cancelled mid-command (strong references).
         self._salvaging: set[asyncio.Task[None]] = set()
         if self._pool is not None:
@@ -86,14 +86,17 @@ class BatchSender:
             return await self._through_client(steps, budget.total)
         while True:
             try:
-                connection = await self._kept_one(loop)
-                if connection is None:
+                kept = await self._kept_one(loop)
+                if kept is None:
                     async with _timeout(budget.left(loop.time())):
                         connection = await checkout_async(self._pool)
                     self.used.add(connection)
                     if budget.spent(loop.time()):  # the deadline's cancellation was swallowed
                         await self._pool.release(connection)
                         raise TimeoutError
+                    found = fastread.streams(connection) if self.read_streams else None
+                else:
+                    connection, found = kept
             except (rex.RedisError, TimeoutError) as exc:
                 unknown = budget.outcome_unknown()  # an earlier attempt's may have run
                 waited = budget.waited(loop.time())
@@ -118,17 +121,19 @@ class BatchSender:
                 batch[i].sent = True  # from here Redis may run it, read or not
             sent = False
             # Until the replies are in, what the read got (resumable where it is ours).
-            progress = self._progress(connection) if any(r.salvage for r in batch) else None
+            salvage = found is not None and any(request.salvage for request in batch)
+            progress = fastread.Progress(self._decode) if salvage else None
             try:
                 if live:
                     async with _timeout(budget.left(loop.time())):
-                        await self._write(connection, b"".join(self._pack(steps[i]) for i in live))
+                        data = b"".join(self._pack(steps[i]) for i in live)
+                        await self._write(connection, found, data)
                         sent = True
                         _check(budget, loop)
                         answers = await self._read(connection, len(live), progress)
                         progress = None
                         await self._reload_missing(
-                            connection, [steps[i] for i in live], answers, budget
+                            connection, found, [steps[i] for i in live], answers, budget
                         )
                     for i, answer in zip(live, answers, strict=True):
                         replies[i] = answer
@@ -153,33 +158,32 @@ class BatchSender:
                 if sought and isinstance(exc, asyncio.CancelledError):
                     # Its caller was cancelled mid-command and still wants the reply: it is
                     # read off the caller's path (see Request.salvage).
-                    await self._salvage(connection, sought, progress, budget)
+                    await self._salvage(connection, found, sought, progress, budget)
                 else:
                     await self._drop(connection)
                 raise
-            await self._put_back(connection, replies, loop)
+            await self._put_back(connection, found, replies, loop)
             return [_as_error(reply) for reply in replies]
 
     async def _put_back(
-        self, connection: Any, replies: list[Any], loop: asyncio.AbstractEventLoop
+        self,
+        connection: Any,
+        found: fastread.Streams | None,
+        replies: list[Any],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         """Done with ``connection``: kept for the next batch, back to the pool, or dropped."""
         if any(map(refused_by_replica, replies)):
             await self._drop(connection)  # an old master: reconnect to the current one
-        elif self._kept is None and self.read_streams and fastread.sound(connection):
-            self._kept = (loop, connection)
+        elif self._kept is None and found is not None and fastread.sound(found):
+            self._kept = (loop, connection, found)
         else:
             await self._pool.release(connection)  # type: ignore[union-attr]  # only when pooled
-
-    def _progress(self, connection: Any) -> fastread.Progress | None:
-        """A resumable read's progress, where the replies are read by :mod:`.fastread`."""
-        if self.read_streams and fastread.sound(connection):
-            return fastread.Progress(self._decode)
-        return None
 
     async def _salvage(
         self,
         connection: Any,
+        found: fastread.Streams | None,
         requests: list[Request],
         progress: fastread.Progress | None,
         budget: Budget,
@@ -200,13 +204,14 @@ class BatchSender:
             for request in requests:
                 _settle_late(request, error)
             return
-        task = loop.create_task(self._read_on(connection, requests, progress, budget))
+        task = loop.create_task(self._read_on(connection, found, requests, progress, budget))
         self._salvaging.add(task)  # a strong reference until it is done
         task.add_done_callback(self._salvaging.discard)
 
     async def _read_on(
         self,
         connection: Any,
+        found: fastread.Streams | None,
         requests: list[Request],
         progress: fastread.Progress,
         budget: Budget,
@@ -216,7 +221,7 @@ class BatchSender:
         try:
             async with _timeout(budget.left(loop.time())):
                 answers = await self._read(connection, len(requests), progress)
-                await self._reload_missing(connection, steps, answers, budget)
+                await self._reload_missing(connection, found, steps, answers, budget)
         except BaseException as exc:
             await self._drop(connection)
             broken = exc if isinstance(exc, _BROKEN_OR_LATE) else closed_under_us(exc)
@@ -227,27 +232,30 @@ class BatchSender:
             if not isinstance(exc, Exception):
                 raise
             return
-        await self._put_back(connection, answers, loop)
+        await self._put_back(connection, found, answers, loop)
         for request, answer in zip(requests, answers, strict=True):
             _settle_late(request, _as_error(answer))
 
-    async def _kept_one(self, loop: asyncio.AbstractEventLoop) -> Any | None:
-        """The kept connection, if it is this loop's and still sound; else ``None`` (one the
-        server closed meanwhile is dropped, another loop's goes back to the pool)."""
+    async def _kept_one(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> tuple[Any, fastread.Streams] | None:
+        """The kept connection and its streams, if it is this loop's and still sound; else
+        ``None`` (one the server closed meanwhile is dropped, another loop's goes back to
+        the pool)."""
         kept, self._kept = self._kept, None
         if kept is None:
             return None
-        kept_loop, connection = kept
+        kept_loop, connection, found = kept
         if kept_loop is not loop:
             await self._pool.release(connection)  # type: ignore[union-attr]  # only when pooled
             return None
-        if not fastread.sound(connection):
+        if not fastread.sound(found):
             await self._drop(connection)
             return None
-        return connection
+        return connection, found
 
-    async def _write(self, connection: Any, data: bytes) -> None:
-        if not (self.read_streams and await fastread.write_batch(connection, data)):
+    async def _write(self, connection: Any, found: fastread.Streams | None, data: bytes) -> None:
+        if found is None or not await fastread.write_batch(found, data):
             await connection.send_packed_command(data)
 
     def forget_connections(self) -> None:
@@ -279,7 +287,12 @@ class BatchSender:
         return self._packer.command(step.args)
 
     async def _reload_missing(
-        self, connection: Any, steps: list[Eval | Call], answers: list[Any], budget: Budget
+        self,
+        connection: Any,
+        found: fastread.Streams | None,
+        steps: list[Eval | Call],
+        answers: list[Any],
+        budget: Budget,
     ) -> None:
         """Load the scripts answered NOSCRIPT and send those steps again, in one round trip."""
         missing = [i for i, answer in enumerate(answers) if isinstance(answer, rex.NoScriptError)]
@@ -291,7 +304,9 @@ class BatchSender:
             return
         scripts = {steps[i].script: None for i in missing}  # type: ignore[union-attr]
         loads = [self._packer.command(("SCRIPT", "LOAD", script.source)) for script in scripts]
-        await self._write(connection, b"".join(loads + [self._pack(steps[i]) for i in missing]))
+        await self._write(
+            connection, found, b"".join(loads + [self._pack(steps[i]) for i in missing])
+        )
         _check(budget, asyncio.get_running_loop())
         again = await self._read(connection, len(loads) + len(missing))
         for i, answer in zip(missing, again[len(loads) :], strict=True):
