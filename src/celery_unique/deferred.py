@@ -7,6 +7,12 @@ runs). So renewal is scheduled here instead: :func:`call_at` files a callback un
 time in one heap, one daemon thread per process wakes when the earliest is due and calls it,
 and a callback cancelled before then costs nothing more than its entry. A forked child gets
 a thread (and a heap) of its own.
+
+Filing wakes the thread only when the new entry is due before everything already filed. So
+the thread drops cancelled entries only when it wakes for one that is due (and those due
+within :data:`_SWEEP` after it): were it to drop them as soon as it runs, the heap of a
+worker running one short task after another would be empty at each filing, and every run
+would wake the thread for nothing (a thread switch per task).
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ __all__ = ["Scheduled", "call_at"]
 
 logger = logging.getLogger("celery_unique")
 
+# Seconds past the entry it woke for within which the thread also drops cancelled entries: a
+# busy process's heap is swept about once per this, not once per entry.
+_SWEEP = 1.0
+# Entries in the heap past which a filing drops the cancelled ones (then twice what is left).
+_COMPACT_MIN = 4096
+
 
 class Scheduled:
     """A callback filed for later; :meth:`cancel` before it is due and it never runs."""
@@ -36,6 +48,11 @@ class Scheduled:
     def cancel(self) -> None:
         """It will not run (if it has not started already)."""
         self.cancelled = True
+        self.callback = _nothing  # its entry may wait in the heap a while: hold nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Timer:
@@ -47,32 +64,47 @@ class _Timer:
         self.order = itertools.count()  # ties in due time run in filing order
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
+        self.compact_at = _COMPACT_MIN
 
     def add(self, due: float, scheduled: Scheduled) -> None:
         with self.wake:
-            heapq.heappush(self.heap, (due, next(self.order), scheduled))
+            heap = self.heap
+            if len(heap) >= self.compact_at:
+                # Cancelled entries wait for their due time (see the module docstring): with
+                # long leases they pile up, so drop them all now and then (amortised O(1)).
+                heap[:] = [entry for entry in heap if not entry[2].cancelled]
+                heapq.heapify(heap)
+                self.compact_at = max(_COMPACT_MIN, 2 * len(heap))
+            heapq.heappush(heap, (due, next(self.order), scheduled))
             if self.thread is None:
                 self.thread = threading.Thread(
                     target=self.run, name="celery-unique timer", daemon=True
                 )
                 self.thread.start()
-            elif self.heap[0][2] is scheduled:
+            elif heap[0][2] is scheduled:
                 self.wake.notify()  # due sooner than what the thread waits for
 
     def run(self) -> None:
+        heap = self.heap
         while True:
             with self.wake:
                 while True:
-                    while self.heap and self.heap[0][2].cancelled:
-                        heapq.heappop(self.heap)
-                    if not self.heap:
+                    if not heap:
                         self.wake.wait()
                         continue
-                    left = self.heap[0][0] - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.wake.wait(left)
-                scheduled = heapq.heappop(self.heap)[2]
+                    due, _, scheduled = heap[0]
+                    now = time.monotonic()
+                    if due > now:
+                        self.wake.wait(due - now)
+                        continue
+                    heapq.heappop(heap)
+                    if scheduled.cancelled:
+                        # Due, and nothing to run: drop the cancelled ones due soon after it
+                        # too, so that the thread wakes about once per _SWEEP.
+                        while heap and heap[0][2].cancelled and heap[0][0] <= now + _SWEEP:
+                            heapq.heappop(heap)
+                        continue
+                    break
             if not scheduled.cancelled:
                 try:
                     scheduled.callback()

@@ -32,7 +32,7 @@ from .core.results import Acquisition, Slot
 from .core.steps import Call, Clock, Eval, Flow, Op, check_timeout, to_ms
 from .errors import BackendError, LockNotOwnedError, LockTimeout
 
-__all__ = ["Freeing", "Kind", "Lease", "LockKind", "Renewal", "SemaphoreKind"]
+__all__ = ["Freeing", "Kind", "Lease", "LockKind", "Renewal", "SemaphoreKind", "StopFlag"]
 
 logger = logging.getLogger("celery_unique")
 
@@ -197,6 +197,43 @@ class SemaphoreKind:
 K = TypeVar("K", bound=Kind)
 
 
+class StopFlag:
+    """``threading.Event``'s ``is_set``, ``set`` and ``wait``, for a renewal's stop: most
+    renewals end before anything waits on it (a short hold never starts its thread), so the
+    event a wait needs is made by the first wait, and raising the flag costs an attribute
+    write until then."""
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        """Whether the flag is up."""
+        return self._set
+
+    def set(self) -> None:
+        """Raise the flag and wake whoever waits on it."""
+        self._set = True
+        event = self._event  # read after the write: a wait made its event, or sees the flag
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the flag is up (``timeout`` seconds at most); whether it is."""
+        with _EVENTS:
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        if self._set:  # raised before the event was there to be set
+            return True
+        return event.wait(timeout)
+
+
+_EVENTS = threading.Lock()  # makes a StopFlag's one event
+
+
 class Renewal:
     """A running renewal: its flow, its stop flag, and how the driver cuts its wait short
     (wake a thread's sleep, cancel a task).
@@ -210,7 +247,7 @@ class Renewal:
     __slots__ = ("flow", "interrupt", "stop", "writing")
 
     def __init__(self, flow: Callable[[Renewal], Flow[str]]) -> None:
-        self.stop = threading.Event()
+        self.stop = StopFlag()
         self.writing = threading.Lock()
         self.interrupt: Callable[[], object] = lambda: None
         self.flow = flow(self)  # made last: its extends are gated by this renewal

@@ -64,9 +64,10 @@ def run(
     policy = config.policy
     left = ttl_left(task, request) if policy.tracks_ttl_end else None
     deferred = bool(getattr(request, DEFERRED_HEADER, None))
+    carried = getattr(request, KEY_HEADER, None)  # published by apply_async with its key
     held = Held(
         lc.Instance(request.id, policy, _arriving_state(request, deferred)),
-        getattr(request, KEY_HEADER, None) or config.key(args, kwargs),
+        carried or config.key(args, kwargs),
         ends=None if left is None else time.monotonic() + left,
     )
     held.on_lost = lambda: _lease_lost(task, held)
@@ -78,10 +79,9 @@ def run(
         deferred=deferred,
         waited=waited,
         unreachable=unreachable,
-        applied=getattr(request, KEY_HEADER, None) is not None,
+        applied=carried is not None,
     )
     outcome = perform(config.backend, held, start)
-    name = f"{task.name}[{request.id}]"
     if isinstance(outcome, lc.Fail):
         raise outcome.error
     if isinstance(outcome, lc.Skip):
@@ -95,7 +95,12 @@ def run(
                 work=work_of(task, held.key, args, kwargs),
             )
             follower.set(serializer=task.serializer)  # the work's arguments, as they came
-            logger.info("%s follows %s, which holds its unique key", name, outcome.holder)
+            logger.info(
+                "%s[%s] follows %s, which holds its unique key",
+                task.name,
+                request.id,
+                outcome.holder,
+            )
             return task.replace(follower)
         return task.skipped_result(outcome.holder)
     setattr(request, _HELD, held)  # a retry or a deferral publishes from here on
@@ -104,10 +109,12 @@ def run(
             defer(task, outcome)
         assert isinstance(outcome, lc.Run), outcome
         if not outcome.locked:
-            logger.info("%s runs without its unique lock: %s", name, outcome.why)
+            logger.info(
+                "%s[%s] runs without its unique lock: %s", task.name, request.id, outcome.why
+            )
             return body()
         if outcome.unless_done and _ran_elsewhere(task, request.id):
-            quietly(config.backend, held, lc.RanElsewhere(), name)
+            quietly(config.backend, held, lc.RanElsewhere(), f"{task.name}[{request.id}]")
             raise Ignore()
         return _locked(task, held, body)
     finally:

@@ -50,7 +50,11 @@ class Budget:
 
     def __init__(self, now: float, timeout: float, sooner: Iterable[float | None] = ()) -> None:
         self.started = now
-        self.total = min([timeout, *(s for s in sooner if s is not None)])
+        total = timeout
+        for deadline in sooner:
+            if deadline is not None and deadline < total:
+                total = deadline
+        self.total = total
         self.deadline = now + self.total
         self.resend_left = True
         #: An earlier attempt had written the command: whatever the next attempt meets, the

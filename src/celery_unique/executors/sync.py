@@ -282,20 +282,20 @@ class RedisExecutor:
             checking = self._eviction.claim()
             probing = self._native.claim()
             try:
-                with _opened(gate) as open_:
-                    if not open_:  # withdrawn before it was written: nothing was sent
-                        if checking:
-                            self._eviction.unanswered()
-                        if probing:
-                            self._native.unanswered()
-                        self._keep(self._pool, connection)
-                        return WITHDRAWN
-                    if checking or probing:
-                        along = [self._policy_query] if checking else []
-                        along += self._probe_queries if probing else []
-                        connection.send_packed_command((*along, data))
-                    else:
-                        connection.send_packed_command((data,))
+                if checking or probing:
+                    along = [self._policy_query] if checking else []
+                    along += self._probe_queries if probing else []
+                    payload: tuple[bytes, ...] = (*along, data)
+                else:
+                    payload = (data,)
+                if not _write(connection, payload, gate):
+                    # Withdrawn before it was written: nothing was sent.
+                    if checking:
+                        self._eviction.unanswered()
+                    if probing:
+                        self._native.unanswered()
+                    self._keep(self._pool, connection)
+                    return WITHDRAWN
                 sent = True
                 if checking:
                     self._policy_read(self._reply_or_error(connection, budget.deadline))
@@ -370,10 +370,8 @@ class RedisExecutor:
         connection.send_packed_command((load,))
         self._read(connection, deadline)
         # The first send did not run: this one is the step's real send, gated like it.
-        with _opened(gate) as open_:
-            if not open_:
-                return WITHDRAWN
-            connection.send_packed_command((data,))
+        if not _write(connection, (data,), gate):
+            return WITHDRAWN
         return self._read(connection, deadline)
 
     def _pack(self, step: Eval | Call) -> bytes:
@@ -415,6 +413,18 @@ def _opened(gate: Gate | None) -> Iterator[bool]:
         return
     with gate.hold() as open_:
         yield open_
+
+
+def _write(connection: Any, payload: tuple[bytes, ...], gate: Gate | None) -> bool:
+    """Write ``payload`` unless ``gate`` is closed; whether it was written. (Most steps have
+    no gate: they are written without entering a context manager.)"""
+    if gate is None:
+        connection.send_packed_command(payload)
+        return True
+    with gate.hold() as open_:
+        if open_:
+            connection.send_packed_command(payload)
+        return open_
 
 
 def _quiet(connection: Any) -> bool:
