@@ -69,6 +69,9 @@ class BatchSender:
         #: One connection kept from the last batch, with its event loop: the next batch
         #: takes it without the pool's checkout and release (see :mod:`.fastread`).
         self._kept: tuple[asyncio.AbstractEventLoop, Any, fastread.Streams] | None = None
+        # A Sentinel pool looks up the master as it lends a connection and lets go of those
+        # to an old one: its connections always go back to it.
+        self._keeps = getattr(self._pool, "sentinel_manager", None) is None
         #: Reads carried on for callers cancelled mid-command (strong references).
         self._salvaging: set[asyncio.Task[None]] = set()
         if self._pool is not None:
@@ -175,7 +178,7 @@ class BatchSender:
         """Done with ``connection``: kept for the next batch, back to the pool, or dropped."""
         if any(map(refused_by_replica, replies)):
             await self._drop(connection)  # an old master: reconnect to the current one
-        elif self._kept is None and found is not None and fastread.sound(found):
+        elif self._kept is None and self._keeps and found is not None and fastread.sound(found):
             self._kept = (loop, connection, found)
         else:
             await self._pool.release(connection)  # type: ignore[union-attr]  # only when pooled
