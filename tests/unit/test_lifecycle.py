@@ -249,6 +249,21 @@ def test_a_delivery_without_the_key_republishes_by_taking_it(state: S) -> None:
     assert isinstance(transition.outcome, lc.Duplicate)
 
 
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [(S.QUEUED, lc.Republish(60.0)), (S.RUNNING, lc.Retry(3600.0))],
+    ids=["deferral", "retry"],
+)
+@pytest.mark.parametrize("unknown", [False, True])
+def test_a_copy_of_an_admitted_instance_is_published_though_redis_does_not_answer(
+    state: S, event: lc.Event, unknown: bool
+) -> None:
+    # Found by the chaos suite: a deferral whose hand-back went unanswered failed the task.
+    lost = BackendUnavailable("down", outcome_unknown=unknown)
+    _, transition = step(state, event, lost)
+    assert transition.outcome == lc.Publish(locked=False)  # never Fail: the work goes on
+
+
 def test_reject_with_requeue_hands_the_key_back_for_a_full_ttl() -> None:
     action, transition = step(S.RUNNING, lc.Requeue(), got(ID, acquired=True))
     assert action == lc.HandOver(ID, 3600.0)

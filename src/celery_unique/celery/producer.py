@@ -273,7 +273,7 @@ def answer(task: UniqueTask, call: Call, outcome: lc.Outcome) -> AsyncResult | N
         raise outcome.error
     if isinstance(outcome, lc.Publish) and not outcome.locked:
         logger.warning(
-            "Redis unreachable: publishing %s[%s] without its unique lock (unique_fail_open)",
+            "Redis unreachable: publishing %s[%s] without its unique lock",
             task.name,
             call.task_id,
         )

@@ -571,19 +571,25 @@ def _republished(it: Instance, got: Acquisition) -> Outcome:
     return _duplicate(got)
 
 
+# A deferral's or a retry's copy is the same instance, already admitted: with Redis not
+# answering its hand-back it is published all the same (never failed: the work would be
+# lost), without the key. Whatever holds the key meanwhile is this instance's own (a run
+# token expires within a lease; a take that ran is the copy's), so no duplicate comes of it.
+
+
 def _republish(it: Instance, event: Republish) -> Flow:
     try:
         got = yield Take(it.task_id, event.ttl)
-    except BackendUnavailable as error:
-        return _unreachable(it, error, Publish(locked=False, free_later=error.outcome_unknown))
+    except BackendUnavailable:
+        return Publish(locked=False)
     return _republished(it, got)
 
 
 def _hand_back(it: Instance, event: Retry) -> Flow:
     try:
         got = yield HandOver(it.task_id, event.ttl)
-    except BackendUnavailable as error:
-        return _unreachable(it, error, Publish(locked=False))
+    except BackendUnavailable:
+        return Publish(locked=False)
     return _republished(it, got)
 
 
