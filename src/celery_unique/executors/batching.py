@@ -58,6 +58,12 @@ class Request:
         self.answer: Any = None
         self.late: asyncio.Future[Any] | None = None
 
+    def answer_late(self, reply: Any) -> None:
+        """Hand ``reply`` (or the error) to ``late``, the future of a caller that gave up
+        after the send, if it asked for one and has no answer yet."""
+        if self.late is not None and not self.late.done():
+            _settle_future(self.late, reply)
+
     def cancelled(self) -> bool:
         """Whether the caller gave up: its step need not be sent any more."""
         return self.future is not None and self.future.cancelled()
@@ -217,8 +223,7 @@ def _settle(request: Request, reply: Any) -> None:
     if future.done():  # the caller gave up: it may want to learn what the step did
         if request.sent:
             request.answered, request.answer = True, reply
-            if request.late is not None and not request.late.done():
-                _settle_future(request.late, reply)
+            request.answer_late(reply)
         return
     _settle_future(future, reply)
 

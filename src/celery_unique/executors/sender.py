@@ -205,7 +205,7 @@ class BatchSender:
                 waited=budget.waited(loop.time()),
             )
             for request in requests:
-                _settle_late(request, error)
+                request.answer_late(error)
             return
         task = loop.create_task(self._read_on(connection, found, requests, progress, budget))
         self._salvaging.add(task)  # a strong reference until it is done
@@ -231,13 +231,13 @@ class BatchSender:
             error = backend_error(broken, outcome_unknown=True, waited=budget.waited(loop.time()))
             error.__cause__ = exc
             for request in requests:
-                _settle_late(request, error)
+                request.answer_late(error)
             if not isinstance(exc, Exception):
                 raise
             return
         await self._put_back(connection, found, answers, loop)
         for request, answer in zip(requests, answers, strict=True):
-            _settle_late(request, _as_error(answer))
+            request.answer_late(_as_error(answer))
 
     async def _kept_one(
         self, loop: asyncio.AbstractEventLoop
@@ -399,16 +399,6 @@ async def _reply_or_error(connection: Any) -> Any:
         return await connection.read_response()
     except rex.ResponseError as exc:  # an error reply, read whole: the stream is in step
         return exc
-
-
-def _settle_late(request: Request, reply: Any) -> None:
-    late = request.late
-    if late is None or late.done():
-        return
-    if isinstance(reply, BaseException):
-        late.set_exception(reply)
-    else:
-        late.set_result(reply)
 
 
 def _as_error(reply: Any) -> Any:
