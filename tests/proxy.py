@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 
@@ -21,8 +22,10 @@ class Proxy:
         self.delay = 0.0  # seconds each reply is held up on its way back (a slow link)
         self.url = ""
         self.sent = bytearray()  # every command that passed, as sent
-        self._writers: list[asyncio.StreamWriter] = []
+        self._writers: list[asyncio.StreamWriter] = []  # open now: what cut() resets
+        self._accepted: list[asyncio.StreamWriter] = []  # every one: what the teardown closes
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def _replies(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         passed = 0
@@ -55,14 +58,30 @@ class Proxy:
             await dst.drain()
         dst.close()
 
+    async def _accept(self, listener: socket.socket) -> None:
+        # The proxy's own accept loop: asyncio's server on Python 3.11 leaks a connection it
+        # accepts as the server closes, and clients may connect as a test ends (a resend, a
+        # background clean-up). Every connection accepted here is the teardown's to close.
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            if self._closing:
+                conn.close()
+                return
+            reader, writer = await asyncio.open_connection(sock=conn)
+            self._accepted.append(writer)
+            self._writers.append(writer)
+            task = loop.create_task(self._serve(reader, writer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Known from the moment of accepting: a client may connect as the test ends (a
-        # background clean-up), and the teardown closes what it has not finished with.
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.append(writer)
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.close()
+            return
+        self._accepted.append(up_writer)
         self._writers.append(up_writer)
         try:
             await asyncio.gather(
@@ -89,15 +108,24 @@ class Proxy:
         self._writers.clear()
 
     async def run(self) -> AsyncIterator[Proxy]:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
-        async with server:
-            yield self
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            for writer in self._writers:
-                writer.close()
-            for writer in self._writers:  # closed for good before the test's loop ends
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.setblocking(False)
+            address = listener.getsockname()
+            self.url = f"redis://127.0.0.1:{address[1]}/0"
+            accepting = asyncio.get_running_loop().create_task(self._accept(listener))
+            try:
+                yield self
+            finally:
+                # The accept loop ends at a connection of our own: never cancelled, it cannot
+                # drop one it has just accepted.
+                self._closing = True
+                with socket.create_connection(address):
+                    await accepting
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._accepted:
+            writer.close()
+        for writer in self._accepted:  # closed for good before the test's loop ends
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

@@ -16,6 +16,7 @@ import redis.asyncio
 
 from celery_unique import AsyncRedisBackend, BackendError, BackendUnavailable, RateLimit
 from celery_unique.core.keys import KeySpace
+from celery_unique.core.steps import Call, Op
 from celery_unique.executors import AsyncRedisExecutor
 from tests.conftest import lock_key, lock_owner
 from tests.helpers import async_wait_until
@@ -133,6 +134,22 @@ async def test_replies_that_never_come_time_out_for_every_caller(proxy: Proxy, m
     assert all(isinstance(r, BackendUnavailable) for r in results), results
     assert all(r.outcome_unknown for r in results)  # type: ignore[union-attr]  # they were sent
     assert time.monotonic() - started < 0.3 + 0.5  # the socket timeout bounds every caller
+
+
+async def test_a_sooner_deadline_holds_no_other_caller_to_it(proxy: Proxy, make: Make) -> None:
+    """A command that must be answered sooner than the executor's deadline (a renewal's
+    extend near the end of its lease) goes in a batch of its own: the callers it would have
+    shared a round trip with keep their own deadline, on a link slower than its."""
+    backend = make(proxy.url)
+    limiter = backend.rate_limiter(RateLimit(100, per=3600))
+    await asyncio.gather(*(limiter.hit("warm-up") for _ in range(5)))
+    proxy.delay = 0.2
+    hurried = backend.executor.execute(Op(Call(("PING",), timeout=0.05), lambda reply: reply))
+    hits = [limiter.hit("k") for _ in range(10)]
+    results = await asyncio.gather(*hits[:5], hurried, *hits[5:], return_exceptions=True)
+    assert isinstance(results[5], BackendUnavailable), results[5]
+    decisions = results[:5] + results[6:]
+    assert all(getattr(d, "allowed", False) for d in decisions), decisions
 
 
 async def test_callers_cancelled_after_the_send_leave_the_others_and_the_pool_in_order(

@@ -68,7 +68,7 @@ class AsyncRedisExecutor:
         self.client = client
         self.timeout = deadline_of(client, timeout)
         self._sender = BatchSender(client, self.timeout, read_streams=read_streams)
-        self._batcher = Batcher(self._sender)
+        self._batcher = Batcher(self._sender, self.timeout)
         self._eviction = EvictionCheck()
         # Probes for owner-checked commands go along with the first command too, where the
         # sender writes its own batches (a cluster client routes each command itself).

@@ -10,7 +10,10 @@ the decisions/s of one batch at a time; smaller batches cost more per command th
 Each caller gets exactly the reply, or the error, its own command would have got alone; one
 cancelled before its batch leaves has its command dropped, as if it had never been sent. With
 nothing else under way a command goes straight out from the caller's own task: a lone caller
-pays nothing for the batching. What a batch does on the wire is the sender's business.
+pays nothing for the batching. A command with a deadline sooner than the executor's (a
+renewal's extend, the last attempt of a timed acquire) goes out at once in a batch of its own:
+a batch has one deadline, and sharing would hold every other caller of it to the soonest. What
+a batch does on the wire is the sender's business.
 """
 
 from __future__ import annotations
@@ -76,10 +79,12 @@ Sender = Callable[[list[Request]], Awaitable[list[Any]]]
 
 
 class Batcher:
-    """Gathers the steps submitted on each event loop into batches for ``send``."""
+    """Gathers the steps submitted on each event loop into batches for ``send``;
+    ``timeout``: the deadline ``send`` gives a batch whose steps ask for no sooner one."""
 
-    def __init__(self, send: Sender) -> None:
+    def __init__(self, send: Sender, timeout: float) -> None:
         self._send = send
+        self._timeout = timeout
         self._pending: dict[asyncio.AbstractEventLoop, list[Request]] = {}
         self._sending: set[asyncio.Task[None]] = set()
         self._in_flight = 0  # round trips under way (lone calls and batches)
@@ -123,6 +128,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         requests = [Request(step, loop.create_future()) for step in steps]
         self._waiting += len(requests)
+        if any(step.timeout is not None and step.timeout < self._timeout for step in steps):
+            self._start(loop, requests)  # a sooner deadline: a batch of its own (see above)
+            return requests
         batch = self._pending.get(loop)
         if batch is None:
             if not self._in_flight:
