@@ -83,8 +83,10 @@ async def proxy(redis_url: str) -> AsyncIterator[Proxy]:
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    # redis.asyncio runs on asyncio only.
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """asyncio, but trio for a test of the ``trio`` flavour (see :func:`flavour`)."""
+    if "flavour" in request.fixturenames and request.getfixturevalue("flavour") == "trio":
+        return "trio"
     return "asyncio"
 
 
@@ -128,8 +130,10 @@ class Threaded:
 MakeBackend = Callable[..., AsyncRedisBackend]
 
 
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=["sync", "async", "trio"])
 def flavour(request: pytest.FixtureRequest) -> str:
+    """Which client a test drives: the sync one (on threads behind the async API), the async
+    one under asyncio (redis.asyncio, batched), or the async one under trio (anyio streams)."""
     return cast(str, request.param)
 
 

@@ -1,5 +1,5 @@
 """What is held for a lease: locks (:class:`Lock`, :class:`AsyncLock`) and semaphore slots
-(:class:`Semaphore`, :class:`AsyncSemaphore`), each sync and asyncio twin side by side.
+(:class:`Semaphore`, :class:`AsyncSemaphore`), each sync and async twin side by side.
 
 What a lock or a slot does, and every decision of holding one, is described once, in a
 :class:`~.leases.Lease` (with its kind, :class:`~.leases.LockKind` or
@@ -10,13 +10,11 @@ drivers: :class:`_SyncDriver` (an executor's calls, daemon threads) and :class:`
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import anyio
-
+from .background import shielded, spawn
 from .core.keys import KeySpace
 from .core.results import Acquisition
 from .core.steps import Flow
@@ -34,18 +32,8 @@ __all__ = ["AsyncLock", "AsyncSemaphore", "Lock", "Semaphore"]
 E = TypeVar("E", Executor, AsyncExecutor)
 K = TypeVar("K", bound=Kind)
 
-# Background tasks of the asyncio flavour (clean-ups, renewals), kept referenced until they
-# are done: the event loop itself keeps only weak references to tasks.
-_BACKGROUND: set[asyncio.Task[Any]] = set()
 # Seconds before its first extend is due that a renewal thread is started (it sleeps the rest).
 _START_AHEAD = 0.05
-
-
-def _in_background(coro: Any) -> asyncio.Task[Any]:
-    task = asyncio.get_running_loop().create_task(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-    return task
 
 
 class _Face(Generic[E, K]):
@@ -232,12 +220,12 @@ class _SyncDriver(_Face[Executor, K]):
 
 
 class _AsyncDriver(_Face[AsyncExecutor, K]):
-    """Drives a lease on asyncio: awaited calls; renewal and clean-ups as tasks of the running
-    loop; leaving ``async with`` is shielded, so a cancelled task still gives up what it
+    """Drives a lease on asyncio or trio: awaited calls; renewal and clean-ups as tasks of
+    the running loop; leaving ``async with`` is shielded, so a cancelled task still gives up what it
     held."""
 
     # timeout= mirrors the sync acquire (and threading.Lock): it answers False, never raises.
-    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Take it; ``False`` if it is held elsewhere (after ``timeout`` s if blocking)."""
         lease = self._lease
         was_held = lease.held
@@ -281,7 +269,7 @@ class _AsyncDriver(_Face[AsyncExecutor, K]):
         tb: TracebackType | None,
     ) -> None:
         try:
-            await _shielded(self.release())
+            await shielded(self.release())
         except LockNotOwnedError as lost:
             self._lease.lost_on_exit(lost, exc)
 
@@ -291,11 +279,11 @@ class _AsyncDriver(_Face[AsyncExecutor, K]):
         lease = self._lease
         if freeing.now is not None:
             try:
-                await _shielded(self._executor.execute(freeing.now))
+                await shielded(self._executor.execute(freeing.now))
             except Exception:
                 lease.cleanup_failed()
         if freeing.later is not None:
-            _in_background(self._quietly(freeing.later))
+            spawn(self._quietly(freeing.later))
 
     async def _quietly(self, flow: Flow[bool]) -> None:
         try:
@@ -308,19 +296,11 @@ class _AsyncDriver(_Face[AsyncExecutor, K]):
         if not renew:
             return
         renewal = self._lease.start_renewal(sent)
-        task = _in_background(self._renew(renewal))
-        renewal.interrupt = task.cancel
+        renewal.interrupt = spawn(self._renew(renewal))
 
     async def _renew(self, renewal: Renewal) -> None:
         reason = await self._executor.run(renewal.flow)
         self._lease.renewal_ended(renewal, reason)
-
-
-async def _shielded(coro: Any) -> Any:
-    # anyio's shield stops a cancel scope from cancelling the release again at each await;
-    # asyncio.shield lets it finish even if the task is cancelled natively once more.
-    with anyio.CancelScope(shield=True):
-        return await asyncio.shield(coro)
 
 
 # -- locks ---------------------------------------------------------------------------------------
@@ -410,7 +390,7 @@ class Lock(_SyncDriver[LockKind], _LockFace[Executor]):
 
 
 class AsyncLock(_AsyncDriver[LockKind], _LockFace[AsyncExecutor]):
-    """The asyncio twin of :class:`Lock`: same methods, awaited.
+    """The async twin of :class:`Lock` (asyncio or trio): same methods, awaited.
 
     ::
 
@@ -508,8 +488,8 @@ class Semaphore(_SyncDriver[SemaphoreKind], _SemaphoreFace[Executor]):
 
 
 class AsyncSemaphore(_AsyncDriver[SemaphoreKind], _SemaphoreFace[AsyncExecutor]):
-    """The asyncio twin of :class:`Semaphore`: same methods, awaited; leaving ``async with``
-    frees the slot even when the task is being cancelled."""
+    """The async twin of :class:`Semaphore` (asyncio or trio): same methods, awaited;
+    leaving ``async with`` frees the slot even when the task is being cancelled."""
 
     async def holders(self) -> int:
         """How many live holders the semaphore has now."""

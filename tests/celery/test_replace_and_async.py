@@ -73,6 +73,7 @@ def threads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_adelay_publishes_off_the_loop_and_a_duplicate_touches_no_thread(
     threads: list[Any],
 ) -> None:
@@ -80,7 +81,14 @@ async def test_adelay_publishes_off_the_loop_and_a_duplicate_touches_no_thread(
     try:
         first = await t.slow.adelay(tag, 0.5)
         assert len(threads) == 1  # the publish, in a worker thread
-        duplicates = await asyncio.gather(*(t.slow.adelay(tag, 0.5) for _ in range(20)))
+        duplicates: list[Any] = []
+
+        async def duplicate() -> None:
+            duplicates.append(await t.slow.adelay(tag, 0.5))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(20):
+                group.start_soon(duplicate)
         assert {d.id for d in duplicates} == {first.id}
         assert len(threads) == 1  # no duplicate went to a thread (nor to the broker)
         assert await anyio.to_thread.run_sync(lambda: first.get(timeout=30)) == tag
@@ -90,6 +98,7 @@ async def test_adelay_publishes_off_the_loop_and_a_duplicate_touches_no_thread(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_aapply_async_raises_for_a_duplicate_like_apply_async() -> None:
     from celery_unique import DuplicateTaskError
 

@@ -32,6 +32,13 @@ RECOVERY = 10.0  # seconds from the promotion until every kind of call works aga
 CALLERS = 4
 
 
+@pytest.fixture(params=["sync", "async"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    """Sentinel and Cluster run on redis-py's clients (tests/integration checks that trio
+    refuses them up front)."""
+    return str(request.param)
+
+
 @pytest.fixture
 def sentinel_setup() -> Iterator[SentinelServers]:
     with redis_sentinel(replicas=1, sentinels=3) as setup:

@@ -15,7 +15,7 @@ import redis
 import redis.asyncio
 from redis.crc import key_slot
 
-from celery_unique import AsyncRedisBackend, RedisBackend
+from celery_unique import AsyncRedisBackend, ConfigurationError, RedisBackend
 from celery_unique.testing import ClusterServers, running_cluster
 from tests.conftest import MakeBackend, Threaded
 
@@ -34,6 +34,22 @@ def cluster() -> Iterator[ClusterServers]:
 @pytest.fixture(scope="module")
 def cluster_url(cluster: ClusterServers) -> str:
     return cluster.url
+
+
+@pytest.fixture(params=["sync", "async"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    """A cluster runs on redis-py's clients: under trio it is refused (see the test below)."""
+    return cast(str, request.param)
+
+
+def test_a_cluster_under_trio_is_refused_with_what_is_supported(cluster_url: str) -> None:
+    async def main() -> None:
+        backend = AsyncRedisBackend.from_url(cluster_url, cluster=True)
+        with pytest.raises(ConfigurationError, match="Cluster and Sentinel run on asyncio"):
+            await backend.lock("job", ttl=5).acquire(blocking=False)
+        await backend.aclose()
+
+    anyio.run(main, backend="trio")
 
 
 @pytest.fixture

@@ -79,6 +79,7 @@ async def test_no_warning_and_no_error_without_an_evicting_policy_to_read(
     assert warnings_of(caplog) == []
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])  # a cluster is refused under trio
 async def test_a_cluster_whose_nodes_refuse_config_gives_no_warning_and_no_error(
     make_backend: MakeBackend, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
+import anyio
 import pytest
 import redis
 
@@ -32,6 +33,24 @@ def sentinel_setup() -> Iterator[SentinelServers]:
 
 def options() -> dict[str, Any]:
     return {"master_name": "mymaster", "sentinel_kwargs": {"password": SENTINEL_PW}}
+
+
+@pytest.fixture(params=["sync", "async"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    """Sentinel runs on redis-py's clients: under trio it is refused (see the test below)."""
+    return cast(str, request.param)
+
+
+def test_sentinel_under_trio_is_refused_with_what_is_supported(
+    sentinel_setup: SentinelServers,
+) -> None:
+    async def main() -> None:
+        backend = AsyncRedisBackend.from_url(sentinel_setup.url, **options())
+        with pytest.raises(ConfigurationError, match="Cluster and Sentinel run on asyncio"):
+            await backend.rate_limiter("5/s").hit("k")
+        await backend.aclose()
+
+    anyio.run(main, backend="trio")
 
 
 async def test_every_operation_runs_on_the_master_the_sentinels_name(

@@ -33,7 +33,7 @@ from celery_unique.core.scripts import (
     SEMAPHORE_EXTEND,
     SEMAPHORE_RELEASE,
 )
-from celery_unique.executors import fastread
+from celery_unique.executors import fastread, streams
 from tests.conftest import MakeBackend
 from tests.helpers import async_wait_until
 from tests.proxy import Proxy
@@ -161,7 +161,8 @@ def _recording(flavour: str, written: Written) -> type[Any]:
 
 
 def _recording_stream_writes(monkeypatch: pytest.MonkeyPatch, written: Written) -> None:
-    """Note the async executor's own writes onto redis-py's streams too (its fast path)."""
+    """Note the async executor's own writes onto redis-py's streams too (its fast path), and
+    the trio executor's."""
     write_batch = fastread.write_batch
 
     async def recorded(found: fastread.Streams, data: bytes) -> bool:
@@ -171,6 +172,16 @@ def _recording_stream_writes(monkeypatch: pytest.MonkeyPatch, written: Written) 
         return wrote
 
     monkeypatch.setattr(fastread, "write_batch", recorded)
+    # And the trio executor's, on anyio streams.
+    write = streams.StreamConnection.write
+
+    async def recorded_stream(connection: streams.StreamConnection, data: bytes, gate: Any) -> bool:
+        wrote = await write(connection, data, gate)
+        if wrote:
+            written.append(data)
+        return wrote
+
+    monkeypatch.setattr(streams.StreamConnection, "write", recorded_stream)
 
 
 @pytest.mark.parametrize("kind", ["lock", "semaphore"])

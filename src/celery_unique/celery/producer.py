@@ -13,7 +13,6 @@ touches neither the broker nor a thread (but for that one read, where it is aske
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -236,7 +235,7 @@ async def _adecide(backend: AsyncRedisBackend, call: Call, event: lc.Event) -> l
     in_flight: list[Any] = []  # what a command cut short by a cancellation got
     try:
         return await backend.executor.run(flow, on_cancelled=in_flight.append)
-    except asyncio.CancelledError:
+    except anyio.get_cancelled_exc_class():
         # Cut short, the take may have run. Its reply is in (the executor saw the command
         # through), so a release sent now cannot overtake it: a release with this call's own
         # id frees the key if the take got it and does nothing if not. With no reply (Redis

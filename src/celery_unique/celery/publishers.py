@@ -9,14 +9,13 @@ of the process (a forked child starts its own).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import anyio
+from ..background import seen_through
 
 __all__ = ["PUBLISHERS", "run_in_publisher"]
 
@@ -43,13 +42,7 @@ async def run_in_publisher(function: Callable[[], T]) -> T:
     Once started it is seen through: a cancellation waits for it to end and is raised then,
     so that what it did (a message sent, a key freed) is done when the caller learns of it.
     """
-    future = asyncio.get_running_loop().run_in_executor(_publishers(), function)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        with anyio.CancelScope(shield=True):
-            await asyncio.wait([future])
-        raise
+    return await seen_through(_publishers().submit(function))
 
 
 def _after_fork_in_child() -> None:

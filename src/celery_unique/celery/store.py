@@ -10,7 +10,6 @@ names of their own settings (:class:`StoreSettings`); :func:`backend_for` and
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import weakref
 from collections.abc import Callable
@@ -20,9 +19,9 @@ from typing import Any
 from celery import Celery
 
 from ..backends import AsyncRedisBackend, RedisBackend
+from ..background import current_run
 from ..core.keys import DEFAULT_PREFIX
 from ..errors import ConfigurationError
-from ..executors.aio import running_loop
 from .settings import conf_setting
 
 __all__ = [
@@ -108,7 +107,7 @@ class _Backends:
         )
         self._async: weakref.WeakKeyDictionary[
             Celery,
-            weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncRedisBackend]],
+            weakref.WeakKeyDictionary[object, dict[str, AsyncRedisBackend]],
         ] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
@@ -124,7 +123,7 @@ class _Backends:
     def get_async(
         self,
         app: Celery,
-        loop: asyncio.AbstractEventLoop,
+        loop: object,
         name: str,
         build: Callable[[], AsyncRedisBackend],
     ) -> AsyncRedisBackend:
@@ -147,7 +146,7 @@ class _Backends:
     async def aclose(self, app: Celery) -> None:
         """Close and forget ``app``'s asyncio backends on the running loop (an app serving
         an event loop that ends may call this; others are closed with their process)."""
-        loop = running_loop()
+        loop = current_run()
         with self._lock:
             made = self._async.get(app, weakref.WeakKeyDictionary()).pop(loop, {})
         for backend in made.values():
@@ -256,7 +255,7 @@ def backend_for(
 
 
 def async_backend_for(app: Celery, names: StoreSettings = UNIQUE_STORE) -> AsyncRedisBackend:
-    """The asyncio twin of :func:`backend_for` for the running event loop (an asyncio client
-    belongs to one loop): one per app, lock store and loop, built on first use."""
-    loop = running_loop()
+    """The async twin of :func:`backend_for` for the running event loop or trio run (a
+    connection belongs to one): one per app, lock store and loop, built on first use."""
+    loop = current_run()
     return backends.get_async(app, loop, names.name, lambda: lock_store(app, names).aconnect())

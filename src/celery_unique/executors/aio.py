@@ -17,14 +17,16 @@ from typing import Any, TypeVar
 import anyio
 import redis.exceptions as rex
 
+from ..background import current_run
 from ..core.native import PROBE_KEY
 from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
-from ..errors import BackendError, BackendUnavailable, ConfigurationError
+from ..errors import BackendError, BackendUnavailable
 from .batching import Batcher, Request
 from .connections import aclose_client, deadline_of, direct_pool
 from .errors import backend_error, native_refusal
 from .policy import EvictionCheck, NativeCommands
 from .sender import BatchSender
+from .streams import Address, StreamExecutor
 
 __all__ = ["AsyncRedisExecutor", "running_loop"]
 
@@ -33,18 +35,14 @@ T = TypeVar("T")
 _live: weakref.WeakSet[AsyncRedisExecutor] = weakref.WeakSet()
 
 
-def running_loop() -> asyncio.AbstractEventLoop:
-    """The running asyncio event loop; a :class:`ConfigurationError` that says what to do
-    when the caller runs under another event loop (trio) or none."""
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio event loop; ``None`` under trio; a :class:`ConfigurationError`
+    that says what to do outside any (see :func:`~celery_unique.background.current_run`)."""
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
-        raise ConfigurationError(
-            "celery_unique's async objects run on asyncio (through redis.asyncio), and this "
-            "call came from outside an asyncio event loop (under trio, say): run it under "
-            "asyncio (anyio.run(..., backend='asyncio')), or call the sync RedisBackend from a "
-            "worker thread (anyio.to_thread.run_sync)"
-        ) from None
+        current_run()  # raises outside any event loop
+        return None
 
 
 class AsyncRedisExecutor:
@@ -75,6 +73,8 @@ class AsyncRedisExecutor:
         self._native = NativeCommands(
             enabled=direct_pool(client) is not None, key=probe_key, refusal=native_refusal
         )
+        self._probe_key = probe_key
+        self._streams: StreamExecutor | None = None
         _live.add(self)
 
     def after_fork(self) -> None:
@@ -84,9 +84,18 @@ class AsyncRedisExecutor:
         self._sender.forget_connections()
         self._batcher.forget()
 
+    def elsewhere(self) -> StreamExecutor:
+        """The executor this one hands its calls to under another backend than asyncio
+        (trio): on anyio streams, to the same server as the client (see :mod:`.streams`)."""
+        if self._streams is None:
+            address = Address.of(self.client)  # a ConfigurationError for a cluster, Sentinel
+            self._streams = StreamExecutor(address, timeout=self.timeout, probe_key=self._probe_key)
+        return self._streams
+
     async def execute(self, op: Op[T]) -> T:
         """Carry out a one-round-trip operation."""
-        running_loop()  # a clear error under another event loop, before anything starts
+        if running_loop() is None:
+            return await self.elsewhere().execute(op)
         step = op.step
         if self._eviction.pending or self._native.pending or self._native.pick(step):
             return op.parse(await self._send_any(step))
@@ -161,7 +170,8 @@ class AsyncRedisExecutor:
         ``on_cancelled``, and is raised then: the caller learns what the command did, and
         nothing it sends next can overtake it.
         """
-        running_loop()  # a clear error under another event loop, before anything starts
+        if running_loop() is None:
+            return await self.elsewhere().run(flow, on_cancelled=on_cancelled)
         try:
             step: Step = next(flow)
             while True:
@@ -228,6 +238,10 @@ class AsyncRedisExecutor:
     async def scan(self, match: str, count: int = 1000) -> AsyncIterator[str]:
         """Every key matching the glob ``match`` (SCAN, never KEYS; every primary of a
         cluster), as text."""
+        if running_loop() is None:
+            async for key in self.elsewhere().scan(match, count):
+                yield key
+            return
         try:
             async for key in self.client.scan_iter(match=match, count=count):
                 yield key.decode() if isinstance(key, bytes) else key
@@ -238,6 +252,8 @@ class AsyncRedisExecutor:
         """Delete ``keys`` (UNLINK); returns how many existed."""
         if not keys:
             return 0
+        if running_loop() is None:
+            return await self.elsewhere().unlink(keys)
         try:
             return int(await self.client.unlink(*keys))
         except rex.RedisError as exc:
@@ -245,6 +261,10 @@ class AsyncRedisExecutor:
 
     async def aclose(self) -> None:
         """Close the client and its connections, once the batches under way are answered."""
+        if running_loop() is None:
+            if self._streams is not None:
+                await self._streams.aclose()
+            return
         # A batch still waiting for a connection would otherwise take one after the pool
         # closed, open it afresh and leave it open.
         await self._batcher.drain()
