@@ -10,6 +10,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator
+from typing import cast
 
 import anyio
 import anyio.abc
@@ -105,9 +106,7 @@ class Proxy:
                 await anyio.aclose_forcefully(client)
                 await anyio.aclose_forcefully(upstream)
 
-    async def _accept(
-        self, listener: anyio.abc.Listener[anyio.abc.SocketStream], group: anyio.abc.TaskGroup
-    ) -> None:
+    async def _accept(self, listener: anyio.abc.SocketListener, group: anyio.abc.TaskGroup) -> None:
         # The proxy's own accept loop, never cancelled: clients may connect as a test ends
         # (a resend, a background clean-up), and an accept cut short could drop the one it
         # had just taken. It ends at a connection of the teardown's own.
@@ -137,7 +136,8 @@ class Proxy:
         self._open.clear()
 
     async def run(self) -> AsyncIterator[Proxy]:
-        listener = (await anyio.create_tcp_listener(local_host="127.0.0.1")).listeners[0]
+        listeners = (await anyio.create_tcp_listener(local_host="127.0.0.1")).listeners
+        listener = cast(anyio.abc.SocketListener, listeners[0])  # one: 127.0.0.1 only
         port = listener.extra(SocketAttribute.local_port)
         self.url = f"redis://127.0.0.1:{port}/0"
         try:
