@@ -163,7 +163,9 @@ class StreamConnection:
     def __init__(self, stream: anyio.abc.ByteStream, decode: Callable[[bytes], str] | None):
         self.stream = stream
         self.reader = Reader(decode)
-        self.raw: socket.socket | None = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        # A socket of its own on trio; asyncio hands out a wrapper that refuses I/O.
+        self.raw: socket.socket | None = raw if isinstance(raw, socket.socket) else None
         self.tls = stream.extra(anyio.streams.tls.TLSAttribute.ssl_object, None) is not None
 
     def quiet(self) -> bool:
