@@ -234,7 +234,9 @@ class AsyncRedisBackend(_BackendBase[AsyncExecutor, AsyncLock, AsyncSemaphore, A
 
     ``AsyncRedisBackend.from_url("redis://localhost:6379/0")``, or ``AsyncRedisBackend(client)``.
     The commands that coroutines of one event loop issue together share round trips (see
-    :mod:`celery_unique.executors.batching`). Importing it does not import Celery.
+    :mod:`celery_unique.executors.batching`). Under trio the same object connects to the
+    client's server over anyio streams (:mod:`celery_unique.executors.streams`; Cluster and
+    Sentinel are asyncio only). Importing it does not import Celery.
     """
 
     _client_types = (redis.asyncio.Redis, redis.asyncio.RedisCluster)

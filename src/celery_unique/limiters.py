@@ -74,7 +74,7 @@ class RateLimiter(_LimiterBase["Executor"]):
 
 
 class AsyncRateLimiter(_LimiterBase["AsyncExecutor"]):
-    """The asyncio twin of :class:`RateLimiter`: same methods, awaited."""
+    """The async twin of :class:`RateLimiter` (asyncio or trio): same methods, awaited."""
 
     async def hit(self, key: str, cost: int = 1) -> Decision:
         """Take ``cost`` tokens from ``key``'s buckets if every limit has them; one command."""

@@ -3,6 +3,10 @@
 The pieces: :class:`~.batching.Batcher` decides which commands share a round trip,
 :class:`~.sender.BatchSender` carries a batch over one pooled connection, and this module drives
 the core's flows over them. Every operation ends within its deadline, as the sync executor's do.
+
+redis.asyncio runs on asyncio only: under trio every call is handed to a
+:class:`~.streams.StreamExecutor` to the same server (:meth:`AsyncRedisExecutor.elsewhere`),
+so one backend object serves both.
 """
 
 from __future__ import annotations
