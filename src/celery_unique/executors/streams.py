@@ -417,6 +417,11 @@ class StreamExecutor:
                 raise backend_error(
                     broken, outcome_unknown=unknown, waited=budget.waited(clock())
                 ) from broken
+            except rex.RedisError as exc:  # the handshake refused (SELECT, SETNAME): not lost
+                self._unanswered(checking, probing)
+                if connection is not None:
+                    await connection.close()
+                raise backend_error(exc) from exc
             except BaseException:
                 # Cancelled mid-exchange: the stream is in an unknown state, not reused.
                 self._unanswered(checking, probing)
