@@ -39,7 +39,10 @@ def parser() -> argparse.ArgumentParser:
         "--faults", type=_kinds, default=list(KINDS), help="comma-separated kinds (default: all)"
     )
     p.add_argument("--sync", type=int, default=2, help="sync client processes (default 2)")
-    p.add_argument("--async", dest="asyncs", type=int, default=2, help="async ones (default 2)")
+    p.add_argument(
+        "--async", dest="asyncs", type=int, default=1, help="async ones on asyncio (default 1)"
+    )
+    p.add_argument("--trio", dest="trios", type=int, default=1, help="async ones on trio (1)")
     p.add_argument("--no-tasks", action="store_true", help="no Celery worker and task client")
     p.add_argument(
         "--volatile",
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         sync=args.sync,
         asyncs=args.asyncs,
+        trios=args.trios,
         tasks=not args.no_tasks,
         persistent=not args.volatile,
         monitor=args.monitor,

@@ -2,8 +2,8 @@
 the fault proxy, in a seeded random order, and writes what it saw to its history.
 
 What to do next is drawn as a :class:`Plan` (pure, from the process' own seeded ``Random``);
-a sync process carries plans out on threads' terms, an async one (anyio on asyncio) on
-several tasks at once. Every call is recorded with its invocation and completion time.
+a sync process carries plans out on threads' terms, an async one (anyio, on asyncio or on
+trio) on several tasks at once. Every call is recorded with its invocation and completion time.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class ClientConfig:
     """What a client process is told (picklable: processes are spawned)."""
 
     name: str
-    flavour: str  # "sync" | "async" | "tasks"
+    flavour: str  # "sync" | "async" (asyncio) | "trio" | "tasks"
     url: str
     prefix: str
     seed: int
@@ -337,6 +337,7 @@ def main(config: ClientConfig) -> None:
             _sleep_until(config.start_at)
             tasks.run_client(history, config.seed, config.stop_at)
         else:
-            anyio.run(_run_async, config, rec, backend="asyncio")
+            backend = "trio" if config.flavour == "trio" else "asyncio"
+            anyio.run(_run_async, config, rec, backend=backend)
     finally:
         history.close()

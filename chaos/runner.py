@@ -45,7 +45,8 @@ class Options:
     faults: list[str]
     out: Path
     sync: int = 2
-    asyncs: int = 2
+    asyncs: int = 1
+    trios: int = 1  # async client processes under trio (the stream executor)
     tasks: bool = True
     #: Redis with an append-only file synced on every write: a restart loses nothing.
     persistent: bool = True
@@ -145,7 +146,7 @@ def _spawn_clients(
     history: History,
 ) -> dict[str, multiprocessing.process.BaseProcess]:
     context = multiprocessing.get_context("spawn")
-    flavours = ["sync"] * options.sync + ["async"] * options.asyncs
+    flavours = ["sync"] * options.sync + ["async"] * options.asyncs + ["trio"] * options.trios
     if options.tasks:
         flavours.append("tasks")
     processes: dict[str, multiprocessing.process.BaseProcess] = {}
