@@ -91,16 +91,17 @@ class Proxy:
             async with anyio.create_task_group() as pumps:
 
                 async def pump(direction: str) -> None:
-                    if direction == "up":
-                        await self._commands(client, upstream)
-                    else:
-                        await self._replies(upstream, client)
+                    try:
+                        if direction == "up":
+                            await self._commands(client, upstream)
+                        else:
+                            await self._replies(upstream, client)
+                    except _GONE:
+                        pass  # a write to a side that went away (a task group would wrap it)
                     pumps.cancel_scope.cancel()  # one side went away: so does the other
 
                 pumps.start_soon(pump, "up")
                 pumps.start_soon(pump, "down")
-        except _GONE:
-            pass
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(client)
