@@ -127,8 +127,8 @@ class _Backends:
         name: str,
         build: Callable[[], AsyncRedisBackend],
     ) -> AsyncRedisBackend:
-        """The asyncio backend ``name`` of ``app`` on ``loop``, built by ``build`` the first
-        time."""
+        """The async backend ``name`` of ``app`` on ``loop`` (or trio run), built by
+        ``build`` the first time."""
         with self._lock:
             made = self._async.setdefault(app, weakref.WeakKeyDictionary()).setdefault(loop, {})
             backend = made.get(name)
@@ -144,7 +144,7 @@ class _Backends:
             backend.close()
 
     async def aclose(self, app: Celery) -> None:
-        """Close and forget ``app``'s asyncio backends on the running loop (an app serving
+        """Close and forget ``app``'s async backends on the running loop (an app serving
         an event loop that ends may call this; others are closed with their process)."""
         loop = current_run()
         with self._lock:
