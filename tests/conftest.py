@@ -83,6 +83,14 @@ async def proxy(redis_url: str) -> AsyncIterator[Proxy]:
 
 
 @pytest.fixture
+async def abackend(redis_url: str, prefix: str) -> AsyncIterator[AsyncRedisBackend]:
+    """An async backend on the test Redis, closed afterwards."""
+    backend = AsyncRedisBackend.from_url(redis_url, key_prefix=prefix)
+    yield backend
+    await backend.aclose()
+
+
+@pytest.fixture
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """asyncio, but trio for a test of the ``trio`` flavour (see :func:`flavour`)."""
     if "flavour" in request.fixturenames and request.getfixturevalue("flavour") == "trio":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -17,13 +16,6 @@ from tests.helpers import async_wait_until
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def abackend(redis_url: str, prefix: str) -> AsyncIterator[AsyncRedisBackend]:
-    backend = AsyncRedisBackend.from_url(redis_url, key_prefix=prefix)
-    yield backend
-    await backend.aclose()
 
 
 async def test_cancelling_an_asyncio_task_inside_async_with_frees_the_key(

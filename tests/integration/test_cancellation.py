@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture
-async def abackend(redis_url: str, prefix: str) -> AsyncIterator[AsyncRedisBackend]:
-    backend = AsyncRedisBackend.from_url(redis_url, key_prefix=prefix)
-    yield backend
-    await backend.aclose()
 
 
 async def test_cancelling_a_scope_inside_async_with_frees_the_key(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,10 +24,11 @@ import redis.exceptions as rex
 
 from ..background import current_run
 from ..core.native import PROBE_KEY
-from ..core.steps import Call, Eval, Flow, Op, Sleep, Step
+from ..core.steps import Call, Eval, Flow, Op
 from ..errors import BackendError, BackendUnavailable
 from .batching import Batcher, Request
 from .connections import aclose_client, deadline_of, direct_pool
+from .driving import adrive
 from .errors import backend_error, native_refusal
 from .policy import EvictionCheck, NativeCommands
 from .sender import BatchSender
@@ -176,27 +178,11 @@ class AsyncRedisExecutor:
         """
         if running_loop() is None:
             return await self.elsewhere().run(flow, on_cancelled=on_cancelled)
-        try:
-            step: Step = next(flow)
-            while True:
-                if isinstance(step, Sleep):
-                    await asyncio.sleep(step.seconds)
-                    step = flow.send(None)
-                    continue
-                try:
-                    if on_cancelled is not None:
-                        reply = await self._seen_through(step, on_cancelled)
-                    else:
-                        reply = await self._send_any(step)
-                except BackendError as exc:
-                    step = flow.throw(exc)
-                else:
-                    step = flow.send(reply)
-        except StopIteration as done:
-            result: T = done.value
-            return result
-        finally:
-            flow.close()
+        if on_cancelled is None:
+            return await adrive(flow, self._send_any, asyncio.sleep)
+        return await adrive(
+            flow, functools.partial(self._seen_through, report=on_cancelled), asyncio.sleep
+        )
 
     async def _seen_through(self, step: Eval | Call, report: Callable[[Any], object]) -> Any:
         # Once a command is on the wire Redis runs it, read or not. A caller cancelled before

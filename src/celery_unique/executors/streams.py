@@ -19,6 +19,7 @@ executor does. Connections belong to the event loop run that opened them; a late
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 import time
@@ -35,9 +36,10 @@ import redis.asyncio
 import redis.exceptions as rex
 
 from ..core.native import PROBE_KEY
-from ..core.steps import WITHDRAWN, Call, Eval, Flow, Gate, Op, Sleep, Step, is_idempotent
+from ..core.steps import WITHDRAWN, Call, Eval, Flow, Gate, Op, is_idempotent
 from ..errors import BackendError, ConfigurationError
 from .connections import DEFAULT_TIMEOUT
+from .driving import adrive
 from .errors import backend_error, native_refusal, refused_by_replica
 from .policy import Budget, EvictionCheck, NativeCommands
 from .wire import INCOMPLETE, Packer, Reader
@@ -284,27 +286,11 @@ class StreamExecutor:
 
     async def run(self, flow: Flow[T], *, on_cancelled: Callable[[Any], object] | None = None) -> T:
         """Carry out ``flow``; see :meth:`.protocol.AsyncExecutor.run`."""
-        try:
-            step: Step = next(flow)
-            while True:
-                if isinstance(step, Sleep):
-                    await anyio.sleep(step.seconds)
-                    step = flow.send(None)
-                    continue
-                try:
-                    if on_cancelled is not None:
-                        reply = await self._seen_through(step, on_cancelled)
-                    else:
-                        reply = await self._send_any(step)
-                except BackendError as exc:
-                    step = flow.throw(exc)
-                else:
-                    step = flow.send(reply)
-        except StopIteration as done:
-            result: T = done.value
-            return result
-        finally:
-            flow.close()
+        if on_cancelled is None:
+            return await adrive(flow, self._send_any, anyio.sleep)
+        return await adrive(
+            flow, functools.partial(self._seen_through, report=on_cancelled), anyio.sleep
+        )
 
     async def scan(self, match: str, count: int = 1000) -> AsyncIterator[str]:
         """Every key matching the glob ``match`` (SCAN, never KEYS), as text."""

@@ -25,9 +25,10 @@ from typing import Any, TypeVar
 import redis.exceptions as rex
 
 from ..core.native import PROBE_KEY
-from ..core.steps import WITHDRAWN, Call, Eval, Flow, Gate, Op, Sleep, Step, is_idempotent
+from ..core.steps import WITHDRAWN, Call, Eval, Flow, Gate, Op, is_idempotent
 from ..errors import BackendError
 from .connections import checkout, close_client, deadline_of, direct_pool, packer
+from .driving import drive
 from .errors import (
     CLOSED_UNDER_US,
     backend_error,
@@ -105,24 +106,7 @@ class RedisExecutor:
         ``sleep`` waits out a :class:`~celery_unique.core.steps.Sleep` (renewal threads pass
         one that wakes up when the lock is released).
         """
-        try:
-            step: Step = next(flow)
-            while True:
-                if isinstance(step, Sleep):
-                    sleep(step.seconds)
-                    step = flow.send(None)
-                    continue
-                try:
-                    reply = self._send_any(step)
-                except BackendError as exc:
-                    step = flow.throw(exc)
-                else:
-                    step = flow.send(reply)
-        except StopIteration as done:
-            result: T = done.value
-            return result
-        finally:
-            flow.close()
+        return drive(flow, self._send_any, sleep)
 
     def scan(self, match: str, count: int = 1000) -> Iterator[str]:
         """Every key matching the glob ``match`` (SCAN, never KEYS; every primary of a
